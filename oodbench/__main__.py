@@ -1,0 +1,3 @@
+from oodbench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The Detector contract and the method registry.
+
+Every detector returns OOD scores with **higher = more out-of-distribution**; a method whose own score is
+"higher = in-distribution" negates it once, inside its `score`.
+
+Methods of one *kind* share one trained run: msp, maxlogit, energy, odin, gradnorm and gradlayer all score the
+same classifier (kind "classifier"), so it is trained once. The run directory is `runs/<kind>-<in>-s<seed>/` and
+its config comes from `configs/<kind>.yaml`. A method's variants (MSMA's gmm/knn/flow, LLR vs plain likelihood, AMP's
+score types) are rows of one `score_rows` call, not separate trainings.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from oodbench.errors import OODBenchError
+
+
+class Detector:
+    """Base class. Subclasses set `kind` and `summary`, implement `fit`, `score`, `state_dict`, `load_state_dict`.
+
+    - `__init__(cfg, device)`: `cfg` is the fully resolved config of the kind (a nested dict from
+      `configs/<kind>.yaml` + preset + overrides); options of one method live under `cfg[<method name>]`.
+      Networks are built in `fit` (they need the data's shape) or in `load_state_dict`.
+    - `fit(train, val, engine)`: train networks through `engine.fit(...)` and/or fit statistics.
+      `train`/`val` are ImageSets already on the device (uint8). Never sees a test OOD set.
+    - `score(x)`: x is a uint8 batch (B, C, H, W) on the device; returns a float tensor (B,), higher = more OOD.
+    - `score_rows(x)`: all rows this method reports from one pass, {row name: (B,) tensor}. Keys starting with
+      "_" are extra per-image arrays (e.g. MSMA's (B, L) score norms) saved in the score file, not evaluated.
+    - `state_dict()`: everything needed to score again, as tensors / numbers / strings / lists / dicts only
+      (it is saved with torch.save and loaded with `weights_only=True`).
+    """
+
+    name: str = ""      # registry key, set by `register`
+    kind: str = ""      # training kind shared by methods that score one trained run; names configs/<kind>.yaml
+    summary: str = ""   # one line for `oodbench methods`
+
+    def __init__(self, cfg: dict, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+
+    @property
+    def options(self) -> dict:
+        """This method's own scoring options: `cfg[<method name>]` (empty when the config has none)."""
+        return self.cfg.get(self.name, {}) or {}
+
+    def fit(self, train, val, engine) -> None:
+        raise NotImplementedError
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {self.name: self.score(x)}
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+REGISTRY: Dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: `@register("msp")` makes the method available by that name."""
+
+    def wrap(cls: type) -> type:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get(name: str) -> type:
+    """The detector class registered as `name`, or an error listing the known methods."""
+    import oodbench.detectors  # noqa: F401  (fills the registry)
+
+    if name not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise OODBenchError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(REGISTRY))} "
+                            f"(see `oodbench methods`)")
+    return REGISTRY[name]
