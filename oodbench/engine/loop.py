@@ -1,0 +1,223 @@
+"""The one training loop every method uses (see docs/architecture.md)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from oodbench.data.imageset import ImageSet
+from oodbench.engine import checkpoint as ckpt
+from oodbench.engine import distributed
+from oodbench.engine.spec import TrainSpec
+from oodbench.errors import OODBenchError
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OODBenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def show_progress() -> Optional[bool]:
+    """tqdm's `disable`: bars on a terminal, or always when OODBENCH_PROGRESS=1; quiet with OODBENCH_PROGRESS=0."""
+    env = os.environ.get("OODBENCH_PROGRESS")
+    return None if env is None else env == "0"
+
+
+class EpochSampler:
+    """Batch `step` of a seeded per-epoch permutation: the batch sequence depends only on (seed, step)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if n == 0:
+            raise OODBenchError("the training set is empty; check the dataset and data.val_fraction")
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_epoch = max(1, n // batch_size)
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        idx = self._perm[pos * self.batch:(pos + 1) * self.batch]
+        return idx[self.rank::self.world]
+
+
+class Engine:
+    """Trains networks for a run directory: checkpoints, resume, EMA, autocast, logs, DDP."""
+
+    def __init__(self, run_dir, device="auto", seed: int = 0, resume: bool = False, config: Optional[dict] = None):
+        self.run_dir = Path(run_dir)
+        self.seed = int(seed)
+        self.resume = resume
+        self.config = config or {}
+        self.rank, self.world_size, self.device = distributed.init_from_env(resolve_device(device))
+        self.is_main = self.rank == 0
+
+    # ----------------------------------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        """Append one JSON line to the run's log.jsonl (main process only)."""
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def autocast(self, amp: str = "auto"):
+        """bf16/fp16 autocast on CUDA (auto = bf16); a no-op on CPU unless asked for explicitly."""
+        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
+            return contextlib.nullcontext()
+        dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def fit(self, name: str, model: nn.Module, loss_fn: Callable, data, spec: TrainSpec,
+            val_fn: Optional[Callable[[nn.Module], float]] = None) -> nn.Module:
+        """Train `model` for `spec.steps` steps and return it (EMA or best-validation weights) in eval mode.
+
+        `data` is an ImageSet (batches of a seeded per-epoch permutation) or a callable `step -> batch`.
+        A network whose `checkpoints/<name>/final.pt` exists is loaded instead of retrained.
+        """
+        folder = self.run_dir / "checkpoints" / name
+        model.to(self.device)
+        final = folder / "final.pt"
+        if final.exists():
+            model.load_state_dict(ckpt.load(final, self.device)["model"])
+            return model.eval()
+
+        opt = spec.optimizer_for(model.parameters())
+        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
+               if spec.ema > 0 else None)
+        best = {"value": float("inf"), "step": -1}
+        start = self._restore(folder, model, opt, ema, best)
+
+        train_model = model
+        if self.world_size > 1:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        next_batch = self._batches(data, spec)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=spec.amp == "fp16" and self.device.type == "cuda")
+
+        model.train()
+        bar = tqdm(total=spec.steps, initial=start, desc=f"train {name}", disable=show_progress() or not self.is_main,
+                   dynamic_ncols=True, file=sys.stderr)
+        for step in range(start, spec.steps):
+            for group in opt.param_groups:
+                group["lr"] = spec.lr * spec.lr_factor(step)
+            batch = next_batch(step)
+            with self.autocast(spec.amp):
+                out = loss_fn(train_model, batch)
+            loss, extra = out if isinstance(out, tuple) else (out, {})
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if spec.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
+            done = step + 1
+            if done % spec.log_every == 0 or done == spec.steps:
+                value = float(loss.detach())
+                if not np.isfinite(value):
+                    raise OODBenchError(f"training {name}: the loss became {value} at step {done}; lower train.lr "
+                                        f"or set train.grad_clip, then --resume from the last good checkpoint")
+                self.log({"model": name, "step": done, "loss": value, "lr": opt.param_groups[0]["lr"],
+                          **{k: float(v) for k, v in extra.items()}})
+                bar.set_postfix(loss=f"{value:.4g}")
+            if val_fn is not None and (done % spec.eval_every == 0 or done == spec.steps):
+                self._validate(name, val_fn, ema.module if ema is not None else model, done, best, folder)
+                model.train()
+            if done % spec.ckpt_every == 0 or done == spec.steps:
+                self._save(folder, done, model, opt, ema, best, spec.max_to_keep)
+            bar.update(1)
+        bar.close()
+
+        result = ema.module if ema is not None else model
+        if val_fn is not None and (folder / "best.pt").exists():
+            result.load_state_dict(ckpt.load(folder / "best.pt", self.device)["model"])
+        if self.is_main:
+            ckpt.save_atomic({"model": result.state_dict(), "step": spec.steps, "best": best,
+                              "config": self.config}, final)
+        distributed.barrier(self.world_size)
+        return result.eval()
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _batches(self, data, spec: TrainSpec) -> Callable[[int], tuple]:
+        if callable(data) and not isinstance(data, ImageSet):
+            return data
+        data = data.to(self.device)
+        sampler = EpochSampler(len(data), spec.batch_size, self.seed, self.rank, self.world_size)
+
+        def batch(step: int):
+            idx = sampler.indices(step).to(self.device)
+            return data.images[idx], None if data.labels is None else data.labels[idx]
+
+        return batch
+
+    def _validate(self, name, val_fn, model, step, best, folder) -> None:
+        model.eval()
+        with torch.no_grad():
+            value = float(val_fn(model))
+        self.log({"model": name, "step": step, "val_loss": value})
+        if value < best["value"]:
+            best.update(value=value, step=step)
+            if self.is_main:
+                ckpt.save_atomic({"model": model.state_dict(), "step": step, "best": dict(best)}, folder / "best.pt")
+
+    def _save(self, folder, step, model, opt, ema, best, max_to_keep) -> None:
+        if not self.is_main:
+            return
+        state = {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "ema": None if ema is None else ema.state_dict(), "step": step, "best": dict(best),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "config": self.config,
+        }
+        ckpt.save_atomic(state, folder / f"step_{step:08d}.pt")
+        ckpt.prune(folder, max_to_keep)
+
+    def _restore(self, folder, model, opt, ema, best) -> int:
+        """Load the newest periodic checkpoint when resuming; returns the step to start from."""
+        found = ckpt.step_checkpoints(folder)
+        if not found:
+            seed_everything(self.seed + self.rank)
+            return 0
+        if not self.resume:
+            raise OODBenchError(f"{folder} already holds checkpoints of an unfinished training (step "
+                                f"{found[-1][0]}); pass --resume to continue it, or choose another --run-name")
+        step, path = found[-1]
+        state = ckpt.load(path, self.device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        best.update(state.get("best", {}))
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self.log({"model": folder.name, "resumed_from": step})
+        return step
+
