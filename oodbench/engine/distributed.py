@@ -40,3 +40,15 @@ def gather_concat(arrays: dict, world: int) -> dict:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0

@@ -1,0 +1,197 @@
+"""The `oodbench` command: parse arguments, call the library, print. No math here."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from oodbench.errors import OODBenchError
+
+EPILOGS = {
+    "train": """examples:
+  oodbench train --method msp --in fashion_mnist --preset quick
+  oodbench train --method msma --in cifar10 --set model.filters=64 --set train.steps=50000
+  oodbench train --method msp --in cifar10 --set train.loss=bce --run-name bce
+  oodbench train --method msma --in cifar10 --resume          # continue an interrupted run""",
+    "score": """examples:
+  oodbench score --run runs/classifier-fashion_mnist-s0 --data digits,noise:gaussian --method energy""",
+    "eval": """examples:
+  oodbench eval --method msp --in fashion_mnist --out digits,vflip:fashion_mnist,noise:gaussian
+  oodbench eval --method msp,energy,odin --in fashion_mnist --out digits --format json
+  oodbench eval --method odin --run runs/classifier-cifar10-s0 --out svhn --set odin.temperature=100""",
+    "methods": "example:\n  oodbench methods",
+    "data": """examples:
+  oodbench data list
+  oodbench data check vflip:fashion_mnist
+  oodbench data make-resize-benchmark --src lsun --size 32 --out data/resize_lsun""",
+    "bench": "examples:\n  oodbench bench configs/bench/quick.yaml",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oodbench", description="Train and benchmark out-of-distribution detectors "
+                                "for images. Scores: higher = more out-of-distribution.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def common(q, run_args=True):
+        q.add_argument("--seed", type=int, default=None, help="seed of the run (default: the config's, 0)")
+        q.add_argument("--runs-dir", default=None, help="folder of runs (default: $OODBENCH_RUNS or ./runs)")
+        q.add_argument("--run-name", default=None, help="suffix that keeps a differently configured run apart")
+        q.add_argument("--data-root", default=None, help="data root (default: $OODBENCH_DATA or ./data)")
+        q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config option, e.g. --set train.steps=500 (repeatable)")
+        q.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    t = command("train", "train the detector of a method on an in-distribution dataset")
+    t.add_argument("--method", required=True, help="a method from `oodbench methods`")
+    t.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset (default: the config's)")
+    t.add_argument("--preset", default=None, help="config preset, e.g. quick (minutes on a laptop CPU)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted training from its newest checkpoint")
+    common(t)
+
+    s = command("score", "write OOD scores (higher = more OOD) of a run for datasets, as scores/<method>/<set>.npz")
+    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--data", required=True, help="comma-separated dataset specs")
+    s.add_argument("--method", default=None, help="method of the run's kind (default: the one it was trained for)")
+    s.add_argument("--limit", type=int, default=None, help="score only the first N images of each set")
+    common(s)
+
+    e = command("eval", "evaluate methods: AUROC, AUPR-In, AUPR-Out, FPR@95TPR, detection error per OOD set")
+    e.add_argument("--method", required=True, help="method(s), comma-separated, sharing one run kind")
+    e.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset of the run")
+    e.add_argument("--run", default=None, help="run directory (instead of --in/--seed/--run-name)")
+    e.add_argument("--out", required=True, help="comma-separated OOD dataset specs")
+    e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
+    e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")
+    e.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add N-resample bootstrap 95%% intervals")
+    common(e)
+
+    command("methods", "list the detectors")
+
+    d = command("data", "datasets: where they are found, checks, derived benchmarks")
+    d.add_argument("action", choices=("list", "check", "make-resize-benchmark"))
+    d.add_argument("spec", nargs="?", help="dataset spec (for check)")
+    d.add_argument("--data-root", default=None)
+    d.add_argument("--src", help="source dataset spec (make-resize-benchmark)")
+    d.add_argument("--size", type=int, default=32, help="target size (make-resize-benchmark)")
+    d.add_argument("--out", default=None, help="output folder (make-resize-benchmark)")
+    d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    b = command("bench", "run a grid of methods × datasets × seeds and write a report")
+    b.add_argument("config", nargs="?", default="configs/bench/quick.yaml", help="bench YAML")
+    b.add_argument("--runs-dir", default=None)
+    b.add_argument("--data-root", default=None)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--out", default=None, help="report folder (default: the config's)")
+    b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _split(text: str) -> list:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def cmd_train(a) -> None:
+    from oodbench import runs
+
+    run = runs.train(a.method, a.in_spec, a.preset, a.overrides, a.seed, a.runs_dir, a.run_name, a.data_root,
+                     a.device, a.resume)
+    print(f"trained: {run.path}")
+
+
+def cmd_score(a) -> None:
+    from oodbench import runs
+
+    run = runs.Run(a.run)
+    method = a.method or run.meta.get("method")
+    det = run.detector(method, a.overrides, a.device)
+    for spec in _split(a.data):
+        arrays = run.score(method, spec, a.limit, a.overrides, detector=det)
+        rows = ", ".join(k for k in arrays if not k.startswith("_"))
+        print(f"{run.path / 'scores' / method / (runs.safe_name(spec) + '.npz')}: {len(next(iter(arrays.values())))}"
+              f" images; rows {rows}")
+
+
+def cmd_eval(a) -> None:
+    from oodbench import report, runs
+
+    methods = _split(a.method)
+    run = runs.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name)
+    rows = runs.evaluate(run, methods, _split(a.out), a.limit, a.overrides, a.device, a.bootstrap)
+    if a.format == "json":
+        print(report.json_rows(rows))
+    elif a.format == "csv":
+        print(report.csv_rows(rows), end="")
+    else:
+        print(report.markdown_table(rows))
+        print(f"\nsaved: {run.path / 'metrics.json'} and metrics.csv")
+
+
+def cmd_methods(a) -> None:
+    from oodbench.detectors import REGISTRY, get
+
+    get("msp")  # fills the registry
+    width = max(map(len, REGISTRY))
+    for name in sorted(REGISTRY, key=lambda n: (REGISTRY[n].kind, n)):
+        cls = REGISTRY[name]
+        print(f"{name:<{width}}  [{cls.kind}]  {cls.summary}")
+
+
+def cmd_data(a) -> None:
+    from oodbench import data
+
+    if a.action == "list":
+        for row in data.dataset_status(a.data_root):
+            where = row["found"] or "missing"
+            print(f"{row['name']:<14} {where}" + ("" if row["found"] else f"\n{'':<14} how to get: {row['how_to_get']}"))
+    elif a.action == "check":
+        if not a.spec:
+            raise OODBenchError("oodbench data check needs a dataset spec, e.g. oodbench data check digits")
+        for split in ("train", "test"):
+            try:
+                s = data.load(a.spec, split=split, root=a.data_root)
+            except OODBenchError as e:
+                print(f"{a.spec} [{split}]: {e}")
+                continue
+            labels = "labels" if s.labels is not None else "no labels"
+            print(f"{a.spec} [{split}]: {len(s)} images of shape {s.shape}, uint8, {labels}, fingerprint {s.fingerprint}")
+    else:
+        if not (a.src and a.out):
+            raise OODBenchError("make-resize-benchmark needs --src SPEC and --out FOLDER")
+        written = data.write_resize_benchmark(a.src, a.size, a.out, root=a.data_root)
+        for method, folder in written.items():
+            print(f"{method:<9} {folder}   (use as folder:{folder})")
+
+
+def cmd_bench(a) -> None:
+    from oodbench import bench
+
+    folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out)
+    print(f"report: {folder / 'report.md'}")
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 0
+    handler = {"train": cmd_train, "score": cmd_score, "eval": cmd_eval, "methods": cmd_methods,
+               "data": cmd_data, "bench": cmd_bench}[a.command]
+    try:
+        handler(a)
+    except OODBenchError as e:
+        if a.debug or os.environ.get("OODBENCH_DEBUG"):
+            raise
+        print(f"oodbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oodbench: interrupted; checkpoints written so far are kept (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0

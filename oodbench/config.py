@@ -1,0 +1,118 @@
+"""Configs: `configs/<kind>.yaml` (paper defaults) + a preset + `--set a.b=value` overrides → one resolved dict.
+
+The YAML file is the schema: every option appears there with its default, so an override of a key that is not in it
+is an error (with the nearest valid key suggested), and values keep the type of the default.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Iterable, Optional
+
+import yaml
+
+from oodbench.errors import OODBenchError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_path(kind: str) -> Path:
+    path = CONFIG_DIR / f"{kind}.yaml"
+    if not path.is_file():
+        raise OODBenchError(f"no config for {kind!r} at {path}; is the repository's configs/ folder present?")
+    return path
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise OODBenchError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise OODBenchError(f"{path} must hold a mapping of options, not {type(data).__name__}")
+    return data
+
+
+def load_config(kind: str, preset: Optional[str] = None, overrides: Iterable[str] = (),
+                path: Optional[Path] = None) -> dict:
+    """The resolved config of a training kind: defaults, then the preset, then `a.b=value` overrides."""
+    defaults = read_yaml(Path(path) if path else config_path(kind))
+    presets = defaults.pop("presets", {}) or {}
+    cfg = copy.deepcopy(defaults)
+    if preset:
+        if preset not in presets:
+            raise OODBenchError(f"unknown preset {preset!r} for {kind}; available: {', '.join(presets) or 'none'}")
+        merge(cfg, presets[preset], defaults, where=f"preset {preset!r}")
+    for item in overrides:
+        apply_override(cfg, item, defaults)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise OODBenchError(f"--set {item!r}: write it as key.subkey=value, e.g. --set train.steps=500")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(cfg: dict, item: str, schema: dict) -> None:
+    keys, value = parse_override(item)
+    node = {}
+    for k in reversed(keys):
+        node = {k: value} if not node else {k: node}
+        value = node
+    merge(cfg, node, schema, where=f"--set {item}")
+
+
+def merge(cfg: dict, update: dict, schema: dict, where: str, prefix: str = "") -> None:
+    """Deep-merge `update` into `cfg`, checking each key against `schema`."""
+    for key, value in (update or {}).items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            raise OODBenchError(f"{where}: unknown config key {dotted!r}.{suggest(dotted, schema, prefix)}")
+        default = schema[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise OODBenchError(f"{where}: {dotted!r} is a section; set one of its keys, e.g. "
+                                    f"{dotted}.{next(iter(default), 'key')}=...")
+            merge(cfg[key], value, default, where, dotted + ".")
+        else:
+            cfg[key] = check_type(dotted, value, default, where)
+
+
+def check_type(key: str, value, default, where: str):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise OODBenchError(f"{where}: {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OODBenchError(f"{where}: {key!r} must be a number, got {value!r}")
+        return float(value) if isinstance(default, float) else value
+    if isinstance(default, list) and not isinstance(value, list):
+        return [value]
+    if isinstance(default, str) and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def flat_keys(schema: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in schema.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys += flat_keys(v, prefix + k + ".")
+    return keys
+
+
+def suggest(key: str, schema: dict, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, flat_keys(schema, prefix), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else " See the config file for the valid keys."
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,136 @@
+"""One trained classifier, scored by the classic baselines: MSP, MaxLogit, Energy, ODIN.
+
+`ClassifierDetector` trains the classifier (kind "classifier", trained once per run); every method of this kind
+(including gradnorm/gradlayer in gradients.py) subclasses it and only implements `score`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from oodbench.data import transforms
+from oodbench.detectors.base import Detector, register
+from oodbench.engine import TrainSpec
+from oodbench.errors import OODBenchError
+from oodbench.nets.classifiers import build_classifier
+
+
+def classification_loss(kind: str):
+    """`ce` (cross-entropy) or `bce` (binary cross-entropy on one-hot targets, the seed's resnet_bce)."""
+    if kind == "ce":
+        return F.cross_entropy
+    if kind == "bce":
+        return lambda logits, y: F.binary_cross_entropy_with_logits(
+            logits, F.one_hot(y, logits.shape[1]).to(logits.dtype))
+    raise OODBenchError(f"unknown train.loss {kind!r}; use ce or bce")
+
+
+def augment(x: torch.Tensor, how: str, padding: int) -> torch.Tensor:
+    """Device-side training augmentation of a uint8 batch: crop_flip | flip | none."""
+    if how not in ("crop_flip", "flip", "none"):
+        raise OODBenchError(f"unknown train.augment {how!r}; use crop_flip, flip or none")
+    if how == "crop_flip":
+        x = transforms.random_crop(x, padding)
+    if how in ("crop_flip", "flip"):
+        x = transforms.random_hflip(x)
+    return x
+
+
+class ClassifierDetector(Detector):
+    """Trains a classifier in `fit`; holds it as `self.net` (eval mode) with its input normalisation."""
+
+    kind = "classifier"
+
+    def fit(self, train, val, engine) -> None:
+        tc = self.cfg["train"]
+        self.shape, self.num_classes = list(train.shape), train.num_classes
+        unit = transforms.to_unit(train.images[:10000])
+        self.mean = unit.mean(dim=(0, 2, 3)).tolist()
+        self.std = unit.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        net = self.build()
+        criterion = classification_loss(tc["loss"])
+
+        def loss_fn(model, batch):
+            x, y = batch
+            logits = model(self.prepare(augment(x, tc["augment"], tc["crop_padding"])))
+            loss = criterion(logits, y)
+            return loss, {"acc": (logits.argmax(1) == y).float().mean()}
+
+        self.net = engine.fit("classifier", net, loss_fn, train, TrainSpec.from_cfg(tc))
+        if self.cfg.get("oe", {}).get("outliers"):
+            from oodbench.detectors.outlier_exposure import finetune_with_outliers
+
+            self.net = finetune_with_outliers(engine, self.net, self.prepare, train, self.cfg)
+        self.net.eval()
+
+    def build(self):
+        mc = self.cfg["model"]
+        return build_classifier(mc["arch"], self.shape[0], self.num_classes, dropout=mc["dropout"],
+                                width=mc["width"]).to(self.device)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch → normalised float input of the classifier."""
+        return transforms.normalize(transforms.to_unit(x), self.mean, self.std)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(x)).float()
+
+    @torch.no_grad()
+    def accuracy(self, imageset, batch_size: int = 500) -> float:
+        correct = sum((self.logits(x).argmax(1) == y).sum().item() for x, y in imageset.batches(batch_size))
+        return correct / max(1, len(imageset))
+
+    def state_dict(self) -> dict:
+        return {"shape": self.shape, "num_classes": self.num_classes, "mean": self.mean, "std": self.std,
+                "net": self.net.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shape, self.num_classes = list(state["shape"]), int(state["num_classes"])
+        self.mean, self.std = list(state["mean"]), list(state["std"])
+        self.net = self.build()
+        self.net.load_state_dict(state["net"])
+        self.net.eval()
+
+
+@register("msp")
+class MSP(ClassifierDetector):
+    summary = "maximum softmax probability (Hendrycks & Gimpel 2017)"
+
+    def score(self, x):
+        return -self.logits(x).softmax(1).amax(1)
+
+
+@register("maxlogit")
+class MaxLogit(ClassifierDetector):
+    summary = "maximum logit (Hendrycks et al. 2022)"
+
+    def score(self, x):
+        return -self.logits(x).amax(1)
+
+
+@register("energy")
+class Energy(ClassifierDetector):
+    summary = "free energy -T*logsumexp(logits/T) (Liu et al. 2020)"
+
+    def score(self, x):
+        t = float(self.options.get("temperature", 1.0))
+        return -t * torch.logsumexp(self.logits(x) / t, dim=1)
+
+
+@register("odin")
+class ODIN(ClassifierDetector):
+    summary = "temperature-scaled MSP on an input perturbed against the gradient (Liang et al. 2018)"
+
+    def score(self, x):
+        t, eps = float(self.options["temperature"]), float(self.options["epsilon"])
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        with torch.enable_grad():
+            inp = self.prepare(x).requires_grad_(True)
+            logits = self.net(inp).float() / t
+            # Raise the top-class softmax: step against the gradient of its negative log-probability.
+            loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, inp)
+        perturbed = inp.detach() - eps * grad.sign() / std
+        with torch.no_grad():
+            return -(self.net(perturbed).float() / t).softmax(1).amax(1)

@@ -1,0 +1,31 @@
+"""Result tables: Markdown for people, CSV and JSON for scripts."""
+from __future__ import annotations
+
+import json
+
+from oodbench.runs import rows_to_csv
+
+COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"), ("fpr95", "FPR@95"),
+           ("detection_error", "DetErr"))
+JSON_KEYS = ("method", "in", "out", "auroc", "aupr_in", "aupr_out", "fpr95", "detection_error")
+
+
+def markdown_table(rows: list) -> str:
+    """One line per (method, in, out); metrics in percent."""
+    head = "| method | in | out | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    for r in rows:
+        cells = [r["method"], r["in"], r["out"]] + [f"{100 * r[k]:.2f}" for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def json_rows(rows: list) -> str:
+    """The stable machine-readable form: a list of {method, in, out, auroc, aupr_in, aupr_out, fpr95,
+    detection_error} (fractions), plus any extra keys (e.g. fpr95_openood, bootstrap intervals)."""
+    ordered = [{**{k: r[k] for k in JSON_KEYS}, **{k: v for k, v in r.items() if k not in JSON_KEYS}} for r in rows]
+    return json.dumps(ordered, indent=2)
+
+
+def csv_rows(rows: list) -> str:
+    return rows_to_csv(rows)

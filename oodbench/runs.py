@@ -1,0 +1,269 @@
+"""Run directories and the train → score → evaluate workflow that the CLI and `bench` share.
+
+A run is `runs/<kind>-<in>-s<seed>[-<name>]/` holding `config.yaml` (fully resolved), `meta.json`, `checkpoints/`,
+`detector.pt` (the fitted detector), `scores/<method>/<set>.npz`, `metrics.json`/`metrics.csv`, `log.jsonl`.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from oodbench import config as configs
+from oodbench import data, metrics
+from oodbench.detectors import base as registry
+from oodbench.engine import Engine, checkpoint, distributed, resolve_device, show_progress
+from oodbench.errors import OODBenchError
+
+TRAINING_SECTIONS = ("seed", "data", "model", "train")
+
+
+def safe_name(spec: str) -> str:
+    """A dataset spec as a file/folder name: `vflip:fashion_mnist` → `vflip_fashion_mnist`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_") or "data"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def runs_root(runs_dir: Optional[str] = None) -> Path:
+    return Path(runs_dir or os.environ.get("OODBENCH_RUNS", "runs"))
+
+
+def default_run_dir(kind: str, in_spec: str, seed: int, runs_dir=None, name: Optional[str] = None) -> Path:
+    return runs_root(runs_dir) / (f"{kind}-{safe_name(in_spec)}-s{seed}" + (f"-{safe_name(name)}" if name else ""))
+
+
+class Run:
+    """A run directory on disk."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not (self.path / "config.yaml").is_file():
+            raise OODBenchError(f"{self.path} is not a run directory (no config.yaml); train one with "
+                                f"`oodbench train --method M --in D` or pass the right --run")
+        self.config = configs.read_yaml(self.path / "config.yaml")
+        meta = self.path / "meta.json"
+        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
+        self.kind = self.meta.get("kind") or self.path.name.split("-")[0]
+
+    @property
+    def trained(self) -> bool:
+        return (self.path / "detector.pt").is_file()
+
+    def detector(self, method: str, overrides: Iterable[str] = (), device="auto"):
+        """The fitted detector `method` of this run; `overrides` may change scoring options only."""
+        cls = registry.get(method)
+        if cls.kind != self.kind:
+            raise OODBenchError(f"method {method!r} scores {cls.kind!r} runs but {self.path} is a {self.kind!r} run")
+        if not self.trained:
+            raise OODBenchError(f"{self.path} has no fitted detector yet (training unfinished?); run "
+                                f"`oodbench train ... --resume` to finish it")
+        cfg = self.scoring_config(overrides)
+        det = cls(cfg, resolve_device(device))
+        det.load_state_dict(checkpoint.load(self.path / "detector.pt", det.device))
+        return det
+
+    def scoring_config(self, overrides: Iterable[str]) -> dict:
+        cfg = json.loads(json.dumps(self.config))
+        schema = configs.read_yaml(configs.config_path(self.kind))
+        schema.pop("presets", None)
+        for item in overrides:
+            keys, _ = configs.parse_override(item)
+            if keys[0] in TRAINING_SECTIONS:
+                raise OODBenchError(f"--set {item}: {keys[0]}.* is a training setting of this run; train a new run "
+                                    f"with it (oodbench train ... --set {item} --run-name NAME)")
+            configs.apply_override(cfg, item, schema)
+        return cfg
+
+    # ------------------------------------------------------------------------------------------------------------
+    def in_distribution(self) -> str:
+        return self.config["data"]["in"]
+
+    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
+        shape = tuple(self.meta["shape"]) if "shape" in self.meta else None
+        return data.load(spec, split=split, root=self.config["data"].get("root"), device=device,
+                         like=shape).head(limit)
+
+    def score(self, method: str, spec: str, limit: Optional[int] = None, overrides: Iterable[str] = (),
+              device="auto", batch_size: int = 256, detector=None) -> dict:
+        """Scores of `method` on dataset `spec` ({row: (N,) array, '_extra': array}), cached in scores/."""
+        det = detector or self.detector(method, overrides, device)
+        imageset = self.load_set(spec, limit=limit, device=det.device)
+        key = self.cache_key(det, imageset, limit)
+        path = self.path / "scores" / method / f"{safe_name(spec)}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["_cache_key"]) == key:
+                    return {k: f[k] for k in f.files if k != "_cache_key"}
+        arrays = score_set(det, imageset, batch_size)
+        if distributed.is_main():
+            save_npz(path, {**arrays, "_cache_key": np.array(key)})
+        return arrays
+
+    def cache_key(self, det, imageset, limit) -> str:
+        h = hashlib.sha1()
+        h.update(file_digest(self.path / "detector.pt").encode())
+        h.update(imageset.fingerprint.encode())
+        h.update(json.dumps({"options": det.options, "limit": limit}, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:20]
+
+    def update_metrics(self, rows: list) -> None:
+        """Merge rows into metrics.json / metrics.csv (a row replaces the one with the same method, in and out)."""
+        path = self.path / "metrics.json"
+        old = json.loads(path.read_text()) if path.is_file() else []
+        keyed = {(r["method"], r["in"], r["out"]): r for r in old}
+        keyed.update({(r["method"], r["in"], r["out"]): r for r in rows})
+        merged = list(keyed.values())
+        write_atomic(path, json.dumps(merged, indent=2) + "\n")
+        write_atomic(self.path / "metrics.csv", rows_to_csv(merged))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def score_set(det, imageset, batch_size: int = 256) -> dict:
+    """Run `det.score_rows` over a set in batches (sharded across ranks under torchrun) → numpy arrays."""
+    world = distributed.world_size()
+    part = imageset.subset(distributed.shard(len(imageset), distributed.rank(), world)) if world > 1 else imageset
+    chunks: dict = {}
+    total = -(-len(part) // batch_size)
+    for x, _ in tqdm(part.batches(batch_size), total=total, desc=f"score {imageset.name}", leave=False,
+                     disable=show_progress() or not distributed.is_main(), dynamic_ncols=True):
+        for k, v in det.score_rows(x).items():
+            chunks.setdefault(k, []).append(v.detach().float().cpu().numpy())
+    arrays = {k: np.concatenate(v) for k, v in chunks.items()}
+    return distributed.gather_concat(arrays, world)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = None, overrides: Iterable[str] = (),
+          seed: Optional[int] = None, runs_dir=None, run_name: Optional[str] = None, data_root=None,
+          device="auto", resume: bool = False) -> Run:
+    """Train (or finish training) the run that `method` scores; returns the Run. Never overwrites another config."""
+    cls = registry.get(method)
+    overrides = list(overrides)
+    if in_spec:
+        overrides.append(f"data.in={in_spec}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    if data_root:
+        overrides.append(f"data.root={data_root}")
+    cfg = configs.load_config(cls.kind, preset, overrides)
+    run_dir = default_run_dir(cls.kind, cfg["data"]["in"], cfg["seed"], runs_dir, run_name)
+    existing = run_dir / "config.yaml"
+    if existing.is_file():
+        old = configs.read_yaml(existing)
+        diff = differing_keys(old, cfg)
+        if diff:
+            raise OODBenchError(f"{run_dir} exists with a different config ({', '.join(diff[:4])}); give this one "
+                                f"its own --run-name, or delete that folder to retrain")
+        if (run_dir / "detector.pt").is_file():
+            return Run(run_dir)
+    else:
+        write_atomic(existing, configs.dump(cfg))
+    engine = Engine(run_dir, device, cfg["seed"], resume=resume, config=cfg)
+    train_full = data.load(cfg["data"]["in"], split="train", root=cfg["data"]["root"], device=engine.device)
+    train_full = train_full.head(cfg["data"]["limit"])
+    train_set, val_set = data.train_val_split(train_full, cfg["data"]["val_fraction"], cfg["seed"])
+    det = cls(cfg, engine.device)
+    det.fit(train_set, val_set, engine)
+    if engine.is_main:
+        meta = {"kind": cls.kind, "method": method, "in": cfg["data"]["in"], "shape": list(train_set.shape),
+                "train_size": len(train_set), "val_size": len(val_set), "torch": torch.__version__}
+        write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+        checkpoint.save_atomic(det.state_dict(), run_dir / "detector.pt")
+    distributed.barrier(engine.world_size)
+    return Run(run_dir)
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += differing_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}: {va!r} → {vb!r}")
+    return keys
+
+
+def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: Optional[int] = None,
+             overrides: Iterable[str] = (), device="auto", bootstrap: int = 0) -> list:
+    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run."""
+    rows = []
+    in_spec = run.in_distribution()
+    for method in methods:
+        det = run.detector(method, overrides, device)
+        id_scores = run.score(method, in_spec, limit, overrides, detector=det)
+        for out in out_specs:
+            ood_scores = run.score(method, out, limit, overrides, detector=det)
+            for row in (k for k in id_scores if not k.startswith("_")):
+                result = {"method": row, "in": in_spec, "out": out,
+                          **metrics.evaluate(id_scores[row], ood_scores[row])}
+                if bootstrap:
+                    for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
+                        result[f"{name}_ci"] = [lo, hi]
+                rows.append(result)
+    if distributed.is_main():
+        run.update_metrics(rows)
+    return rows
+
+
+def rows_to_csv(rows: list) -> str:
+    if not rows:
+        return ""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def find_run(method: str, in_spec: Optional[str], seed: int = 0, runs_dir=None, run: Optional[str] = None,
+             run_name: Optional[str] = None) -> Run:
+    """The run given by --run, or the default run of `method`'s kind for this in-distribution set and seed."""
+    if run:
+        return Run(run)
+    if not in_spec:
+        raise OODBenchError("say which run to use: --run RUN_DIR, or --in DATASET (with --seed/--run-name)")
+    kind = registry.get(method).kind
+    path = default_run_dir(kind, in_spec, seed, runs_dir, run_name)
+    if not (path / "config.yaml").is_file():
+        raise OODBenchError(f"no trained run at {path}; train it first: oodbench train --method {method} "
+                            f"--in {in_spec}" + (f" --seed {seed}" if seed else ""))
+    return Run(path)
+
