@@ -52,3 +52,12 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def mean_across_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of a scalar over ranks (the full-batch loss under DDP)."""
+    if world <= 1:
+        return value
+    value = value.float().clone()
+    dist.all_reduce(value)
+    return value / world

@@ -139,7 +139,7 @@ class Engine:
                 ema.update_parameters(model)
             done = step + 1
             if done % spec.log_every == 0 or done == spec.steps:
-                value = float(loss.detach())
+                value = float(distributed.mean_across_ranks(loss.detach(), self.world_size))
                 if not np.isfinite(value):
                     raise OODBenchError(f"training {name}: the loss became {value} at step {done}; lower train.lr "
                                         f"or set train.grad_clip, then --resume from the last good checkpoint")
