@@ -137,28 +137,115 @@ def per_layer_grad_norms(net: nn.Module, x: torch.Tensor, layers: List[str] | No
         net.train(was_training)
 
 
-def auroc(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> float:
-    """AUROC with OOD as the positive class (higher score = OOD), ties counted half (Mann-Whitney U)."""
-    scores = torch.cat([id_scores, ood_scores]).double().cpu()
-    ranks = _average_ranks(scores)
-    n_id, n_ood = len(id_scores), len(ood_scores)
-    u = ranks[n_id:].sum().item() - n_ood * (n_ood + 1) / 2
-    return u / (n_id * n_ood)
-
-
-def _average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """1-based ranks, tied values sharing their average rank."""
-    sorted_values, order = torch.sort(values, stable=True)
-    _, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    average = ends - (counts.double() - 1) / 2
-    ranks = torch.empty_like(values)
-    ranks[order] = average[inverse]
-    return ranks
-
-
 def select_layer(id_norms: Dict[str, torch.Tensor], ood_norms: Dict[str, torch.Tensor]) -> tuple[str, Dict[str, float]]:
     """The layer whose norm best separates a validation pair (highest AUROC, OOD positive), and every layer's AUROC."""
-    aurocs = {name: auroc(id_norms[name], ood_norms[name]) for name in id_norms}
+    from oodbench.metrics import evaluate
+
+    aurocs = {name: evaluate(id_norms[name].cpu().numpy(), ood_norms[name].cpu().numpy())["auroc"]
+              for name in id_norms}
     best = max(aurocs, key=lambda name: aurocs[name])
     return best, aurocs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Detectors: both score the classifier run that ClassifierDetector trains (no second training).
+
+from oodbench.detectors.base import register  # noqa: E402
+from oodbench.detectors.classifier import ClassifierDetector  # noqa: E402
+
+
+@register("gradnorm")
+class GradNorm(ClassifierDetector):
+    summary = "GradNorm: L1 norm of the last layer's KL(uniform || softmax) gradient, in closed form (Huang et al. 2021)"
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        check_split(self.net, self.name)
+        features = self.net.features(self.prepare(x))
+        return -gradnorm_scores(features, self.net.head(features), float(self.options["temperature"]))
+
+
+@register("gradlayer")
+class GradLayer(ClassifierDetector):
+    """Rows `gradlayer/<weight name>` for every weight tensor, and `gradlayer` = the chosen layer.
+
+    The layer is `gradlayer.layer`, or with `auto` the one with the best AUROC between the in-distribution validation
+    split and the train split of `gradlayer.val_ood`. It is chosen at the end of `fit` (which sees the validation
+    split) and kept in the state; a state without a choice (a run fitted by another classifier method) chooses on
+    first use, re-deriving the validation split from `data.in`, `data.val_fraction` and `seed`.
+    """
+
+    summary = "per-layer L2 norm of the gradient of CE(f(x), argmax) per weight tensor, layer chosen on validation OOD"
+    chosen_layer: str = ""
+    layer_aurocs: dict = {}
+
+    def fit(self, train, val, engine) -> None:
+        super().fit(train, val, engine)
+        self.chosen_layer, self.layer_aurocs = "", {}
+        if self.options["layer"] == "auto":
+            self.choose_layer(val)
+
+    def layer_norms(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{weight name: (B,)} per-sample gradient norms of a uint8 batch."""
+        check_split(self.net, self.name)
+        return per_layer_grad_norms(self.net, self.prepare(x), micro_batch=int(self.options["micro_batch"]),
+                                    memory_mb=float(self.options["memory_mb"]))
+
+    def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        layer = self.layer()
+        norms = self.layer_norms(x)
+        rows = {f"{self.name}/{name}": value for name, value in norms.items()}
+        rows[self.name] = norms[layer]
+        return rows
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_rows(x)[self.name]
+
+    def layer(self) -> str:
+        """The reported layer: `gradlayer.layer` when named, else the one chosen on the validation pair."""
+        named = self.options["layer"]
+        if named != "auto":
+            return check_layers(self.net, [named])[0]
+        if not self.chosen_layer:
+            self.choose_layer(self._validation_split())
+        return self.chosen_layer
+
+    def choose_layer(self, val) -> None:
+        """Pick the layer with the best AUROC: validation split (ID) vs `gradlayer.val_ood` (its train split)."""
+        from oodbench.data import load
+
+        spec, n = self.options["val_ood"], int(self.options["val_size"])
+        if val is None or len(val) == 0:
+            raise OODBenchError("gradlayer chooses its layer on the validation split, which is empty; set "
+                                "data.val_fraction > 0 or name the layer with --set gradlayer.layer=<weight name>")
+        ood = load(spec, split="train", root=self.cfg["data"].get("root"), device=self.device, like=tuple(val.shape))
+        id_norms, ood_norms = self._set_norms(_sample(val, n, self.cfg["seed"])), self._set_norms(
+            _sample(ood, n, self.cfg["seed"]))
+        self.chosen_layer, self.layer_aurocs = select_layer(id_norms, ood_norms)
+
+    def _set_norms(self, imageset, batch_size: int = 512) -> Dict[str, torch.Tensor]:
+        parts = [self.layer_norms(x.to(self.device)) for x, _ in imageset.batches(batch_size)]
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    def _validation_split(self):
+        from oodbench.data import load, train_val_split
+
+        data = self.cfg["data"]
+        full = load(data["in"], split="train", root=data.get("root"), device=self.device)
+        return train_val_split(full, float(data["val_fraction"]), int(self.cfg["seed"]))[1]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "gradlayer": {"layer": self.chosen_layer, "aurocs": dict(self.layer_aurocs)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        chosen = state.get("gradlayer", {})
+        self.chosen_layer, self.layer_aurocs = chosen.get("layer", ""), dict(chosen.get("aurocs", {}))
+
+
+def _sample(imageset, n: int, seed: int):
+    """A seeded random subset of n images (all when the set is smaller)."""
+    if len(imageset) <= n:
+        return imageset
+    index = torch.randperm(len(imageset), generator=torch.Generator().manual_seed(seed))[:n]
+    return imageset.subset(index.to(imageset.device))
