@@ -1,0 +1,240 @@
+"""Dataset specs -> ImageSet. The grammar is documented in docs/data.md.
+
+    name                      torchvision set, image-folder OOD set or `digits`
+    noise:gaussian[:N]  noise:uniform[:N]  constant[:N]
+    vflip:S  hflip:S  gray:S  classes:0,1,2:S  resize:METHOD:S
+    folder:PATH  npz:PATH
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from oodbench.data import convert, folders, sources, synthetic
+from oodbench.data.imageset import ImageSet
+from oodbench.errors import OODBenchError
+
+RESIZE_DEFAULT = (32, 32)
+DERIVED = ("vflip", "hflip", "gray", "classes", "resize")
+NAMES = tuple(sources.TORCHVISION) + ("digits",) + tuple(folders.FOLDER_SETS)
+
+
+class Hint(NamedTuple):
+    """What the final shape will be, for sources that are generated or decoded at a chosen size."""
+    channels: Optional[int] = None
+    size: Optional[tuple] = None
+    resample: str = "bilinear"
+
+
+class Resolved(NamedTuple):
+    images: torch.Tensor               # uint8 (N, C, H, W), CPU, owned by the caller
+    labels: Optional[torch.Tensor]
+    fingerprint: str                   # "" when the pixels were changed (ImageSet recomputes it)
+    notes: tuple                       # conversion rules applied while resolving
+
+
+def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
+         download: Optional[bool] = None) -> ImageSet:
+    """The dataset `spec` as an ImageSet on `device`.
+
+    root: data root (default $OODBENCH_DATA, else ./data). like: (C, H, W) to convert to (channels by replication or
+    luminance, size by antialiased bilinear resize on the device); the rule is logged once per (set, rule).
+    download: allow torchvision downloads (default: $OODBENCH_DOWNLOAD, on unless 0).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise OODBenchError(f"dataset spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    like = _check_like(like)
+    hint = Hint() if like is None else Hint(like[0], (like[1], like[2]))
+    r = _resolve(spec, split, sources.data_root(root), sources.download_allowed(download), hint)
+    images = r.images.to(device)
+    labels = None if r.labels is None else r.labels.to(device)
+    fingerprint, notes = r.fingerprint, list(r.notes)
+    if like is not None:
+        images, rule = convert.convert_like(images, like)
+        if rule:
+            fingerprint = ""
+            notes.append(rule)
+    for note in notes:
+        log_once(spec, note)
+    return ImageSet(images, labels, spec, fingerprint)
+
+
+_LOGGED: set = set()
+
+
+def log_once(name: str, rule: str) -> None:
+    """Print a conversion rule to stderr, once per (set, rule) and process."""
+    if (name, rule) not in _LOGGED:
+        _LOGGED.add((name, rule))
+        print(f"oodbench: {name}: {rule}", file=sys.stderr)
+
+
+def _check_like(like):
+    if like is None:
+        return None
+    try:
+        c, h, w = (int(v) for v in like)
+    except (TypeError, ValueError):
+        raise OODBenchError(f"like must be (C, H, W), got {like!r}") from None
+    if c not in (1, 3) or h < 1 or w < 1:
+        raise OODBenchError(f"like must be (C, H, W) with C = 1 or 3 and positive sizes, got {like!r}")
+    return c, h, w
+
+
+def _tensor(raw: sources.Raw, notes=()) -> Resolved:
+    labels = None if raw.labels is None else torch.tensor(raw.labels)
+    return Resolved(torch.tensor(raw.images), labels, raw.fingerprint, tuple(notes))
+
+
+_SAME = object()
+
+
+def _changed(r: Resolved, images, labels=_SAME, note=None) -> Resolved:
+    labels = r.labels if labels is _SAME else labels
+    return Resolved(images, labels, "", r.notes + ((note,) if note else ()))
+
+
+def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> Resolved:
+    head, _, rest = spec.partition(":")
+    if head == "folder":
+        return _folder(rest, hint)
+    if head == "npz":
+        if not rest:
+            raise OODBenchError("npz: needs a path, e.g. npz:/data/my_images.npz")
+        return _tensor(folders.read_npz(rest))
+    if head in ("noise", "constant"):
+        return _synthetic(spec, split, hint)
+    if head in DERIVED:
+        return _derived(head, rest, split, root, download, hint)
+    if rest or head not in NAMES:
+        close = difflib.get_close_matches(spec, NAMES + ("noise:gaussian", "noise:uniform", "constant"), n=1)
+        suggestion = f"did you mean {close[0]!r}? " if close else ""
+        raise OODBenchError(f"unknown dataset {spec!r}; {suggestion}run `oodbench data list` or see docs/data.md")
+    if head in sources.TORCHVISION:
+        return _tensor(sources.cached_torchvision(head, split, root, download))
+    if head == "digits":
+        return _tensor(sources.load_digits(split))
+    raw = folders.load_folder_set(head, root, hint.size, hint.channels, hint.resample)
+    return _tensor(raw, _decode_notes(hint))
+
+
+def _decode_notes(hint: Hint):
+    return (f"decoded at {hint.size[0]}x{hint.size[1]} with PIL {hint.resample}",) if hint.size else ()
+
+
+def _folder(path: str, hint: Hint) -> Resolved:
+    if not path:
+        raise OODBenchError("folder: needs a path, e.g. folder:/data/my_images")
+    return _tensor(folders.read_folder(path, hint.size, hint.channels, hint.resample), _decode_notes(hint))
+
+
+def _synthetic(spec: str, split: str, hint: Hint) -> Resolved:
+    parts = spec.split(":")
+    n_kind = 1 if parts[0] == "constant" else 2
+    kind, count = ":".join(parts[:n_kind]), parts[n_kind:]
+    if len(count) > 1 or (count and not count[0].isdigit()):
+        raise OODBenchError(f"bad synthetic spec {spec!r}; use {kind}[:N] with N a positive count")
+    c = hint.channels or synthetic.DEFAULT_SHAPE[0]
+    h, w = hint.size or synthetic.DEFAULT_SHAPE[1:]
+    n = int(count[0]) if count else synthetic.DEFAULT_COUNT
+    return Resolved(synthetic.synthetic(kind, n, (c, h, w), split), None, "", ())
+
+
+def _derived(op: str, rest: str, split: str, root: Path, download: bool, hint: Hint) -> Resolved:
+    if op in ("classes", "resize"):
+        arg, _, inner = rest.partition(":")
+        if not arg or not inner:
+            raise OODBenchError(f"bad spec {op}:{rest!r}; use " +
+                                ("classes:0,1,2:<spec>" if op == "classes" else "resize:<method>:<spec>"))
+    else:
+        arg, inner = None, rest
+    if not inner:
+        raise OODBenchError(f"{op}: needs a dataset after it, e.g. {op}:fashion_mnist")
+    if op == "resize":
+        convert.check_method(arg)
+        size = hint.size or RESIZE_DEFAULT
+        r = _resolve(inner, split, root, download, Hint(hint.channels, size, arg))
+        images = convert.resize_pil(r.images, size, arg)
+        if images is r.images:
+            return r
+        return _changed(r, images, note=f"resized to {size[0]}x{size[1]} with PIL {arg}")
+    r = _resolve(inner, split, root, download, hint)
+    if op == "vflip":
+        return _changed(r, r.images.flip(-2))
+    if op == "hflip":
+        return _changed(r, r.images.flip(-1))
+    if op == "gray":
+        return _changed(r, convert.gray(r.images))
+    return _class_subset(arg, inner, r)
+
+
+def _class_subset(arg: str, inner: str, r: Resolved) -> Resolved:
+    try:
+        wanted = [int(c) for c in arg.split(",")]
+    except ValueError:
+        raise OODBenchError(f"classes:{arg}: class ids must be integers separated by commas, e.g. classes:0,1,2:cifar10")
+    if len(set(wanted)) != len(wanted) or min(wanted) < 0:
+        raise OODBenchError(f"classes:{arg}: class ids must be distinct and non-negative")
+    if r.labels is None:
+        raise OODBenchError(f"classes:{arg}:{inner}: {inner!r} has no labels to select classes by")
+    table = torch.full((max(int(r.labels.max()), max(wanted)) + 1,), -1, dtype=torch.int64)
+    table[torch.tensor(wanted)] = torch.arange(len(wanted))
+    new = table[r.labels]
+    keep = new >= 0
+    if not bool(keep.any()):
+        raise OODBenchError(f"classes:{arg}:{inner}: no images with these classes; "
+                            f"{inner!r} has classes 0..{int(r.labels.max())}")
+    return _changed(r, r.images[keep], new[keep])
+
+
+# ---------------------------------------------------------------- status
+
+def dataset_status(root=None) -> list[dict]:
+    """For each named dataset: name, found (path or None), how_to_get. Looks at files only; downloads nothing."""
+    root = sources.data_root(root)
+    rows = []
+    for name in sources.TORCHVISION:
+        found = sources.torchvision_found(name, root)
+        rows.append(dict(name=name, found=None if found is None else str(found),
+                         how_to_get=sources.how_to_get(name, root)))
+    rows.append(dict(name="digits", found=str(sources.digits_path()),
+                     how_to_get="bundled with scikit-learn (always available)"))
+    for name, fs in folders.FOLDER_SETS.items():
+        found = folders.folder_set_found(name, root)
+        rows.append(dict(name=name, found=None if found is None else str(found), how_to_get=fs.how))
+    return rows
+
+
+# ---------------------------------------------------------------- resize benchmark
+
+def write_resize_benchmark(src_spec: str, size: int, out_dir, root=None) -> dict:
+    """Write `src_spec` (test split) resized to size x size with each PIL method as PNG folders.
+
+    Returns {method: folder}; each folder loads back with `folder:<folder>`. Existing non-empty folders are an error.
+    """
+    size = int(size)
+    if size < 1:
+        raise OODBenchError(f"resize benchmark size must be positive, got {size}")
+    out_dir = Path(out_dir).expanduser().resolve()
+    targets = {m: out_dir / m for m in convert.RESIZE_METHODS}
+    for folder in targets.values():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise OODBenchError(f"{folder} already exists and is not empty; choose another output folder or delete it")
+    data_root = sources.data_root(root)
+    written = {}
+    for method, folder in targets.items():
+        r = _resolve(f"resize:{method}:{src_spec}", "test", data_root, sources.download_allowed(None),
+                     Hint(None, (size, size), method))
+        folder.mkdir(parents=True, exist_ok=True)
+        images = r.images.numpy()
+        digits = max(6, len(str(len(images) - 1)))
+        for i, image in enumerate(images):
+            convert.to_pil(image).save(folder / f"{i:0{digits}d}.png")
+        written[method] = str(folder)
+    return written
