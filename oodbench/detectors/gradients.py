@@ -172,7 +172,7 @@ class GradLayer(ClassifierDetector):
     The layer is `gradlayer.layer`, or with `auto` the one with the best AUROC between the in-distribution validation
     split and the train split of `gradlayer.val_ood`. It is chosen at the end of `fit` (which sees the validation
     split) and kept in the state; a state without a choice (a run fitted by another classifier method) chooses on
-    first use, re-deriving the validation split from `data.in`, `data.val_fraction` and `seed`.
+    first use, re-deriving the validation split as training did (`data.in`, `data.limit`, `data.val_fraction`, `seed`).
     """
 
     summary = "per-layer L2 norm of the gradient of CE(f(x), argmax) per weight tensor, layer chosen on validation OOD"
@@ -231,7 +231,7 @@ class GradLayer(ClassifierDetector):
         from oodbench.data import load, train_val_split
 
         data = self.cfg["data"]
-        full = load(data["in"], split="train", root=data.get("root"), device=self.device)
+        full = load(data["in"], split="train", root=data.get("root"), device=self.device).head(data.get("limit"))
         return train_val_split(full, float(data["val_fraction"]), int(self.cfg["seed"]))[1]
 
     def state_dict(self) -> dict:
