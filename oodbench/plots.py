@@ -1,0 +1,96 @@
+"""PNG plots for bench reports: ROC curves, ID-vs-OOD score histograms, a method × OOD-set AUROC heatmap.
+
+matplotlib is optional (`pip install matplotlib` or `pip install oodbench[plots]`); it is imported only here, with
+the non-interactive Agg backend, and `unavailable()` says so when it is missing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from oodbench import metrics
+
+
+def unavailable() -> Optional[str]:
+    """None when plots can be drawn, else a note saying why not and how to fix it."""
+    try:
+        _pyplot()
+    except ImportError:
+        return "skipped: matplotlib is not installed (pip install matplotlib), tables are complete without it"
+    return None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def roc_curves(curves: dict, title: str, path: Path) -> None:
+    """One ROC curve (OOD = positive) per entry of `curves`: {label: (id_scores, ood_scores)}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for label, (id_scores, ood_scores) in curves.items():
+        fpr, tpr, _ = metrics.roc_points(id_scores, ood_scores, drop_intermediate=True)
+        auroc = metrics.evaluate(id_scores, ood_scores)["auroc"]
+        ax.plot(fpr, tpr, lw=1.4, label=f"{label} ({100 * auroc:.1f})")
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.set(xlabel="false positive rate (ID flagged as OOD)", ylabel="true positive rate (OOD detected)",
+           xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right", title="method (AUROC %)", title_fontsize=7)
+    _save(fig, path)
+
+
+def score_histograms(id_scores, ood: dict, title: str, path: Path, bins: int = 60) -> None:
+    """Density histograms of one method's scores: the ID set filled, each OOD set {name: scores} as an outline.
+
+    The bins span the 0.5–99.5% quantiles of all scores pooled, so one extreme set does not squash the rest;
+    values outside are clipped into the edge bins.
+    """
+    plt = _pyplot()
+    pooled = np.concatenate([np.asarray(id_scores, dtype=np.float64)]
+                            + [np.asarray(s, dtype=np.float64) for s in ood.values()])
+    lo, hi = np.quantile(pooled, [0.005, 0.995])
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    ax.hist(np.clip(id_scores, lo, hi), bins=edges, density=True, alpha=0.35, color="0.3", label="ID (test)")
+    for name, scores in ood.items():
+        ax.hist(np.clip(scores, lo, hi), bins=edges, density=True, histtype="step", lw=1.3, label=name)
+    ax.set(xlabel="OOD score (higher = more OOD)", ylabel="density", title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def auroc_heatmap(values, rows: list, columns: list, title: str, path: Path) -> None:
+    """A rows × columns heatmap of AUROC in percent; NaN cells (failed or missing) are grey and marked."""
+    plt = _pyplot()
+    values = np.asarray(values, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(columns), 0.9 + 0.38 * len(rows)))
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("0.85")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=50, vmax=100, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(columns)), labels=columns, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels=rows, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    _save(fig, path)
