@@ -208,3 +208,113 @@ def test_oe_finetuning_pushes_energies_past_the_margins(tmp_path):
     assert e_out.mean() > -7, e_out.mean()
     assert e_in.max() < e_out.min()  # every in-distribution image has lower energy than every outlier
     assert (tmp_path / "checkpoints" / "oe" / "final.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The detectors on the shared classifier
+from oodbench.config import load_config  # noqa: E402
+
+
+def _detector(method, *overrides, seed=3):
+    """A fitted-looking detector: the quick config with a small CNN on 1x8x8 images, weights from a seeded toy net."""
+    from oodbench.detectors.base import get
+
+    cfg = load_config("classifier", "quick", ["model.width=8", *overrides])
+    det = get(method)(cfg, "cpu")
+    net = _net("small_cnn", 1, {"width": 8}, seed=seed, num_classes=2)
+    det.load_state_dict({"shape": [1, 8, 8], "num_classes": 2, "mean": [0.3], "std": [0.2], "net": net.state_dict()})
+    return det
+
+
+def test_gradnorm_detector_is_minus_the_closed_form_with_its_temperature():
+    det = _detector("gradnorm", "gradnorm.temperature=2.0")
+    x = _toy_sets()[0].images[:10]
+    with torch.no_grad():
+        h = det.net.features(det.prepare(x))
+        expected = -G.gradnorm_scores(h, det.net.head(h), 2.0)
+    torch.testing.assert_close(det.score(x), expected)
+    assert not torch.allclose(det.score(x), -G.gradnorm_scores(h, det.net.head(h), 1.0))
+
+
+def test_gradlayer_rows_cover_every_weight_and_the_named_layer():
+    det = _detector("gradlayer", "gradlayer.layer=body.4.weight")
+    x = _toy_sets()[0].images[:6]
+    rows = det.score_rows(x)
+    names = G.weight_names(det.net)
+    assert set(rows) == {"gradlayer"} | {f"gradlayer/{n}" for n in names}
+    torch.testing.assert_close(rows["gradlayer"], rows["gradlayer/body.4.weight"])
+    expected = G.per_layer_grad_norms(det.net, det.prepare(x))
+    for n in names:
+        torch.testing.assert_close(rows[f"gradlayer/{n}"], expected[n])
+
+
+def test_gradlayer_unknown_layer_is_a_clear_error():
+    det = _detector("gradlayer", "gradlayer.layer=body.99.weight")
+    with pytest.raises(OODBenchError, match="unknown layer 'body.99.weight'.*head.weight"):
+        det.score_rows(_toy_sets()[0].images[:2])
+
+
+def test_gradlayer_chooses_on_validation_train_split_and_keeps_the_choice(monkeypatch):
+    """The layer is the best-AUROC one on (ID validation, train split of val_ood); the choice survives the state."""
+    import oodbench.data
+
+    det = _detector("gradlayer", "gradlayer.val_ood=noise:uniform", "gradlayer.val_size=40")
+    val, noise = _toy_sets(n=40, n_out=40, seed=5)
+    asked = []
+
+    def fake_load(spec, split="test", root=None, device="cpu", like=None, **kw):
+        asked.append((spec, split, like))
+        return noise
+
+    monkeypatch.setattr(oodbench.data, "load", fake_load)
+    det.choose_layer(val)
+    assert asked == [("noise:uniform", "train", (1, 8, 8))]  # never the test split
+    best, aurocs = G.select_layer(G.per_layer_grad_norms(det.net, det.prepare(val.images)),
+                                  G.per_layer_grad_norms(det.net, det.prepare(noise.images)))
+    assert det.chosen_layer == best and det.layer_aurocs == pytest.approx(aurocs)
+    again = _detector("gradlayer")
+    again.load_state_dict(det.state_dict())
+    assert again.layer() == best and len(asked) == 1  # no second selection
+
+
+def test_gradlayer_state_without_choice_rederives_the_validation_split(monkeypatch):
+    """A run trained by another classifier method has no choice saved: the split is re-derived as training did."""
+    import oodbench.data
+
+    det = _detector("gradlayer", "data.in=toyset", "data.limit=50", "data.val_fraction=0.2", "seed=4",
+                    "gradlayer.val_size=40")
+    train_full, noise = _toy_sets(n=60, n_out=40, seed=6)
+
+    def fake_load(spec, split="test", root=None, device="cpu", like=None, **kw):
+        assert split == "train"
+        return train_full if spec == "toyset" else noise
+
+    monkeypatch.setattr(oodbench.data, "load", fake_load)
+    chosen = []
+    monkeypatch.setattr(type(det), "choose_layer", lambda self, val: (chosen.append(val), setattr(
+        self, "chosen_layer", "head.weight")))
+    rows = det.score_rows(train_full.images[:3])
+    _, expected_val = oodbench.data.train_val_split(train_full.head(50), 0.2, 4)
+    assert len(chosen) == 1 and torch.equal(chosen[0].images, expected_val.images)
+    torch.testing.assert_close(rows["gradlayer"], rows["gradlayer/head.weight"])
+
+
+@pytest.mark.slow
+def test_cli_train_once_then_gradnorm_and_gradlayer_eval(tmp_path, capsys):
+    """One classifier run (trained for msp) scored by gradnorm and gradlayer; noise is easy to separate."""
+    import json
+
+    from oodbench.cli import main
+
+    runs = str(tmp_path)
+    assert main(["train", "--method", "msp", "--in", "fashion_mnist", "--runs-dir", runs, "--preset", "quick",
+                 "--set", "train.steps=80", "--set", "data.limit=3000"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--method", "gradnorm,gradlayer", "--in", "fashion_mnist", "--runs-dir", runs,
+                 "--out", "noise:gaussian", "--limit", "200", "--set", "gradlayer.val_size=200",
+                 "--format", "json"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["gradnorm"]["auroc"] > 0.75, rows["gradnorm"]  # 80 steps of training; GradNorm is a weak detector
+    layers = [m for m in rows if m.startswith("gradlayer/")]
+    assert "gradlayer/head.weight" in layers and len(layers) == 4 and "gradlayer" in rows
+    assert rows["gradlayer"]["auroc"] in [rows[m]["auroc"] for m in layers]
