@@ -82,8 +82,7 @@ def auroc_heatmap(values, rows: list, columns: list, title: str, path: Path) -> 
     plt = _pyplot()
     values = np.asarray(values, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(columns), 0.9 + 0.38 * len(rows)))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.85")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=50, vmax=100, aspect="auto")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):

@@ -1,0 +1,155 @@
+"""`oodbench bench`: report numbers equal `runs.evaluate` on the same runs; failing cells are reported and the rest
+completes; missing data is skipped; re-running reuses the cell cache and the runs' score caches."""
+import json
+
+import numpy as np
+import pytest
+
+from oodbench import bench, runs
+from oodbench.detectors import REGISTRY, get
+from oodbench.errors import OODBenchError
+
+SEEDS = (0, 1)
+OUTS = ("vflip:fashion_mnist", "noise:uniform")
+LIMIT = 120
+BOOT = 20
+GRID = f"""
+name: tiny
+preset: quick
+seeds: [{SEEDS[0]}, {SEEDS[1]}]
+in: [fashion_mnist]
+out:
+  near: [{OUTS[0]}]
+  far: [{OUTS[1]}, folder:/nonexistent/ood_images]
+limit: {LIMIT}
+bootstrap: {BOOT}
+train_overrides: [data.limit=256, train.steps=3, train.batch_size=32]
+methods:
+  - msp
+  - energy
+  - boom
+  - not_a_method
+"""
+
+
+def boom_class():
+    """A registered classifier method whose scoring always raises."""
+    msp = get("msp")
+
+    class Boom(msp):
+        def score_rows(self, x):
+            raise RuntimeError("boom: scoring exploded")
+
+    Boom.name = "boom"
+    return Boom
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    config = folder / "tiny.yaml"
+    config.write_text(GRID)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(REGISTRY, "boom", boom_class())
+        mp.setenv("OODBENCH_PROGRESS", "0")
+        report = bench.run_bench(config, runs_dir=folder / "runs", device="cpu", out=folder / "report")
+        yield {"config": config, "runs": folder / "runs", "report": report, "mp": mp}
+
+
+def results(report):
+    return json.loads((report / "results.json").read_text())
+
+
+def test_report_equals_runs_evaluate(grid):
+    res = results(grid["report"])
+    per_seed = {(r["method"], r["out"], r["seed"]): r for r in res["per_seed"]}
+    summary = {(r["method"], r["out"]): r for r in res["summary"]}
+    expected = {}
+    for seed in SEEDS:
+        run = runs.find_run("msp", "fashion_mnist", seed, grid["runs"])
+        for row in runs.evaluate(run, ["msp", "energy"], OUTS, limit=LIMIT, device="cpu", bootstrap=BOOT):
+            got = per_seed[(row["method"], row["out"], seed)]
+            for key in ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error", "auroc_ci"):
+                assert got[key] == pytest.approx(row[key], abs=1e-12), (row["method"], row["out"], seed, key)
+            expected.setdefault((row["method"], row["out"]), []).append(row)
+    assert set(expected) == {(m, o) for m in ("msp", "energy") for o in OUTS}
+    for key, rows in expected.items():
+        values = np.array([r["auroc"] for r in rows])
+        assert summary[key]["auroc"] == pytest.approx(values.mean(), abs=1e-12)
+        assert summary[key]["auroc_std"] == pytest.approx(values.std(), abs=1e-12)
+        assert summary[key]["seeds"] == list(SEEDS)
+    # group columns are plain means of the per-set metrics (far: only noise:uniform is on disk)
+    for method in ("msp", "energy"):
+        assert summary[(method, "near")]["auroc"] == pytest.approx(summary[(method, OUTS[0])]["auroc"])
+        assert summary[(method, "far")]["fpr95"] == pytest.approx(summary[(method, OUTS[1])]["fpr95"])
+        assert summary[(method, "far")]["sets"] == [OUTS[1]]
+    text = (grid["report"] / "report.md").read_text()
+    msp = summary[("msp", OUTS[0])]
+    assert f"{100 * msp['auroc']:.2f} ± {100 * msp['auroc_std']:.2f}" in text
+
+
+def test_failing_cells_are_reported_and_the_rest_completes(grid):
+    res = results(grid["report"])
+    failed = {(f["method"], f["out"]): f for f in res["failed"]}
+    assert set(failed) == {(m, o) for m in ("boom", "not_a_method") for o in OUTS}
+    assert "boom: scoring exploded" in failed[("boom", OUTS[0])]["error"]
+    assert "unknown method 'not_a_method'" in failed[("not_a_method", OUTS[1])]["error"]
+    assert failed[("boom", OUTS[0])]["seeds"] == list(SEEDS)
+    assert [s["dataset"] for s in res["skipped"]] == ["folder:/nonexistent/ood_images"]
+    assert {r["method"] for r in res["per_seed"]} == {"msp", "energy"}
+    assert len(res["per_seed"]) == 2 * len(OUTS) * len(SEEDS)
+    text = (grid["report"] / "report.md").read_text()
+    assert "| boom | failed [" in text and "scoring exploded" in text
+    assert "folder:/nonexistent/ood_images" in text and "skipped" in text
+    csv = (grid["report"] / "results.csv").read_text()
+    assert "failed,not_a_method" in csv
+
+
+def test_plots_written(grid):
+    pytest.importorskip("matplotlib")
+    names = {p.name for p in (grid["report"] / "plots").glob("*.png")}
+    assert "heatmap_auroc_fashion_mnist.png" in names
+    assert {f"roc_fashion_mnist_vs_{runs.safe_name(o)}.png" for o in OUTS} <= names
+    assert {"hist_fashion_mnist_msp.png", "hist_fashion_mnist_energy.png"} <= names
+
+
+def test_rerun_reuses_cells_and_score_caches(grid, monkeypatch):
+    report = grid["report"]
+    before = results(report)
+    detector_files = sorted(grid["runs"].glob("*/detector.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in detector_files]
+    calls = []
+
+    def no_scoring(self, x):
+        calls.append(type(self).__name__)
+        raise AssertionError("scored again although the scores are cached")
+
+    for name in ("msp", "energy"):
+        monkeypatch.setattr(get(name), "score_rows", no_scoring)
+    monkeypatch.setitem(REGISTRY, "boom", boom_class())
+    monkeypatch.setenv("OODBENCH_PROGRESS", "0")
+    kw = dict(runs_dir=grid["runs"], device="cpu", out=report)
+    bench.run_bench(grid["config"], **kw)           # every finished cell comes from <report>/cells
+    assert results(report)["summary"] == before["summary"]
+    for cell in (report / "cells").glob("*.json"):  # without the cell cache, the runs' score files serve
+        cell.unlink()
+    bench.run_bench(grid["config"], **kw)
+    assert results(report)["summary"] == before["summary"]
+    assert not [c for c in calls if c != "Boom"]
+    assert [p.stat().st_mtime_ns for p in detector_files] == mtimes  # nothing retrained
+    assert len(detector_files) == len(SEEDS)
+
+
+def test_bench_config_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [msp]\nseed: [0]\n")
+    with pytest.raises(OODBenchError, match="unknown key 'seed'.*'seeds'"):
+        bench.load_bench(path)
+    path.write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [msp, {method: msp}]\n")
+    with pytest.raises(OODBenchError, match="listed twice"):
+        bench.load_bench(path)
+    path.write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [{method: odin, label: odin_t1, "
+                    "overrides: [odin.temperature=1.0, train.steps=5]}]\n")
+    entry = bench.load_bench(path).entries[0]
+    assert (entry.score_overrides, entry.train_overrides) == (["odin.temperature=1.0"], ["train.steps=5"])
+    assert bench.renamer(entry)("odin") == "odin_t1"
