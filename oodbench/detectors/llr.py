@@ -1,0 +1,255 @@
+"""Likelihood ratio with PixelCNN++ (Ren et al., NeurIPS 2019) and the plain likelihood baseline.
+
+One run (kind "llr") trains a foreground PixelCNN++ on the data and a grid of background PixelCNN++ models on
+perturbed data (each pixel-channel replaced with probability mu by a uniform 0..255 value, redrawn every step, plus
+an L2 penalty lambda * sum(w^2) over weights). The background model with the best validation AUROC of the ratio
+(held-out `val` split vs the validation OOD set `llr.val_ood`, never a test set) is kept.
+
+Rows, all "higher = more OOD": `llr` = -(log p_fg - log p_bg), `likelihood` = -log p_fg; `_bpd` is the foreground's
+bits per dimension. Method "llr" reports all three from one pass; method "likelihood" reports the baseline only.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from typing import Dict, Optional
+
+import torch
+
+from oodbench.detectors.base import Detector, register
+from oodbench.engine import TrainSpec
+from oodbench.errors import OODBenchError
+from oodbench.metrics import evaluate
+from oodbench.nets.pixelcnnpp import PixelCNNpp
+
+NET_KEYS = ("num_filters", "num_resnet", "num_hierarchies", "num_logistic_mix", "dropout_p")
+
+
+# --- training pieces -------------------------------------------------------------------------------------------
+def mutate(x: torch.Tensor, rate: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Replace each pixel-channel of a uint8 batch with probability `rate` by a uniform value in 0..255 (on x's device)."""
+    if rate <= 0:
+        return x
+    replace = torch.rand(x.shape, device=x.device, generator=generator) < rate
+    noise = torch.randint(0, 256, x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return torch.where(replace, noise, x)
+
+
+def l2_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """sum(w^2) over weight tensors (convolution kernels), biases excluded."""
+    return sum(p.pow(2).sum() for p in model.parameters() if p.ndim > 1)
+
+
+def likelihood_loss(mutation_rate: float, reg_weight: float):
+    """loss_fn(model, batch) = -mean log p(mutate(x)) + reg_weight * sum(w^2); the perturbation is redrawn per call."""
+
+    def loss_fn(model, batch):
+        x = mutate(batch[0], mutation_rate)
+        nll = -model(x).mean()
+        if reg_weight == 0:
+            return nll, {"nll": nll.detach()}
+        penalty = l2_penalty(model)
+        return nll + reg_weight * penalty, {"nll": nll.detach(), "l2": penalty.detach()}
+
+    return loss_fn
+
+
+def bits_per_dim(log_p: torch.Tensor, dims: int) -> torch.Tensor:
+    """Per-image -log2 p / number of pixel-channels."""
+    return -log_p / (dims * math.log(2))
+
+
+def check_8bit(x: torch.Tensor, where: str) -> None:
+    """PixelCNN++ models 8-bit pixels: uint8, or integer values in 0..255."""
+    if x.dtype == torch.uint8:
+        return
+    if x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+        if x.numel() and (x.min() < 0 or x.max() > 255 or (x.is_floating_point() and (x != x.round()).any())):
+            raise OODBenchError(f"{where}: PixelCNN++ needs 8-bit images (integers 0..255), got {x.dtype} values "
+                                f"in [{float(x.min()):g}, {float(x.max()):g}]; pass uint8 images")
+        return
+    raise OODBenchError(f"{where}: PixelCNN++ needs 8-bit images, got dtype {x.dtype}; pass uint8 images")
+
+
+def background_grid(options: dict) -> list:
+    """[(mutation_rate, reg_weight), ...] after validation of both lists."""
+    rates, weights = list(options.get("mutation_rates") or []), list(options.get("reg_weights") or [])
+    if not rates or not weights:
+        raise OODBenchError("llr.mutation_rates and llr.reg_weights must each list at least one value, "
+                            "e.g. --set llr.mutation_rates=[0.1,0.2] --set llr.reg_weights=[0,10]")
+    for mu in rates:
+        if not 0 <= float(mu) <= 1:
+            raise OODBenchError(f"llr.mutation_rates: {mu} is not a probability; use values in [0, 1]")
+    for lam in weights:
+        if float(lam) < 0:
+            raise OODBenchError(f"llr.reg_weights: {lam} is negative; use values >= 0")
+    return [(float(mu), float(lam)) for mu in rates for lam in weights]
+
+
+def background_name(mutation_rate: float, reg_weight: float) -> str:
+    return f"bg-mu{mutation_rate:g}-l{reg_weight:g}"
+
+
+@torch.no_grad()
+def log_prob(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """log p(x) per image (nats), in batches, model in eval mode; images are never perturbed here."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+# --- the detector ----------------------------------------------------------------------------------------------
+class LikelihoodRatioRun(Detector):
+    """Trains the foreground model and the background grid once (kind "llr"); both methods score this run."""
+
+    kind = "llr"
+
+    @property
+    def llr_options(self) -> dict:
+        return self.cfg.get("llr", {}) or {}
+
+    def net_config(self, channels: int) -> dict:
+        mc = self.cfg["model"]
+        return {"in_channels": int(channels), "rescale": bool(mc["rescale_pixel_value"]),
+                **{k: (float if k == "dropout_p" else int)(mc[k]) for k in NET_KEYS}}
+
+    def build(self) -> PixelCNNpp:
+        return PixelCNNpp(**self.net_config_)
+
+    def fit(self, train, val, engine) -> None:
+        opts = self.llr_options
+        grid = background_grid(opts)
+        check_8bit(train.images, f"training set {train.name!r}")
+        batch = int(opts.get("eval_batch_size", 256))
+        limit = opts.get("val_limit")
+        val_in = None if val is None or len(val) == 0 else val.head(limit).images.to(engine.device)
+        val_ood = self.load_val_ood(train, engine)
+        if len(grid) > 1 and (val_in is None or val_ood is None):
+            raise OODBenchError(f"{len(grid)} background models need a validation pair to choose from: set "
+                                f"llr.val_ood (e.g. hflip:fashion_mnist) and data.val_fraction > 0, or give one "
+                                f"mutation rate and one reg weight")
+        if val_ood is not None:
+            val_ood = val_ood.head(limit).images
+        self.net_config_ = self.net_config(train.shape[0])
+        spec = TrainSpec.from_cfg(self.cfg["train"])
+
+        val_fn = None
+        if val_in is not None:
+            def val_fn(model):     # clean held-out data, lower is better (bits per dimension)
+                return float(bits_per_dim(log_prob(model, val_in, batch), val_in[0].numel()).mean())
+        self.fg = engine.fit("fg", self.build(), likelihood_loss(0.0, 0.0), train, spec, val_fn=val_fn).eval()
+
+        fg_in = fg_ood = None
+        if val_ood is not None and val_in is not None:
+            fg_in, fg_ood = log_prob(self.fg, val_in, batch), log_prob(self.fg, val_ood, batch)
+        rows, best = [], None
+        for mu, lam in grid:
+            bg = engine.fit(background_name(mu, lam), self.build(), likelihood_loss(mu, lam), train, spec).eval()
+            row = {"mutation_rate": mu, "reg_weight": lam, "val_auroc": None}
+            if fg_in is not None:
+                llr_in = -(fg_in - log_prob(bg, val_in, batch))
+                llr_ood = -(fg_ood - log_prob(bg, val_ood, batch))
+                row["val_auroc"] = evaluate(llr_in.cpu().numpy(), llr_ood.cpu().numpy())["auroc"]
+            rows.append(row)
+            if best is None or (row["val_auroc"] or 0) > (best[0]["val_auroc"] or 0):
+                best = (row, bg)
+        self.bg = best[1]
+        self.selected = {"mutation_rate": best[0]["mutation_rate"], "reg_weight": best[0]["reg_weight"]}
+        self.selection = rows
+        if fg_in is not None:
+            auroc = evaluate((-fg_in).cpu().numpy(), (-fg_ood).cpu().numpy())["auroc"]
+            self.selection_baseline = {"likelihood_val_auroc": auroc}
+        else:
+            self.selection_baseline = {"likelihood_val_auroc": None}
+        if engine.is_main:
+            self.report_selection(engine.run_dir)
+
+    def load_val_ood(self, train, engine):
+        spec = self.llr_options.get("val_ood")
+        if not spec:
+            return None
+        from oodbench.data import load
+
+        spec = str(spec).replace("{in}", str(self.cfg.get("data", {}).get("in", "")))
+        self.val_ood_spec = spec
+        return load(spec, "test", root=self.cfg.get("data", {}).get("root"), device=engine.device, like=train.shape)
+
+    def report_selection(self, run_dir) -> None:
+        """Write llr_selection.csv / .json in the run directory and print the table."""
+        from pathlib import Path
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "llr_selection.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["mutation_rate", "reg_weight", "val_auroc", "selected"])
+            writer.writeheader()
+            for row in self.selection:
+                writer.writerow({**row, "selected": self.is_selected(row)})
+        summary = {"val_ood": getattr(self, "val_ood_spec", None), "selected": self.selected,
+                   "table": self.selection, **self.selection_baseline}
+        (run_dir / "llr_selection.json").write_text(json.dumps(summary, indent=2))
+        print(format_selection(self.selection, self.selected, summary["val_ood"],
+                               self.selection_baseline["likelihood_val_auroc"]), file=sys.stderr)
+
+    def is_selected(self, row) -> bool:
+        return (row["mutation_rate"], row["reg_weight"]) == (self.selected["mutation_rate"],
+                                                              self.selected["reg_weight"])
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_probs(self, x: torch.Tensor, background: bool = True):
+        check_8bit(x, "scored batch")
+        fg = self.fg(x).float()
+        return fg, (self.bg(x).float() if background else None)
+
+    def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        fg, bg = self.log_probs(x, background=True)
+        return {"llr": -(fg - bg), "likelihood": -fg, "_bpd": bits_per_dim(fg, x[0].numel())}
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_rows(x)[self.name]
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"net": dict(self.net_config_), "fg": self.fg.state_dict(), "bg": self.bg.state_dict(),
+                "selected": dict(self.selected), "selection": [dict(r) for r in self.selection],
+                **self.selection_baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net_config_ = dict(state["net"])
+        self.fg, self.bg = self.build().to(self.device), self.build().to(self.device)
+        self.fg.load_state_dict(state["fg"])
+        self.bg.load_state_dict(state["bg"])
+        self.fg.eval()
+        self.bg.eval()
+        self.selected, self.selection = dict(state["selected"]), [dict(r) for r in state["selection"]]
+        self.selection_baseline = {"likelihood_val_auroc": state.get("likelihood_val_auroc")}
+
+
+def format_selection(rows, selected, val_ood, baseline_auroc) -> str:
+    """The background-model selection table as text."""
+    lines = [f"LLR background selection on val vs {val_ood or '(no validation OOD set)'}:",
+             "  mutation_rate  reg_weight  val_auroc"]
+    for r in rows:
+        auroc = "-" if r["val_auroc"] is None else f"{r['val_auroc']:.4f}"
+        mark = "  <- selected" if (r["mutation_rate"], r["reg_weight"]) == (
+            selected["mutation_rate"], selected["reg_weight"]) else ""
+        lines.append(f"  {r['mutation_rate']:13g}  {r['reg_weight']:10g}  {auroc:>9}{mark}")
+    if baseline_auroc is not None:
+        lines.append(f"  (plain likelihood on the same pair: {baseline_auroc:.4f})")
+    return "\n".join(lines)
+
+
+@register("llr")
+class LikelihoodRatio(LikelihoodRatioRun):
+    summary = "likelihood ratio log p_fg - log p_bg of two PixelCNN++ (Ren et al. 2019); also reports likelihood"
+
+
+@register("likelihood")
+class Likelihood(LikelihoodRatioRun):
+    summary = "plain PixelCNN++ likelihood -log p(x) (the baseline of Ren et al. 2019; scores the llr run)"
+
+    def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        fg, _ = self.log_probs(x, background=False)
+        return {"likelihood": -fg, "_bpd": bits_per_dim(fg, x[0].numel())}
