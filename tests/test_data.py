@@ -417,3 +417,18 @@ def test_random_hflip():
     assert bool((same | flipped).all())
     assert 0.25 < flipped.float().mean().item() < 0.35
     assert torch.equal(transforms.random_hflip(x, 0.0), x) and torch.equal(transforms.random_hflip(x, 1.0), x.flip(-1))
+
+
+def test_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline_svhn(root, split="train", download=False):
+        if download:
+            Path(root).mkdir(parents=True, exist_ok=True)          # what torchvision does before fetching
+            raise urllib.error.URLError("network unreachable")
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", offline_svhn)
+    with pytest.raises(OODBenchError, match="download failed"):
+        data.load("svhn", root=tmp_path / "fresh", download=True)
+    assert not (tmp_path / "fresh").exists()

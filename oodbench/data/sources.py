@@ -173,9 +173,14 @@ def load_torchvision(name: str, split: str, root: Path, download: bool) -> Raw:
     if not download:
         raise OODBenchError(f"dataset {name!r} ({split}) not found; searched {searched}; downloads are off. "
                             f"To get it: {fix}")
+    target = torchvision_paths(name, root)[0]
+    created = [p for p in (root, target.parent, target) if not p.exists()]
     try:
         return _construct(name, split, root, download=True)
     except (OSError, RuntimeError, ValueError, TypeError) as e:   # URLError is an OSError
+        for folder in reversed(created):                            # leave no empty folders behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OODBenchError(f"dataset {name!r} ({split}) not found (searched {searched}) and the download failed "
                             f"({reason}). To get it: {fix}") from e
@@ -203,15 +208,10 @@ def _construct(name: str, split: str, root: Path, download: bool) -> Raw:
     return make_raw(ds.data.numpy()[:, None], ds.targets.numpy())
 
 
-_TV_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def cached_torchvision(name: str, split: str, root: Path, download: bool) -> Raw:
-    """`load_torchvision`, computed once per (name, split, root) and process."""
-    key = (name, split, str(root))
-    if key not in _TV_CACHE:
-        _TV_CACHE[key] = load_torchvision(name, split, root, download)
-    return _TV_CACHE[key]
+    """`load_torchvision`, computed once per arguments and process (failures are not cached)."""
+    return load_torchvision(name, split, root, download)
 
 
 # ---------------------------------------------------------------- scikit-learn digits
