@@ -63,16 +63,16 @@ def _stem_in_channels(net: nn.Module) -> int:
 
 # ---- anchor corruption (consistency training), batched over images, on the images' device ------------------------
 
-def corrupt_anchors(x: torch.Tensor, scale=(0.6, 1.0), jitter_blur_p: float = 0.8, brightness: float = 0.5,
-                    blur_sigma=(0.1, 5.0), gray_p: float = 0.2) -> torch.Tensor:
+def corrupt_anchors(x: torch.Tensor, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), jitter_blur_p: float = 0.8,
+                    brightness: float = 0.5, blur_sigma=(0.1, 5.0), gray_p: float = 0.2) -> torch.Tensor:
     """Randomly corrupt each image of x (N, C, H, W, floats in [0, 1]) independently: random resized crop
-    (area `scale`, aspect 3/4..4/3) with horizontal flip; with probability `jitter_blur_p` brightness jitter
-    (factor 1 +- `brightness`) and a Gaussian blur (3 wide x 9 tall, sigma in `blur_sigma`); grayscale with
-    probability `gray_p` (3-channel images). The original's torchvision transforms, drawn per image."""
+    (area fraction in `scale`, aspect ratio in `ratio`) with a horizontal flip (p = 0.5); with probability
+    `jitter_blur_p` brightness jitter (factor 1 +- `brightness`) and a Gaussian blur (3 wide x 9 tall, sigma in
+    `blur_sigma`); grayscale with probability `gray_p` (3-channel images). The original's torchvision transforms, drawn per image."""
     n = x.shape[0]
     if n == 0:
         return x
-    x = _resized_crop_flip(x, scale)
+    x = _resized_crop_flip(x, scale, ratio)
     u = torch.rand(n, device=x.device)
     jb = (u < jitter_blur_p).view(n, 1, 1, 1)
     factor = 1 + brightness * (2 * torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 1)
@@ -85,10 +85,11 @@ def corrupt_anchors(x: torch.Tensor, scale=(0.6, 1.0), jitter_blur_p: float = 0.
     return x
 
 
-def _resized_crop_flip(x: torch.Tensor, scale) -> torch.Tensor:
+def _resized_crop_flip(x: torch.Tensor, scale, ratio) -> torch.Tensor:
     n, dev, dt = x.shape[0], x.device, x.dtype
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(n, device=dev, dtype=dt)
-    log_ratio = (2 * torch.rand(n, device=dev, dtype=dt) - 1) * math.log(4 / 3)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    log_ratio = lo + (hi - lo) * torch.rand(n, device=dev, dtype=dt)
     w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)  # crop size as a fraction of the side
     h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
     cx = (2 * torch.rand(n, device=dev, dtype=dt) - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
