@@ -432,3 +432,23 @@ def test_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
     with pytest.raises(OODBenchError, match="download failed"):
         data.load("svhn", root=tmp_path / "fresh", download=True)
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("name,cls", [("cifar10", "CIFAR10"), ("cifar100", "CIFAR100"), ("svhn", "SVHN")])
+def test_torchvision_arrays_become_nchw(tmp_path, monkeypatch, name, cls):
+    import torchvision.datasets
+
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+
+    class Fake:                                   # torchvision's in-memory layout: CIFAR NHWC + list, SVHN NCHW + array
+        def __init__(self, root, train=True, split=None, download=False):
+            if name == "svhn":
+                self.data, self.labels = nhwc.transpose(0, 3, 1, 2).copy(), np.array([1, 2, 3, 4])
+            else:
+                self.data, self.targets = nhwc, [1, 2, 3, 4]
+
+    monkeypatch.setattr(torchvision.datasets, cls, Fake)
+    s = data.load(name, root=tmp_path / name, download=False)
+    assert s.shape == (3, 32, 32) and torch.equal(s.images, torch.from_numpy(nhwc).permute(0, 3, 1, 2))
+    assert s.labels.tolist() == [1, 2, 3, 4]
