@@ -1,0 +1,210 @@
+"""Noise-conditional score networks (NCSN-v1 style) for MSMA.
+
+Every network maps (x, level) -> s(x, level) with x a float image batch (B, C, H, W) in [0, 1] and `level` a long
+tensor (B,) of noise-level indices in 0..num_L-1. Conditioning is through conditional instance norm++ on the
+level index; activations are ELU; the output has the input's channels and is **not** divided by sigma (the loss
+weights it by sigma instead). Each sample is normalised on its own, so a batch of B*L (image, level) pairs gives
+the same result as L separate forwards.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from oodbench.errors import OODBenchError
+
+SCORE_NETS = ("refinenet", "resnet", "baseline")
+
+
+class CondInstanceNormPlus(nn.Module):
+    """Instance norm++ with per-level scale (gamma), mean-shift weight (alpha) and bias (beta).
+
+    out = gamma_l * (IN(x) + alpha_l * (mu - mean_c(mu)) / std_c(mu)) + beta_l, with mu the per-channel spatial means.
+    """
+
+    def __init__(self, channels: int, num_L: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Embedding(num_L, channels)
+        self.alpha = nn.Embedding(num_L, channels)
+        self.beta = nn.Embedding(num_L, channels)
+        nn.init.normal_(self.gamma.weight, 1.0, 0.02)
+        nn.init.normal_(self.alpha.weight, 1.0, 0.02)
+        nn.init.zeros_(self.beta.weight)
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(dim=(2, 3), keepdim=True)
+        var = x.var(dim=(2, 3), keepdim=True, unbiased=False)
+        h = (x - mu) / torch.sqrt(var + self.eps)
+        m = mu.mean(dim=1, keepdim=True)
+        v = mu.var(dim=1, keepdim=True, unbiased=False)
+        h = h + self.alpha(level)[:, :, None, None] * (mu - m) / torch.sqrt(v + self.eps)
+        return self.gamma(level)[:, :, None, None] * h + self.beta(level)[:, :, None, None]
+
+
+def conv3x3(cin: int, cout: int, dilation: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=bias)
+
+
+class CondResBlock(nn.Module):
+    """Pre-activation residual block: (norm, ELU, conv) x 2. `down=True` halves the resolution (conv then 2x2
+    mean pool) unless `dilation > 1`, in which case the block keeps the resolution and uses dilated convs."""
+
+    def __init__(self, cin: int, cout: int, num_L: int, down: bool = False, dilation: int = 1):
+        super().__init__()
+        self.pool = down and dilation == 1
+        self.norm1 = CondInstanceNormPlus(cin, num_L)
+        self.conv1 = conv3x3(cin, cin, dilation)
+        self.norm2 = CondInstanceNormPlus(cin, num_L)
+        self.conv2 = conv3x3(cin, cout, dilation)
+        self.skip = None
+        if cin != cout or self.pool:
+            self.skip = nn.Conv2d(cin, cout, 1) if not self.pool else conv3x3(cin, cout)
+
+    def _resample(self, h: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(h, 2, ceil_mode=True) if self.pool else h
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.elu(self.norm1(x, level)))
+        h = self._resample(self.conv2(F.elu(self.norm2(h, level))))
+        skip = x if self.skip is None else self._resample(self.skip(x))
+        return skip + h
+
+
+class CondRCU(nn.Module):
+    """Residual conv unit of RefineNet: `blocks` x (`stages` x (norm, ELU, conv)) with identity skips."""
+
+    def __init__(self, ch: int, num_L: int, blocks: int = 2, stages: int = 2):
+        super().__init__()
+        self.norms = nn.ModuleList(CondInstanceNormPlus(ch, num_L) for _ in range(blocks * stages))
+        self.convs = nn.ModuleList(conv3x3(ch, ch, bias=False) for _ in range(blocks * stages))
+        self.stages = stages
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        for start in range(0, len(self.convs), self.stages):
+            h = x
+            for j in range(start, start + self.stages):
+                h = self.convs[j](F.elu(self.norms[j](h, level)))
+            x = x + h
+        return x
+
+
+class CondMSF(nn.Module):
+    """Multi-resolution fusion: norm + conv each input, upsample to the output size, sum."""
+
+    def __init__(self, in_channels: list[int], ch: int, num_L: int):
+        super().__init__()
+        self.norms = nn.ModuleList(CondInstanceNormPlus(c, num_L) for c in in_channels)
+        self.convs = nn.ModuleList(conv3x3(c, ch) for c in in_channels)
+
+    def forward(self, xs: list[torch.Tensor], level: torch.Tensor, size) -> torch.Tensor:
+        out = 0
+        for x, norm, conv in zip(xs, self.norms, self.convs):
+            h = conv(norm(x, level))
+            out = out + F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+        return out
+
+
+class CondCRP(nn.Module):
+    """Chained residual pooling: repeated (norm, 5x5 mean pool, conv), each stage added to the running sum."""
+
+    def __init__(self, ch: int, num_L: int, stages: int = 2):
+        super().__init__()
+        self.norms = nn.ModuleList(CondInstanceNormPlus(ch, num_L) for _ in range(stages))
+        self.convs = nn.ModuleList(conv3x3(ch, ch, bias=False) for _ in range(stages))
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        x = F.elu(x)
+        h = x
+        for norm, conv in zip(self.norms, self.convs):
+            h = conv(F.avg_pool2d(norm(h, level), 5, stride=1, padding=2, count_include_pad=False))
+            x = x + h
+        return x
+
+
+class CondRefineBlock(nn.Module):
+    """RefineNet block: RCU per input, fuse (when more than one input), chained pooling, output RCU."""
+
+    def __init__(self, in_channels: list[int], ch: int, num_L: int, end: bool = False):
+        super().__init__()
+        self.adapt = nn.ModuleList(CondRCU(c, num_L) for c in in_channels)
+        self.msf = CondMSF(in_channels, ch, num_L) if len(in_channels) > 1 else None
+        self.crp = CondCRP(ch, num_L)
+        self.out = CondRCU(ch, num_L, blocks=3 if end else 1)
+
+    def forward(self, xs: list[torch.Tensor], level: torch.Tensor, size) -> torch.Tensor:
+        hs = [rcu(x, level) for rcu, x in zip(self.adapt, xs)]
+        h = self.msf(hs, level, size) if self.msf is not None else hs[0]
+        return self.out(self.crp(h, level), level)
+
+
+class CondRefineNet(nn.Module):
+    """NCSN-v1 RefineNet (dilated): four residual stages (full res; half res; half res dilated 2 and 4) and four
+    refine blocks back to full resolution. Works for any even or odd image size (28, 32, ...)."""
+
+    def __init__(self, channels: int, filters: int = 128, num_L: int = 10):
+        super().__init__()
+        f = filters
+        self.begin = conv3x3(channels, f)
+        self.stage1 = nn.ModuleList([CondResBlock(f, f, num_L), CondResBlock(f, f, num_L)])
+        self.stage2 = nn.ModuleList([CondResBlock(f, 2 * f, num_L, down=True), CondResBlock(2 * f, 2 * f, num_L)])
+        self.stage3 = nn.ModuleList([CondResBlock(2 * f, 2 * f, num_L, down=True, dilation=2),
+                                     CondResBlock(2 * f, 2 * f, num_L, dilation=2)])
+        self.stage4 = nn.ModuleList([CondResBlock(2 * f, 2 * f, num_L, down=True, dilation=4),
+                                     CondResBlock(2 * f, 2 * f, num_L, dilation=4)])
+        self.refine4 = CondRefineBlock([2 * f], 2 * f, num_L)
+        self.refine3 = CondRefineBlock([2 * f, 2 * f], 2 * f, num_L)
+        self.refine2 = CondRefineBlock([2 * f, 2 * f], f, num_L)
+        self.refine1 = CondRefineBlock([f, f], f, num_L, end=True)
+        self.end_norm = CondInstanceNormPlus(f, num_L)
+        self.end = conv3x3(f, channels)
+
+    @staticmethod
+    def _run(blocks, h, level):
+        for block in blocks:
+            h = block(h, level)
+        return h
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        h = self.begin(2 * x - 1)
+        h1 = self._run(self.stage1, h, level)
+        h2 = self._run(self.stage2, h1, level)
+        h3 = self._run(self.stage3, h2, level)
+        h4 = self._run(self.stage4, h3, level)
+        r = self.refine4([h4], level, h4.shape[2:])
+        r = self.refine3([h3, r], level, h3.shape[2:])
+        r = self.refine2([h2, r], level, h2.shape[2:])
+        r = self.refine1([h1, r], level, h1.shape[2:])
+        return self.end(F.elu(self.end_norm(r, level)))
+
+
+class CondResNet(nn.Module):
+    """A smaller score network: residual blocks at full resolution with growing dilation (1, 2, 4, 8, ...)."""
+
+    def __init__(self, channels: int, filters: int = 64, num_L: int = 10, blocks: int = 4):
+        super().__init__()
+        self.begin = conv3x3(channels, filters)
+        self.blocks = nn.ModuleList(CondResBlock(filters, filters, num_L, dilation=2 ** (i % 4))
+                                    for i in range(blocks))
+        self.end_norm = CondInstanceNormPlus(filters, num_L)
+        self.end = conv3x3(filters, channels)
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        h = self.begin(2 * x - 1)
+        for block in self.blocks:
+            h = block(h, level)
+        return self.end(F.elu(self.end_norm(h, level)))
+
+
+def build_score_net(model: str, channels: int, filters: int, num_L: int) -> nn.Module:
+    """`refinenet` (and `baseline`, the same net trained with one level) or `resnet`."""
+    if num_L < 1:
+        raise OODBenchError(f"num_L must be >= 1, got {num_L}; set model.num_L to the number of noise levels")
+    if filters < 1:
+        raise OODBenchError(f"filters must be >= 1, got {filters}; set model.filters")
+    if model in ("refinenet", "baseline"):
+        return CondRefineNet(channels, filters, num_L)
+    if model == "resnet":
+        return CondResNet(channels, filters, num_L)
+    raise OODBenchError(f"unknown score model {model!r}; set model.model to one of {', '.join(SCORE_NETS)}")
