@@ -172,7 +172,7 @@ class Engine:
 
         def batch(step: int):
             idx = sampler.indices(step).to(self.device)
-            return data.images[idx], None if data.labels is None else data.labels[idx]
+            return data.images.index_select(0, idx), None if data.labels is None else data.labels.index_select(0, idx)
 
         return batch
 

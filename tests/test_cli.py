@@ -1,0 +1,80 @@
+"""End to end through the CLI on a Fashion-MNIST subset: train the quick classifier, score, evaluate, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from oodbench.cli import main
+
+FAST = ["--preset", "quick", "--set", "train.steps=80", "--set", "data.limit=3000"]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    assert main(["train", "--method", "msp", "--in", "fashion_mnist", "--runs-dir", str(d), *FAST]) == 0
+    return d
+
+
+def test_eval_separates_noise_and_writes_json_csv(runs_dir, capsys):
+    capsys.readouterr()
+    code = main(["eval", "--method", "msp,maxlogit,energy,odin", "--in", "fashion_mnist", "--runs-dir",
+                 str(runs_dir), "--out", "noise:gaussian,digits", "--limit", "400", "--format", "json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["method"], r["out"]) for r in rows} == {(m, o) for m in ("msp", "maxlogit", "energy", "odin")
+                                                        for o in ("noise:gaussian", "digits")}
+    for r in rows:
+        assert set(r) >= {"method", "in", "out", "auroc", "aupr_in", "aupr_out", "fpr95", "detection_error"}
+    gauss = {r["method"]: r["auroc"] for r in rows if r["out"] == "noise:gaussian"}
+    assert min(gauss.values()) > 0.9, gauss
+    run = runs_dir / "classifier-fashion_mnist-s0"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert len(saved) == 8 and (run / "metrics.csv").read_text().startswith("method,in,out,auroc")
+    assert (run / "scores/msp/noise_gaussian.npz").is_file()
+
+
+def test_score_writes_scores_and_cache_is_reused(runs_dir, capsys):
+    run = runs_dir / "classifier-fashion_mnist-s0"
+    assert main(["score", "--run", str(run), "--data", "digits", "--method", "energy", "--limit", "100"]) == 0
+    path = run / "scores/energy/digits.npz"
+    stamp = path.stat().st_mtime_ns
+    assert main(["score", "--run", str(run), "--data", "digits", "--method", "energy", "--limit", "100"]) == 0
+    assert path.stat().st_mtime_ns == stamp  # cached: not rewritten
+    assert main(["score", "--run", str(run), "--data", "digits", "--method", "energy", "--limit", "100",
+                 "--set", "energy.temperature=2"]) == 0
+    assert path.stat().st_mtime_ns != stamp  # scoring options changed: recomputed
+
+
+def test_retraining_with_another_config_never_overwrites(runs_dir, capsys):
+    run = runs_dir / "classifier-fashion_mnist-s0"
+    before = (run / "detector.pt").read_bytes()
+    code = main(["train", "--method", "msp", "--in", "fashion_mnist", "--runs-dir", str(runs_dir), *FAST,
+                 "--set", "train.lr=0.5"])
+    assert code == 2 and "different config" in capsys.readouterr().err
+    assert (run / "detector.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--method", "mps", "--in", "fashion_mnist"], "Did you mean 'msp'"),
+    (["train", "--method", "msp", "--in", "fashion_mnist", "--set", "train.stepz=3"], "Did you mean 'train.steps'"),
+    (["eval", "--method", "msp", "--in", "cifar10", "--out", "svhn"], "no trained run"),
+])
+def test_bad_input_is_one_line(args, message, tmp_path, capsys):
+    assert main([*args, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_nan_scores_and_train_settings_at_eval_are_errors(runs_dir, capsys):
+    run = runs_dir / "classifier-fashion_mnist-s0"
+    assert main(["eval", "--method", "msp", "--run", str(run), "--out", "digits", "--set", "train.lr=1"]) == 2
+    assert "training setting" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_help():
+    out = subprocess.run([sys.executable, "-m", "oodbench", "eval", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "examples:" in out.stdout and "--format" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "oodbench", "methods"], capture_output=True, text=True)
+    assert out.returncode == 0 and "odin" in out.stdout and "[classifier]" in out.stdout
