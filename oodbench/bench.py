@@ -25,7 +25,7 @@ from tqdm import tqdm
 from oodbench import config as configs
 from oodbench import data, metrics, runs
 from oodbench.detectors import base as registry
-from oodbench.engine import show_progress
+from oodbench.engine import resolve_device, show_progress
 from oodbench.errors import OODBenchError
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
@@ -274,6 +274,7 @@ def progress(iterable=None, **kw):
 def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=None) -> Path:
     """Run the grid of `config_path` and write the report; returns the report folder."""
     bench = load_bench(config_path)
+    device = resolve_device(device)
     folder = Path(out) if out else bench.report
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -446,6 +447,15 @@ def failures(bench: Bench, cells: dict) -> list:
     return [{"method": k[0], "in": k[1], "out": k[2], "error": k[3], "seeds": v} for k, v in found.items()]
 
 
+def collapse(failed: list) -> list:
+    """Failures with the same method, ID set, error and seeds merged into one note listing their OOD sets."""
+    merged: dict = {}
+    for f in failed:
+        key = (f["method"], f["in"], f["error"], tuple(f["seeds"]))
+        merged.setdefault(key, {**f, "outs": []})["outs"].append(f["out"])
+    return list(merged.values())
+
+
 def write_report(bench, folder, recorder, summary, missing, plot_note, seconds, device) -> None:
     from oodbench import report
 
@@ -507,22 +517,28 @@ def markdown_report(bench, summary, failed, skipped, plot_note, seconds, device,
     notes = []
     for s in skipped:
         notes.append(f"- **skipped** `{s['dataset']}` (not available): {s['reason']}")
-    foot = {(f["method"], f["in"], f["out"]): i + 1 for i, f in enumerate(failed)}
+    notes_failed = collapse(failed)
+    foot: dict = {}
+    for i, f in enumerate(notes_failed):
+        for out in f["outs"]:
+            foot.setdefault((f["method"], f["in"], out), []).append(str(i + 1))
     if failed:
-        notes.append(f"- **{len(failed)} failed cell(s)**, listed under Failures below; the rest completed.")
-    if bench.groups:
-        notes.append("- Group columns (" + ", ".join(f"{g}: {', '.join(s)}" for g, s in bench.groups.items())
-                     + ") are plain means of the per-set metrics over the sets that were available.")
+        notes.append(f"- **{len(failed)} failed cell(s)** (method × OOD set), listed under Failures below; the rest "
+                     f"completed; tracebacks of errors, if any, are in errors.log.")
+    gone = {s["dataset"] for s in skipped}
+    for group, specs in bench.groups.items():
+        lost = [s for s in specs if s in gone]
+        notes.append(f"- Group `{group}` = plain mean of the per-set metrics of {', '.join(specs)}"
+                     + (f" (not available, left out: {', '.join(lost)})" if lost else "") + ".")
     notes.append(f"- Plots: {plot_note}")
     lines += ["## Notes", ""] + notes + [""]
     for in_spec in bench.ins:
         lines += in_section(bench, in_spec, summary, failed, foot, skipped, folder)
     if failed:
         lines += ["## Failures", ""]
-        for f in failed:
+        for i, f in enumerate(notes_failed):
             seeds = f" (seed{'s' if len(f['seeds']) > 1 else ''} {', '.join(map(str, f['seeds']))})"
-            lines.append(f"{foot[(f['method'], f['in'], f['out'])]}. `{f['method']}` on {f['in']} → {f['out']}"
-                         f"{seeds}: {f['error']}")
+            lines.append(f"{i + 1}. `{f['method']}` on {f['in']} → {', '.join(f['outs'])}{seeds}: {f['error']}")
         lines.append("")
     return "\n".join(lines)
 
@@ -552,8 +568,7 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
             for col in columns:
                 row = index.get((label, name, col))
                 cell = pct(row, metric, n_seeds) if row else "—"
-                refs = [str(foot[(label, in_spec, o)]) for o in (bench.groups.get(col) or [col])
-                        if (label, in_spec, o) in foot]
+                refs = [n for o in (bench.groups.get(col) or [col]) for n in foot.get((label, in_spec, o), [])]
                 if refs:
                     cell = ("failed" if not row else cell) + f" [{','.join(refs)}]"
                 elif row and len(row["seeds"]) < n_seeds:
