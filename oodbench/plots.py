@@ -42,6 +42,8 @@ def roc_curves(curves: dict, title: str, path: Path) -> None:
     """One ROC curve (OOD = positive) per entry of `curves`: {label: (id_scores, ood_scores)}."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    if len(curves) > 10:
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for label, (id_scores, ood_scores) in curves.items():
         fpr, tpr, _ = metrics.roc_points(id_scores, ood_scores, drop_intermediate=True)
         auroc = metrics.evaluate(id_scores, ood_scores)["auroc"]
