@@ -100,6 +100,15 @@ def check_type(key: str, value, default, where: str):
     return value
 
 
+def deep_update(cfg: dict, update: dict) -> None:
+    """Recursively copy `update` into `cfg` (no schema checks: for configs written by oodbench itself)."""
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            deep_update(cfg[k], v)
+        else:
+            cfg[k] = v
+
+
 def flat_keys(schema: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in schema.items():

@@ -81,9 +81,10 @@ class Run:
         return det
 
     def scoring_config(self, overrides: Iterable[str]) -> dict:
-        cfg = json.loads(json.dumps(self.config))
         schema = configs.read_yaml(configs.config_path(self.kind))
         schema.pop("presets", None)
+        cfg = json.loads(json.dumps(schema))  # options added since the run was trained keep their defaults
+        configs.deep_update(cfg, self.config)
         for item in overrides:
             keys, _ = configs.parse_override(item)
             if keys[0] in TRAINING_SECTIONS:
@@ -194,9 +195,7 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
     else:
         write_atomic(existing, configs.dump(cfg))
     engine = Engine(run_dir, device, cfg["seed"], resume=resume, config=cfg)
-    train_full = data.load(cfg["data"]["in"], split="train", root=cfg["data"]["root"], device=engine.device)
-    train_full = train_full.head(cfg["data"]["limit"])
-    train_set, val_set = data.train_val_split(train_full, cfg["data"]["val_fraction"], cfg["seed"])
+    train_set, val_set = data.run_split(cfg, engine.device)
     det = cls(cfg, engine.device)
     det.fit(train_set, val_set, engine)
     if engine.is_main:

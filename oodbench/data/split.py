@@ -21,3 +21,13 @@ def train_val_split(imageset: ImageSet, val_fraction: float, seed: int) -> tuple
     is_val[perm[:n_val]] = True
     is_val = is_val.to(imageset.device)
     return (imageset.subset(~is_val, f"{imageset.name}[train]"), imageset.subset(is_val, f"{imageset.name}[val]"))
+
+
+def run_split(cfg: dict, device="cpu") -> tuple[ImageSet, ImageSet]:
+    """(train, val) of a run, from its resolved config: `data.in` training split, first `data.limit` images,
+    `data.val_fraction` held out by `seed`. The same call at training and at scoring time gives the same sets."""
+    from oodbench.data.registry import load
+
+    d = cfg["data"]
+    full = load(d["in"], split="train", root=d.get("root"), device=device).head(d.get("limit"))
+    return train_val_split(full, d["val_fraction"], cfg["seed"])

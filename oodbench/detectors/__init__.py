@@ -1,3 +1,5 @@
 """Detector registry: importing a module here registers its methods (one line per detector module)."""
 from oodbench.detectors.base import REGISTRY, Detector, get, register  # noqa: F401
 from oodbench.detectors import classifier  # noqa: F401,E402  msp, maxlogit, energy, odin
+from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, knn
+from oodbench.detectors import gradients  # noqa: F401,E402  gradnorm, gradlayer

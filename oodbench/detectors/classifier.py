@@ -5,12 +5,15 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from oodbench import data
 from oodbench.data import transforms
 from oodbench.detectors.base import Detector, register
-from oodbench.engine import TrainSpec
+from oodbench.engine import TrainSpec, checkpoint
 from oodbench.errors import OODBenchError
 from oodbench.nets.classifiers import build_classifier
 
@@ -20,8 +23,9 @@ def classification_loss(kind: str):
     if kind == "ce":
         return F.cross_entropy
     if kind == "bce":
-        return lambda logits, y: F.binary_cross_entropy_with_logits(
-            logits, F.one_hot(y, logits.shape[1]).to(logits.dtype))
+        from oodbench.detectors.outlier_exposure import bce_onehot_loss
+
+        return bce_onehot_loss
     raise OODBenchError(f"unknown train.loss {kind!r}; use ce or bce")
 
 
@@ -56,11 +60,17 @@ class ClassifierDetector(Detector):
             loss = criterion(logits, y)
             return loss, {"acc": (logits.argmax(1) == y).float().mean()}
 
-        self.net = engine.fit("classifier", net, loss_fn, train, TrainSpec.from_cfg(tc))
-        if self.cfg.get("oe", {}).get("outliers"):
+        oe = self.cfg["oe"]
+        if oe["outliers"] and oe["from_run"]:
+            self.load_state_dict(checkpoint.load(Path(oe["from_run"]) / "detector.pt", self.device))
+        else:
+            self.net = engine.fit("classifier", net, loss_fn, train, TrainSpec.from_cfg(tc))
+        if oe["outliers"]:
             from oodbench.detectors.outlier_exposure import finetune_with_outliers
 
-            self.net = finetune_with_outliers(engine, self.net, self.prepare, train, self.cfg)
+            outliers = data.load(oe["outliers"], split="train", root=self.cfg["data"]["root"], device=engine.device,
+                                 like=train.shape)
+            self.net = finetune_with_outliers(engine, self.net, self.prepare, train, outliers, self.cfg)
         self.net.eval()
 
     def build(self):

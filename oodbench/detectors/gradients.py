@@ -228,11 +228,9 @@ class GradLayer(ClassifierDetector):
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     def _validation_split(self):
-        from oodbench.data import load, train_val_split
+        from oodbench.data import run_split
 
-        data = self.cfg["data"]
-        full = load(data["in"], split="train", root=data.get("root"), device=self.device).head(data.get("limit"))
-        return train_val_split(full, float(data["val_fraction"]), int(self.cfg["seed"]))[1]
+        return run_split(self.cfg, self.device)[1]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "gradlayer": {"layer": self.chosen_layer, "aurocs": dict(self.layer_aurocs)}}

@@ -1,0 +1,71 @@
+"""Feature-space baselines on the shared classifier: Mahalanobis (MDS) and deep nearest neighbours (KNN).
+
+Both fit statistics of the penultimate features of the run's own training split (re-derived from the run config,
+never a test set) the first time they score; scikit-learn does the covariance and the neighbour search.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.covariance import EmpiricalCovariance
+from sklearn.neighbors import NearestNeighbors
+
+from oodbench.data import run_split
+from oodbench.detectors.base import register
+from oodbench.detectors.classifier import ClassifierDetector
+
+
+class FeatureDetector(ClassifierDetector):
+    """Scores penultimate features against statistics of the training features."""
+
+    _fitted = None
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(self.prepare(x)).float()
+
+    def training_features(self) -> tuple[np.ndarray, np.ndarray]:
+        train, _ = run_split(self.cfg, self.device)
+        feats = torch.cat([self.features(x) for x, _ in train.batches(500)])
+        return feats.cpu().numpy().astype(np.float64), train.labels.cpu().numpy()
+
+    def score(self, x):
+        if self._fitted is None:
+            self._fitted = self.fit_statistics(*self.training_features())
+        return torch.as_tensor(self.distance(self.features(x).cpu().numpy().astype(np.float64)),
+                               dtype=torch.float32, device=x.device)
+
+
+@register("mahalanobis")
+class Mahalanobis(FeatureDetector):
+    summary = "min Mahalanobis distance to class means, tied covariance, penultimate features (Lee et al. 2018)"
+
+    def fit_statistics(self, feats, labels):
+        self.means = np.stack([feats[labels == c].mean(0) for c in range(self.num_classes)])
+        centred = feats - self.means[labels]
+        self.precision = EmpiricalCovariance(assume_centered=True).fit(centred).precision_
+        return True
+
+    def distance(self, f):
+        diff = f[:, None, :] - self.means[None]                   # (B, C, D)
+        d2 = np.einsum("bcd,de,bce->bc", diff, self.precision, diff)
+        return d2.min(1)
+
+
+@register("knn")
+class KNN(FeatureDetector):
+    summary = "distance to the k-th nearest training feature, L2-normalised (Sun et al. 2022)"
+
+    def fit_statistics(self, feats, labels):
+        k = int(self.options["k"])
+        self.index = NearestNeighbors(n_neighbors=k).fit(_unit(feats))
+        return True
+
+    def distance(self, f):
+        dist, _ = self.index.kneighbors(_unit(f))
+        return dist[:, -1]
+
+
+def _unit(f: np.ndarray) -> np.ndarray:
+    return F.normalize(torch.from_numpy(f), dim=1).numpy()
