@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     common(t)
 
     s = command("score", "write OOD scores (higher = more OOD) of a run for datasets, as scores/<method>/<set>.npz")
-    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (spell it --run-dir under torchrun, whose own options swallow --run)")
     s.add_argument("--data", required=True, help="comma-separated dataset specs")
     s.add_argument("--method", default=None, help="method of the run's kind (default: the one it was trained for)")
     s.add_argument("--limit", type=int, default=None, help="score only the first N images of each set")
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     e = command("eval", "evaluate methods: AUROC, AUPR-In, AUPR-Out, FPR@95TPR, detection error per OOD set")
     e.add_argument("--method", required=True, help="method(s), comma-separated, sharing one run kind")
     e.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset of the run")
-    e.add_argument("--run", default=None, help="run directory (instead of --in/--seed/--run-name)")
+    e.add_argument("--run", "--run-dir", dest="run", default=None,
+                   help="run directory instead of --in/--seed/--run-name (--run-dir under torchrun)")
     e.add_argument("--out", required=True, help="comma-separated OOD dataset specs")
     e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
     e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from oodbench import config as configs
 from oodbench import data, metrics
 from oodbench.detectors import base as registry
-from oodbench.engine import Engine, checkpoint, distributed, resolve_device, show_progress
+from oodbench.engine import Engine, checkpoint, distributed, setup_device, show_progress
 from oodbench.errors import OODBenchError
 
 TRAINING_SECTIONS = ("seed", "data", "model", "train")
@@ -76,7 +76,7 @@ class Run:
             raise OODBenchError(f"{self.path} has no fitted detector yet (training unfinished?); run "
                                 f"`oodbench train ... --resume` to finish it")
         cfg = self.scoring_config(overrides)
-        det = cls(cfg, resolve_device(device))
+        det = cls(cfg, setup_device(device))
         det.load_state_dict(checkpoint.load(self.path / "detector.pt", det.device))
         return det
 

@@ -32,6 +32,11 @@ def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     return device
 
 
+def setup_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """The device of this process; joins the process group first when launched by torchrun."""
+    return distributed.init_from_env(resolve_device(device))[2]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
