@@ -183,6 +183,8 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
         overrides.append(f"data.root={data_root}")
     cfg = configs.load_config(cls.kind, preset, overrides)
     run_dir = default_run_dir(cls.kind, cfg["data"]["in"], cfg["seed"], runs_dir, run_name)
+    engine = Engine(run_dir, device, cfg["seed"], resume=resume, config=cfg)
+    train_set, val_set = data.run_split(cfg, engine.device)  # before anything is written: bad data leaves no run
     existing = run_dir / "config.yaml"
     if existing.is_file():
         old = configs.read_yaml(existing)
@@ -192,10 +194,8 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
                                 f"its own --run-name, or delete that folder to retrain")
         if (run_dir / "detector.pt").is_file():
             return Run(run_dir)
-    else:
+    elif engine.is_main:
         write_atomic(existing, configs.dump(cfg))
-    engine = Engine(run_dir, device, cfg["seed"], resume=resume, config=cfg)
-    train_set, val_set = data.run_split(cfg, engine.device)
     det = cls(cfg, engine.device)
     det.fit(train_set, val_set, engine)
     if engine.is_main:

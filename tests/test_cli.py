@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from oodbench.cli import main
 
@@ -62,6 +63,8 @@ def test_retraining_with_another_config_never_overwrites(runs_dir, capsys):
     (["train", "--method", "mps", "--in", "fashion_mnist"], "Did you mean 'msp'"),
     (["train", "--method", "msp", "--in", "fashion_mnist", "--set", "train.stepz=3"], "Did you mean 'train.steps'"),
     (["eval", "--method", "msp", "--in", "cifar10", "--out", "svhn"], "no trained run"),
+    (["train", "--method", "msp", "--in", "cifar10", "--data-root", "/nonexistent"], "/nonexistent/cifar-10"),
+    (["train", "--method", "msp", "--in", "npz:/nonexistent.npz"], "nonexistent.npz"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert main([*args, "--runs-dir", str(tmp_path)]) == 2
@@ -69,8 +72,18 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_nan_scores_and_train_settings_at_eval_are_errors(runs_dir, capsys):
+def test_nan_scores_and_train_settings_at_eval_are_errors(runs_dir, capsys, monkeypatch):
     run = runs_dir / "classifier-fashion_mnist-s0"
+    before = (run / "metrics.json").read_bytes() if (run / "metrics.json").exists() else None
+    from oodbench.detectors.classifier import MSP
+
+    monkeypatch.setattr(MSP, "score", lambda self, x: torch.full((len(x),), float("nan")))
+    assert main(["eval", "--method", "msp", "--run", str(run), "--out", "digits", "--limit", "50"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("oodbench: error")]
+    assert len(errors) == 1 and "NaN" in errors[0] and "Traceback" not in err
+    after = (run / "metrics.json").read_bytes() if (run / "metrics.json").exists() else None
+    assert after == before  # a failed evaluation leaves the saved metrics alone
     assert main(["eval", "--method", "msp", "--run", str(run), "--out", "digits", "--set", "train.lr=1"]) == 2
     assert "training setting" in capsys.readouterr().err
 
