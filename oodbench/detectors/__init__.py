@@ -3,3 +3,7 @@ from oodbench.detectors.base import REGISTRY, Detector, get, register  # noqa: F
 from oodbench.detectors import classifier  # noqa: F401,E402  msp, maxlogit, energy, odin
 from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, knn
 from oodbench.detectors import gradients  # noqa: F401,E402  gradnorm, gradlayer
+from oodbench.detectors import msma  # noqa: F401,E402  msma (gmm, knn, flow rows)
+from oodbench.detectors import llr  # noqa: F401,E402  llr, likelihood
+from oodbench.detectors import amp  # noqa: F401,E402  amp (xent, energy, entropy, msp rows)
+from oodbench.detectors import ddpm  # noqa: F401,E402  ddpm (mse, mse+lpips/ssim rows)
