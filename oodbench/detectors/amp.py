@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from oodbench.data import transforms
 from oodbench.detectors.base import Detector, register
 from oodbench.detectors.classifier import augment as augment_batch
-from oodbench.engine import TrainSpec
+from oodbench.engine import TrainSpec, seed_everything
 from oodbench.errors import OODBenchError
 from oodbench.nets.anchoring import build_anchored, corrupt_anchors
 
@@ -124,6 +124,7 @@ class AMP(Detector):
         self._k(min(pool_size, len(train)))
         model_kw = {k: v for k, v in self.cfg["model"].items() if k != "arch"}
         mean, std = channel_stats(train.images)
+        seed_everything(engine.seed)  # the initial weights depend on the run's seed only
         model = build_anchored(self.cfg["model"]["arch"], train.shape[0], train.num_classes, **model_kw)
         loss_fn = anchored_loss(mean, std, tc["anchor_sampling"], int(tc["corrupt_every"]), tc["augment"],
                                 int(tc["crop_padding"]))
