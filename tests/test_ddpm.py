@@ -1,11 +1,12 @@
 """DDPM reconstruction detector: schedule, samplers, batching, PLMS history, z-scores, LPIPS/SSIM, errors, end to end."""
 import json
 import math
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -300,20 +301,23 @@ def test_fit_needs_validation_images(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
 def test_cli_end_to_end(tmp_path):
-    if not (REPO / "oodbench" / "cli.py").exists():
-        pytest.skip("the CLI (oodbench/cli.py) is not there yet")
-    common = ["--method", "ddpm", "--in", "fashion_mnist", "--preset", "quick", "--runs", str(tmp_path / "runs"),
-              "--set", "train.steps=150", "--set", "ddpm.first_n=100", "--set", "ddpm.first_n_val=60"]
-    run = lambda *args: subprocess.run([sys.executable, "-m", "oodbench", *args], cwd=REPO, capture_output=True,
-                                       text=True, timeout=900)
-    trained = run("train", *common)
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    evaluated = run("eval", *common, "--out", "noise:gaussian", "--format", "json")
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    text = evaluated.stdout
-    result = json.loads(text[text.index("{") if text.lstrip().startswith("{") else text.index("[") :])
-    flat = json.dumps(result)
-    assert "ddpm-mse" in flat
-    aurocs = [r["auroc"] for r in (result if isinstance(result, list) else result.get("rows", []))
-              if isinstance(r, dict) and "auroc" in r and "ddpm-mse" in json.dumps(r)]
-    assert aurocs and max(aurocs) > 0.9
+    """Train the quick preset on a Fashion-MNIST subset, evaluate against Gaussian noise through the CLI."""
+    launcher = "import sys, oodbench.detectors.ddpm; from oodbench.cli import main; sys.exit(main(sys.argv[1:]))"
+    common = ["--method", "ddpm", "--in", "fashion_mnist", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", launcher, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=1800, env={**os.environ, "OODBENCH_DATA": str(tmp_path / "data")})
+
+    trained = run("train", *common, "--preset", "quick", "--set", "data.limit=1500", "--set", "train.steps=150",
+                  "--set", "ddpm.first_n_val=40")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ddpm-fashion_mnist-s0"
+    assert (run_dir / "detector.pt").is_file() and (run_dir / "checkpoints" / "unet" / "best.pt").is_file()
+    evaluated = run("eval", *common, "--out", "noise:gaussian,vflip:fashion_mnist", "--limit", "60", "--format", "json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = {(r["method"], r["out"]): r for r in json.loads(evaluated.stdout)}
+    assert ("ddpm-mse", "vflip:fashion_mnist") in rows
+    assert rows[("ddpm-mse", "noise:gaussian")]["auroc"] > 0.9
+    scores = np.load(run_dir / "scores" / "ddpm" / "fashion_mnist.npz")
+    assert scores["_mse"].shape == (60, 5) and scores["_t"][0].tolist() == [1, 201, 401, 601, 801]
