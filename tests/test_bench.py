@@ -153,3 +153,17 @@ def test_bench_config_errors(tmp_path):
     entry = bench.load_bench(path).entries[0]
     assert (entry.score_overrides, entry.train_overrides) == (["odin.temperature=1.0"], ["train.steps=5"])
     assert bench.renamer(entry)("odin") == "odin_t1"
+
+
+def test_missing_matplotlib_is_a_note_not_an_error(tmp_path, monkeypatch):
+    from oodbench import plots
+
+    def no_matplotlib():
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plots, "_pyplot", no_matplotlib)
+    path = tmp_path / "b.yaml"
+    path.write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [msp]\n")
+    note = bench.make_plots(bench.load_bench(path), {}, {"summary": []}, tmp_path)
+    assert "matplotlib is not installed" in note and "pip install matplotlib" in note
+    assert not (tmp_path / "plots").exists()
