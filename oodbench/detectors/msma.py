@@ -12,6 +12,7 @@ import math
 import torch
 
 from oodbench.aux_models import AUX_MODELS
+from oodbench.data import transforms
 from oodbench.detectors.base import Detector, register
 from oodbench.errors import OODBenchError
 from oodbench.nets.score_nets import SCORE_NETS, build_score_net
@@ -85,10 +86,6 @@ def score_norms(net, x: torch.Tensor, sigmas: torch.Tensor, chunk: int = 1024) -
     return out.view(n_levels, b).t()
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
 @register("msma")
 class MSMA(Detector):
     """Rows msma-gmm, msma-knn, msma-flow (and the (B, L) score norms) from one pass; `score` = the default row."""
@@ -145,10 +142,8 @@ class MSMA(Detector):
         def loss_fn(model, batch):
             x = batch[0]
             if flip:
-                from oodbench.data import transforms
-
                 x = transforms.random_hflip(x)
-            return dsm_loss(model, to_unit(x), self.sigmas)
+            return dsm_loss(model, transforms.to_unit(x), self.sigmas)
 
         self.net = engine.fit("score_net", net, loss_fn, train, spec).eval()
         g = torch.Generator().manual_seed(engine.seed)
@@ -176,7 +171,8 @@ class MSMA(Detector):
 
     # ------------------------------------------------------------------------------------------------- score
     def score_norms(self, x: torch.Tensor) -> torch.Tensor:
-        return score_norms(self.net, to_unit(x.to(self.device)), self.sigmas, self.options.get("score_chunk", 1024))
+        x = transforms.to_unit(x.to(self.device))
+        return score_norms(self.net, x, self.sigmas, self.options.get("score_chunk", 1024))
 
     def score_rows(self, x: torch.Tensor) -> dict:
         norms = self.score_norms(x)
