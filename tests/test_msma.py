@@ -26,10 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These nets are tiny: a second intra-op thread only spins on a shared 2-core machine (restored after)."""
+    """These models are tiny: a second torch or BLAS thread only spins on a shared 2-core machine (restored after)."""
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1):
+        yield
     torch.set_num_threads(before)
 
 
