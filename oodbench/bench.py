@@ -124,7 +124,11 @@ def _spec_list(value, where: str) -> list:
 def _out_specs(value, where: str):
     if isinstance(value, dict):
         groups = {str(g): _spec_list(specs, f"{where}: out.{g}") for g, specs in value.items()}
-        return list(dict.fromkeys(s for specs in groups.values() for s in specs)), groups
+        outs = list(dict.fromkeys(s for specs in groups.values() for s in specs))
+        clash = [g for g in groups if g in outs]
+        if clash:
+            raise OODBenchError(f"{where}: group name {clash[0]!r} is also an OOD set; rename the group")
+        return outs, groups
     return _spec_list(value, f"{where}: out"), {}
 
 
