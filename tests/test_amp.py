@@ -61,7 +61,9 @@ def test_batched_k_anchor_forward_equals_k_separate_forwards():
         batched = model.logits_per_anchor(x, anchors)
         separate = torch.stack([model(x, anchors[k:k + 1]) for k in range(3)])
         by_hand = torch.stack([model.net(torch.cat([a.expand_as(x), x - a], 1)) for a in anchors])
+        sliced = model.logits_per_anchor(x, anchors, max_batch=5)  # slices that cut across anchors
     assert batched.shape == (3, 4, 5)
+    torch.testing.assert_close(sliced, batched, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched, by_hand, rtol=1e-5, atol=1e-5)
 

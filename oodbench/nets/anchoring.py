@@ -36,13 +36,18 @@ class Anchored(nn.Module):
         anchors = anchors.expand_as(x)
         return self.net(torch.cat([anchors, x - anchors], dim=1))
 
-    def logits_per_anchor(self, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """Logits (K, B, classes) of every image in x (B, C, H, W) with every anchor in `anchors` (K, C, H, W),
-        computed as one batch of K * B (anchor-major)."""
+    def logits_per_anchor(self, x: torch.Tensor, anchors: torch.Tensor, max_batch: int = 0) -> torch.Tensor:
+        """Logits (K, B, classes) of every image in x (B, C, H, W) with every anchor in `anchors` (K, C, H, W).
+
+        The K * B anchored pairs are built as one batch (anchor-major) and go through the network at once, or in
+        slices of at most `max_batch` pairs when it is > 0 (a memory/cache limit, not a loop over anchors)."""
         k, b = anchors.shape[0], x.shape[0]
         a = anchors.unsqueeze(1).expand(k, b, *x.shape[1:])
         pairs = torch.cat([a, x.unsqueeze(0) - a], dim=2).reshape(k * b, 2 * x.shape[1], *x.shape[2:])
-        logits = self.net(pairs)
+        if 0 < max_batch < k * b:
+            logits = torch.cat([self.net(part) for part in pairs.split(max_batch)])
+        else:
+            logits = self.net(pairs)
         return logits.reshape(k, b, logits.shape[-1])
 
 

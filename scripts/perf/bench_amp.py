@@ -20,20 +20,23 @@ from oodbench.engine import resolve_device
 from oodbench.nets.anchoring import build_anchored
 
 
-def timed(fn, device, reps: int) -> float:
-    """Median seconds of fn() over reps runs (after two warm-up runs)."""
-    for _ in range(2):
+def timed(fns: dict, device, reps: int) -> dict:
+    """Median seconds of each fn() over reps rounds; the fns run interleaved, so load drift hits them alike."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():  # warm-up
         fn()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
@@ -63,9 +66,9 @@ def main() -> None:
     flat = pairs.reshape(a.k * a.batch, 2 * c, h, w)
 
     with torch.no_grad():
-        t_ours = timed(lambda: det.score_rows(x), device, a.reps)
-        t_bare = timed(lambda: [wrapped(pairs[i]) for i in range(a.k)], device, a.reps)
-        t_flat = timed(lambda: wrapped(flat), device, a.reps)
+        t = timed({"ours": lambda: det.score_rows(x), "bare": lambda: [wrapped(pairs[i]) for i in range(a.k)],
+                   "flat": lambda: wrapped(flat)}, device, a.reps)
+    t_ours, t_bare, t_flat = t["ours"], t["bare"], t["flat"]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"AMP scoring, {a.arch}, batch {a.batch}, K={a.k}, images {c}x{h}x{w}, {name}")
