@@ -205,10 +205,17 @@ def test_gmm_picks_the_component_count_by_cross_validation():
     ({"model__model": "unet"}, "model.model"),
     ({"msma__default": "svm"}, "msma.default"),
     ({"msma__aux_models": ["gmm", "svm"]}, "aux_models"),
+    ({"data__hflip": "sometimes"}, "data.hflip"),
 ])
 def test_bad_settings_fail_before_training(changes, message):
     with pytest.raises(OODBenchError, match=message):
         MSMA(msma_cfg(**changes)).check(60000)
+
+
+@pytest.mark.parametrize("setting,data_in,flips", [("auto", "cifar10", True), ("auto", "fashion_mnist", False),
+                                                   ("True", "fashion_mnist", True), ("false", "cifar100", False)])
+def test_hflip_setting(setting, data_in, flips):
+    assert MSMA(msma_cfg(data__hflip=setting, data__in=data_in)).hflip() is flips
 
 
 def test_too_few_training_vectors_for_the_gmm_grid_is_a_clear_error():

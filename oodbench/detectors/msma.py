@@ -121,6 +121,7 @@ class MSMA(Detector):
         """Every user-fixable problem, before training starts."""
         mc = self.cfg["model"]
         check_model_config(mc)
+        self.hflip()
         dim = len(model_sigmas(mc))
         n = self.n_train_vectors(n_train)
         for name in self.aux_names():
@@ -153,12 +154,12 @@ class MSMA(Detector):
         self.fit_aux(engine.seed)
 
     def hflip(self) -> bool:
-        flip = self.cfg["data"].get("hflip", "auto")
+        flip = str(self.cfg["data"].get("hflip", "auto")).lower()   # the config keeps "true" / "false" as text
         if flip == "auto":
             return str(self.cfg["data"]["in"]).startswith("cifar")
-        if not isinstance(flip, bool):
+        if flip not in ("true", "false"):
             raise OODBenchError(f"data.hflip must be auto, true or false, got {flip!r}")
-        return flip
+        return flip == "true"
 
     def fit_aux(self, seed: int) -> None:
         """Fit every auxiliary model on the stored in-distribution training score norms."""
