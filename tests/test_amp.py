@@ -329,4 +329,4 @@ def test_cli_train_and_eval_separates_noise(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = {r["method"]: r for r in json.loads(done.stdout)}
     assert set(rows) == {"amp", "amp-energy", "amp-entropy", "amp-msp"}
-    assert rows["amp"]["out"] == "noise:gaussian" and rows["amp"]["auroc"] > 0.95
+    assert rows["amp"]["out"] == "noise:gaussian" and rows["amp"]["auroc"] > 0.9  # seen: 0.97-0.99

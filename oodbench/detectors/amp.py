@@ -120,7 +120,7 @@ class AMP(Detector):
     # fit ----------------------------------------------------------------------------------------------------
     def fit(self, train, val, engine) -> None:
         tc = self.cfg["train"]
-        _check_choice("score", self.options.get("score", "xent"), SCORE_TYPES)
+        self._score_type()
         pool_size = int(tc["pool_size"])
         self._k(min(pool_size, len(train)))
         model_kw = {k: v for k, v in self.cfg["model"].items() if k != "arch"}
