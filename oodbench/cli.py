@@ -132,6 +132,9 @@ def cmd_eval(a) -> None:
         print(report.csv_rows(rows), end="")
     else:
         print(report.markdown_table(rows))
+        accuracy = {r["method"]: r["id_accuracy"] for r in rows if "id_accuracy" in r}
+        if accuracy:
+            print("\nin-distribution test accuracy: " + ", ".join(f"{m} {100 * a:.2f}%" for m, a in accuracy.items()))
         print(f"\nsaved: {run.path / 'metrics.json'} and metrics.csv")
 
 

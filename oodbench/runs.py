@@ -226,11 +226,14 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
     for method in methods:
         det = run.detector(method, overrides, device)
         id_scores = run.score(method, in_spec, limit, overrides, detector=det)
+        extra = {}
+        if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
+            extra["id_accuracy"] = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
         for out in out_specs:
             ood_scores = run.score(method, out, limit, overrides, detector=det)
             for row in (k for k in id_scores if not k.startswith("_")):
                 result = {"method": row, "in": in_spec, "out": out,
-                          **metrics.evaluate(id_scores[row], ood_scores[row])}
+                          **metrics.evaluate(id_scores[row], ood_scores[row]), **extra}
                 if bootstrap:
                     for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
                         result[f"{name}_ci"] = [lo, hi]

@@ -78,6 +78,7 @@ class Engine:
         self.config = config or {}
         self.rank, self.world_size, self.device = distributed.init_from_env(resolve_device(device))
         self.is_main = self.rank == 0
+        seed_everything(self.seed + self.rank)  # networks built before `fit` get seeded initial weights
 
     # ----------------------------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
