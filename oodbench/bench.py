@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from oodbench import config as configs
-from oodbench import data, metrics, runs
+from oodbench import data, runs
 from oodbench.detectors import base as registry
 from oodbench.engine import resolve_device, show_progress
 from oodbench.errors import OODBenchError
@@ -203,19 +203,6 @@ def run_job(bench: Bench, entry: Entry, in_spec: str, seed: int) -> RunJob:
     return RunJob(entry.kind, in_spec, seed, entry.preset, tuple(overrides + entry.train_overrides), name)
 
 
-def cell_rows(id_scores: dict, ood_scores: dict, in_spec: str, out_spec: str, bootstrap: int, rename) -> list:
-    """Metric rows for one (method, ID, OOD) pair, computed exactly as `runs.evaluate` does."""
-    rows = []
-    for row in (k for k in id_scores if not k.startswith("_")):
-        result = {"method": rename(row), "in": in_spec, "out": out_spec,
-                  **metrics.evaluate(id_scores[row], ood_scores[row])}
-        if bootstrap:
-            for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
-                result[f"{name}_ci"] = [lo, hi]
-        rows.append(result)
-    return rows
-
-
 def renamer(entry: Entry):
     """Row names carry the entry's label when it has one (odin → odin_t1; msma_gmm → msma-big_gmm)."""
     if entry.label == entry.method:
@@ -381,7 +368,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         bar.set_postfix_str(f"{entry.label}: {in_spec} → {out}, seed {seed}")
         try:
             ood_scores = run.score(entry.method, out, entry.limit, entry.score_overrides, detector=det)
-            rows = cell_rows(id_scores, ood_scores, in_spec, out, bench.bootstrap, renamer(entry))
+            rows = runs.metric_rows(id_scores, ood_scores, in_spec, out, bench.bootstrap, renamer(entry))
         except Exception as e:  # noqa: BLE001
             recorder.fail(entry, in_spec, seed, [out], e)
         else:

@@ -218,6 +218,20 @@ def differing_keys(a: dict, b: dict, prefix: str = "") -> list:
     return keys
 
 
+def metric_rows(id_scores: dict, ood_scores: dict, in_spec: str, out_spec: str, bootstrap: int = 0,
+                rename=lambda row: row) -> list:
+    """One metrics row per reported score row (keys not starting with "_"), with bootstrap intervals if asked."""
+    rows = []
+    for row in (k for k in id_scores if not k.startswith("_")):
+        result = {"method": rename(row), "in": in_spec, "out": out_spec,
+                  **metrics.evaluate(id_scores[row], ood_scores[row])}
+        if bootstrap:
+            for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
+                result[f"{name}_ci"] = [lo, hi]
+        rows.append(result)
+    return rows
+
+
 def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: Optional[int] = None,
              overrides: Iterable[str] = (), device="auto", bootstrap: int = 0) -> list:
     """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run."""
@@ -231,13 +245,7 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
             extra["id_accuracy"] = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
         for out in out_specs:
             ood_scores = run.score(method, out, limit, overrides, detector=det)
-            for row in (k for k in id_scores if not k.startswith("_")):
-                result = {"method": row, "in": in_spec, "out": out,
-                          **metrics.evaluate(id_scores[row], ood_scores[row]), **extra}
-                if bootstrap:
-                    for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
-                        result[f"{name}_ci"] = [lo, hi]
-                rows.append(result)
+            rows += [{**r, **extra} for r in metric_rows(id_scores, ood_scores, in_spec, out, bootstrap)]
     if distributed.is_main():
         run.update_metrics(rows)
     return rows

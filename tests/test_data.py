@@ -1,5 +1,4 @@
 """Data layer: dataset specs, derived sets, shape conversion, user data, split, device-side transforms."""
-import io
 import urllib.error
 from pathlib import Path
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from oodbench.aux_models import AUX_MODELS, GMM, KNN, Flow
+from oodbench.aux_models import GMM, KNN, Flow
 from oodbench.data.imageset import ImageSet
 from oodbench.detectors.msma import MSMA, dsm_loss, score_norms, sigma_schedule
 from oodbench.errors import OODBenchError

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 
 from oodbench.data import convert, folders, sources, synthetic
