@@ -93,3 +93,14 @@ def test_module_entry_point_and_help():
     assert out.returncode == 0 and "examples:" in out.stdout and "--format" in out.stdout
     out = subprocess.run([sys.executable, "-m", "oodbench", "methods"], capture_output=True, text=True)
     assert out.returncode == 0 and "odin" in out.stdout and "[classifier]" in out.stdout
+
+
+def test_data_commands(tmp_path, capsys):
+    assert main(["data", "list", "--data-root", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert "fashion_mnist" in listing and "cifar10        missing" in listing and "how to get" in listing
+    assert main(["data", "make-resize-benchmark", "--src", "digits", "--size", "16", "--out", str(tmp_path / "rz")]) == 0
+    assert main(["data", "check", f"folder:{tmp_path / 'rz' / 'lanczos'}"]) == 0
+    assert "898 images of shape (1, 16, 16)" in capsys.readouterr().out
+    # The output folder is never overwritten.
+    assert main(["data", "make-resize-benchmark", "--src", "digits", "--out", str(tmp_path / "rz")]) == 2
