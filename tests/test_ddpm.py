@@ -310,7 +310,7 @@ def test_cli_end_to_end(tmp_path):
         return subprocess.run([sys.executable, "-c", launcher, *args], cwd=REPO, capture_output=True, text=True,
                               timeout=1800, env=env)
 
-    trained = run("train", *common, "--preset", "quick", "--set", "data.limit=1000", "--set", "train.steps=100",
+    trained = run("train", *common, "--preset", "quick", "--set", "data.limit=1000", "--set", "train.steps=250",
                   "--set", "ddpm.first_n_val=30")
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ddpm-fashion_mnist-s0"
