@@ -19,14 +19,6 @@ from oodbench.nets.classifiers import build_classifier
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread, and far faster than on two when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_anchored(channels=1, classes=5, seed=0):
     torch.manual_seed(seed)

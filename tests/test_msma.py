@@ -24,17 +24,6 @@ from oodbench.nets.score_nets import CondInstanceNormPlus, build_score_net, elu
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second torch or BLAS thread only spins on a shared 2-core machine (restored after)."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
-
 
 def msma_cfg(**changes) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "msma.yaml").read_text())

@@ -23,7 +23,6 @@ import torch
 from oodbench.detectors.ddpm import DDPM
 from oodbench.diffusion import Diffusion
 from oodbench.engine import resolve_device
-from oodbench.nets.unet import build_unet
 
 
 def timed(fn, device, reps: int) -> float:
