@@ -178,7 +178,23 @@ def cmd_bench(a) -> None:
     from oodbench import bench
 
     folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out)
-    print(f"report: {folder / 'report.md'}")
+    print(auroc_sections((folder / "report.md").read_text()))
+    print(f"full report (all metrics, confidence intervals, plots): {folder / 'report.md'}")
+
+
+def auroc_sections(report_md: str) -> str:
+    """The AUROC table(s) of a bench report, with their in-distribution headings."""
+    keep, out = False, []
+    for line in report_md.splitlines():
+        if line.startswith("## "):
+            keep = line != "## Notes"
+            out += [line] if keep else []
+        elif line.startswith("### "):
+            keep = line.startswith("### AUROC")
+            out += [line] if keep else []
+        elif keep:
+            out.append(line)
+    return "\n".join(out).strip()
 
 
 def main(argv=None) -> int:

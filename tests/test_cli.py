@@ -104,3 +104,13 @@ def test_data_commands(tmp_path, capsys):
     assert "898 images of shape (1, 16, 16)" in capsys.readouterr().out
     # The output folder is never overwritten.
     assert main(["data", "make-resize-benchmark", "--src", "digits", "--out", str(tmp_path / "rz")]) == 2
+
+
+def test_bench_prints_the_auroc_tables():
+    from oodbench.cli import auroc_sections
+
+    report = "# R\n\n## Notes\n\n- a note\n\n## cifar10 (in-distribution)\n\n### AUROC (%)\n\n| m | svhn |\n" \
+             "|---|---|\n| msp | 90.00 |\n\n### FPR@95 (%)\n\n| m | svhn |\n"
+    shown = auroc_sections(report)
+    assert "## cifar10" in shown and "| msp | 90.00 |" in shown
+    assert "a note" not in shown and "FPR@95" not in shown
