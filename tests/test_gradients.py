@@ -279,7 +279,7 @@ def test_gradlayer_chooses_on_validation_train_split_and_keeps_the_choice(monkey
 
 def test_gradlayer_state_without_choice_rederives_the_validation_split(monkeypatch):
     """A run trained by another classifier method has no choice saved: the split is re-derived as training did."""
-    import oodbench.data
+    import oodbench.data.registry
 
     det = _detector("gradlayer", "data.in=toyset", "data.limit=50", "data.val_fraction=0.2", "seed=4",
                     "gradlayer.val_size=40")
@@ -289,7 +289,7 @@ def test_gradlayer_state_without_choice_rederives_the_validation_split(monkeypat
         assert split == "train"
         return train_full if spec == "toyset" else noise
 
-    monkeypatch.setattr(oodbench.data, "load", fake_load)
+    monkeypatch.setattr(oodbench.data.registry, "load", fake_load)
     chosen = []
     monkeypatch.setattr(type(det), "choose_layer", lambda self, val: (chosen.append(val), setattr(
         self, "chosen_layer", "head.weight")))
