@@ -312,7 +312,6 @@ def _cli(*args, cwd):
                           timeout=1800)
 
 
-@pytest.mark.slow
 def test_cli_train_and_eval_separates_noise(tmp_path):
     common = ["--method", "amp", "--in", "fashion_mnist", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]
     done = _cli("train", *common, "--preset", "quick", cwd=tmp_path)

@@ -16,7 +16,6 @@ from oodbench.data.sources import DEBIAN_FASHION_MNIST
 from oodbench.errors import OODBenchError
 
 HAVE_FMNIST = (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file()
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +27,6 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def fmnist_train():
-    if not HAVE_FMNIST:
-        pytest.skip("dataset-fashion-mnist not installed")
     return data.load("fashion_mnist", split="train", download=False)
 
 
@@ -57,7 +54,6 @@ def rgb_npz(tmp_path, n=6, h=20, w=24, seed=0, layout="nhwc", labels=True) -> Pa
 
 # ---------------------------------------------------------------- real and offline sets
 
-@needs_fmnist
 def test_fashion_mnist_from_debian_package(fmnist_train):
     test = data.load("fashion_mnist", split="test")
     for s, n in ((fmnist_train, 60000), (test, 10000)):
@@ -67,7 +63,6 @@ def test_fashion_mnist_from_debian_package(fmnist_train):
     assert fmnist_train.fingerprint != test.fingerprint
 
 
-@needs_fmnist
 def test_repeated_load_is_cached_and_isolated():
     a = data.load("fashion_mnist")
     a.images[0].fill_(7)                                    # a caller's in-place edit must not leak into the cache
@@ -174,7 +169,6 @@ def test_flips_are_exact(tmp_path):
     assert torch.equal(data.load(f"vflip:npz:{rgb_npz(tmp_path)}").labels, src.labels)
 
 
-@needs_fmnist
 def test_vflip_of_fashion_mnist_is_exact():
     src = data.load("fashion_mnist")
     flipped = data.load("vflip:fashion_mnist")
@@ -373,7 +367,6 @@ def test_train_val_split_is_deterministic_partition():
         data.train_val_split(s, 1.0, seed=0)
 
 
-@needs_fmnist
 def test_split_full_train_set(fmnist_train):
     train, val = data.train_val_split(fmnist_train, 0.1, seed=0)
     assert (len(train), len(val)) == (54000, 6000)

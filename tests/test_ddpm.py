@@ -290,8 +290,6 @@ def test_fit_needs_validation_images(tmp_path):
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
 def test_cli_end_to_end(tmp_path):
     """Train the quick preset on a Fashion-MNIST subset, evaluate against Gaussian noise through the CLI."""
     launcher = "import sys, oodbench.detectors.ddpm; from oodbench.cli import main; sys.exit(main(sys.argv[1:]))"

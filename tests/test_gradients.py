@@ -299,7 +299,6 @@ def test_gradlayer_state_without_choice_rederives_the_validation_split(monkeypat
     torch.testing.assert_close(rows["gradlayer"], rows["gradlayer/head.weight"])
 
 
-@pytest.mark.slow
 def test_cli_train_once_then_gradnorm_and_gradlayer_eval(tmp_path, capsys):
     """One classifier run (trained for msp) scored by gradnorm and gradlayer; noise is easy to separate."""
     import json

@@ -274,8 +274,6 @@ def test_detector_fits_scores_all_rows_in_one_pass_and_reloads(tmp_path):
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
 def test_cli_end_to_end_on_fashion_mnist_subset(tmp_path):
     """quick preset (small ResNet score net) on a Fashion-MNIST subset; Gaussian noise must be easy to separate."""
     runner = "import sys, oodbench.detectors.msma; from oodbench.cli import main; sys.exit(main(sys.argv[1:]))"
