@@ -161,7 +161,7 @@ def score_set(det, imageset, batch_size: int = 256) -> dict:
     chunks: dict = {}
     total = -(-len(part) // batch_size)
     for x, _ in tqdm(part.batches(batch_size), total=total, desc=f"score {imageset.name}", leave=False,
-                     disable=show_progress() or not distributed.is_main(), dynamic_ncols=True):
+                     disable=(not distributed.is_main()) or show_progress(), dynamic_ncols=True):
         for k, v in det.score_rows(x).items():
             chunks.setdefault(k, []).append(v.detach().float().cpu().numpy())
     arrays = {k: np.concatenate(v) for k, v in chunks.items()}

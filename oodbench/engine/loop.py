@@ -125,7 +125,7 @@ class Engine:
         scaler = torch.amp.GradScaler(self.device.type, enabled=spec.amp == "fp16" and self.device.type == "cuda")
 
         model.train()
-        bar = tqdm(total=spec.steps, initial=start, desc=f"train {name}", disable=show_progress() or not self.is_main,
+        bar = tqdm(total=spec.steps, initial=start, desc=f"train {name}", disable=(not self.is_main) or show_progress(),
                    dynamic_ncols=True, file=sys.stderr)
         for step in range(start, spec.steps):
             for group in opt.param_groups:
