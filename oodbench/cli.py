@@ -215,4 +215,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("oodbench: interrupted; checkpoints written so far are kept (continue with --resume)", file=sys.stderr)
         return 130
+    from oodbench.engine import distributed
+
+    distributed.shutdown()
     return 0

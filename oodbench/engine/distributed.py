@@ -61,3 +61,10 @@ def mean_across_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
     value = value.float().clone()
     dist.all_reduce(value)
     return value / world
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (all ranks together), so no rank exits while another still talks to it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
