@@ -52,7 +52,7 @@ def roc_curves(curves: dict, title: str, path: Path) -> None:
     ax.set(xlabel="false positive rate (ID flagged as OOD)", ylabel="true positive rate (OOD detected)",
            xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="lower right", title="method (AUROC %)", title_fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="method (AUROC %)", title_fontsize=7)
     _save(fig, path)
 
 
