@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -34,12 +33,8 @@ def safe_name(spec: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with checkpoint.atomic_file(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def runs_root(runs_dir: Optional[str] = None) -> Path:
@@ -145,13 +140,8 @@ def file_digest(path: Path) -> str:
 
 
 def save_npz(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    with checkpoint.atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def score_set(det, imageset, batch_size: int = 256) -> dict:

@@ -10,7 +10,6 @@ bits per dimension. Method "llr" reports all three from one pass; method "likeli
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -179,16 +178,14 @@ class LikelihoodRatioRun(Detector):
         """Write llr_selection.csv / .json in the run directory and print the table."""
         from pathlib import Path
 
+        from oodbench.runs import rows_to_csv, write_atomic
+
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "llr_selection.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["mutation_rate", "reg_weight", "val_auroc", "selected"])
-            writer.writeheader()
-            for row in self.selection:
-                writer.writerow({**row, "selected": self.is_selected(row)})
+        write_atomic(run_dir / "llr_selection.csv",
+                     rows_to_csv([{**row, "selected": self.is_selected(row)} for row in self.selection]))
         summary = {"val_ood": getattr(self, "val_ood_spec", None), "selected": self.selected,
                    "table": self.selection, **self.selection_baseline}
-        (run_dir / "llr_selection.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(run_dir / "llr_selection.json", json.dumps(summary, indent=2))
         print(format_selection(self.selection, self.selected, summary["val_ood"],
                                self.selection_baseline["likelihood_val_auroc"]), file=sys.stderr)
 

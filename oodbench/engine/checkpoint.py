@@ -1,6 +1,7 @@
 """Checkpoint files: written atomically, read with `weights_only=True` (never unpickled as code)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -13,14 +14,16 @@ from oodbench.errors import OODBenchError
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb"):
+    """Open a temporary file beside `path`; on success it replaces `path` (fsynced), on failure it is removed.
+    A crash half-way never leaves a half-written or missing file where the old one was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -28,6 +31,12 @@ def save_atomic(obj, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through `atomic_file`."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def load(path: Path, map_location="cpu"):
