@@ -23,19 +23,6 @@ def _net(arch, channels, kw, seed=0, num_classes=5):
     return net.eval()
 
 
-def _openood_gradnorm(net, x, temperature):
-    """The reference: one backward pass per sample, L1 norm of the head weight's gradient of KL(u || softmax(z/T))."""
-    scores = []
-    for i in range(len(x)):
-        net.zero_grad()
-        logits = net(x[i:i + 1])
-        targets = torch.full_like(logits, 1.0 / logits.shape[1])
-        loss = torch.mean(torch.sum(-targets * F.log_softmax(logits / temperature, dim=-1), dim=-1))
-        loss.backward()
-        scores.append(net.head.weight.grad.abs().sum())
-    return torch.stack(scores)
-
-
 @pytest.mark.parametrize("arch,channels,kw", ARCHS)
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
 def test_gradnorm_closed_form_equals_autograd_loop(arch, channels, kw, temperature):
@@ -44,23 +31,10 @@ def test_gradnorm_closed_form_equals_autograd_loop(arch, channels, kw, temperatu
     with torch.no_grad():
         h = net.features(x)
         closed = G.gradnorm_scores(h, net.head(h), temperature)
-    reference = _openood_gradnorm(net, x, temperature)
+    reference = G.gradnorm_per_sample(net, x, temperature)
     rel = ((closed - reference).abs() / reference.abs()).max().item()
     assert rel < 1e-5, rel
     assert closed.std() > 0  # not a degenerate constant
-
-
-def _loop_layer_norms(net, x, layers):
-    """The reference: each sample alone, loss CE(f(x), argmax), backward, L2 norm of each weight's gradient."""
-    params = dict(net.named_parameters())
-    rows = {name: [] for name in layers}
-    for i in range(len(x)):
-        net.zero_grad()
-        logits = net(x[i:i + 1])
-        F.cross_entropy(logits, logits.argmax(1)).backward()
-        for name in layers:
-            rows[name].append(params[name].grad.norm())
-    return {name: torch.stack(v) for name, v in rows.items()}
 
 
 @pytest.mark.parametrize("arch,channels,kw", ARCHS)
@@ -69,7 +43,7 @@ def test_vmap_layer_norms_equal_per_sample_loop_for_every_layer(arch, channels, 
     x = torch.randn(5, channels, 8, 8)
     fast = G.per_layer_grad_norms(net, x, micro_batch=2)  # 2 does not divide 5: the last micro-batch is short
     layers = G.weight_names(net)
-    slow = _loop_layer_norms(net, x, layers)
+    slow = G.layer_norms_per_sample(net, x, layers)
     assert list(fast) == layers and "head.weight" in layers
     for name in layers:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-7, msg=name)

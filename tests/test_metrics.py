@@ -3,33 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from oodbench.errors import OODBenchError
-from oodbench.metrics import METRIC_NAMES, bootstrap_ci, evaluate, roc_points
+from oodbench.metrics import METRIC_NAMES, bootstrap_ci, evaluate, roc_points, sklearn_reference
 
 TOL = 1e-12
 
 
-def sklearn_metrics(id_scores, ood_scores):
-    """The same numbers built only from scikit-learn (OOD = label 1)."""
-    scores = np.concatenate([id_scores, ood_scores]).astype(np.float64)
-    is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
-    fpr, tpr, _ = roc_curve(is_ood, scores, drop_intermediate=False)
-    fpr_in, tpr_in, _ = roc_curve(1 - is_ood, -scores, drop_intermediate=False)
-    return {
-        "auroc": roc_auc_score(is_ood, scores),
-        "aupr_in": average_precision_score(1 - is_ood, -scores),
-        "aupr_out": average_precision_score(is_ood, scores),
-        "fpr95": fpr_in[np.argmax(tpr_in >= 0.95)],
-        "fpr95_openood": fpr[np.argmax(tpr >= 0.95)],
-        "detection_error": np.min(0.5 * (1 - tpr) + 0.5 * fpr),
-    }
-
-
 def assert_matches_sklearn(id_scores, ood_scores):
     ours = evaluate(id_scores, ood_scores)
-    ref = sklearn_metrics(np.asarray(id_scores, float), np.asarray(ood_scores, float))
+    ref = sklearn_reference(np.asarray(id_scores, float), np.asarray(ood_scores, float))
     assert tuple(ours) == METRIC_NAMES
     for name in METRIC_NAMES:
         assert isinstance(ours[name], float)

@@ -148,6 +148,35 @@ def select_layer(id_norms: Dict[str, torch.Tensor], ood_norms: Dict[str, torch.T
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+
+# ---- per-image autograd references (the straightforward way; for tests and scripts/perf) -----------------------
+def gradnorm_per_sample(net, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """GradNorm as OpenOOD computes it: per image, backward of KL(u || softmax(z/T)), L1 norm of the head's weight
+    gradient. Slow; the closed form `gradnorm_scores` must equal it."""
+    scores = []
+    for i in range(len(x)):
+        net.zero_grad()
+        logits = net(x[i:i + 1])
+        targets = torch.full_like(logits, 1.0 / logits.shape[1])
+        loss = torch.mean(torch.sum(-targets * F.log_softmax(logits / temperature, dim=-1), dim=-1))
+        loss.backward()
+        scores.append(net.head.weight.grad.abs().sum())
+    return torch.stack(scores)
+
+
+def layer_norms_per_sample(net, x: torch.Tensor, names) -> Dict[str, torch.Tensor]:
+    """Per image alone: CE(f(x), argmax) backward, L2 norm of each named weight's gradient. Slow; `per_layer_grad_norms`
+    must equal it."""
+    params = dict(net.named_parameters())
+    rows = {name: [] for name in names}
+    for i in range(len(x)):
+        net.zero_grad()
+        logits = net(x[i:i + 1])
+        F.cross_entropy(logits, logits.argmax(1)).backward()
+        for name in names:
+            rows[name].append(params[name].grad.norm())
+    return {name: torch.stack(v) for name, v in rows.items()}
+
 # Detectors: both score the classifier run that ClassifierDetector trains (no second training).
 
 from oodbench.detectors.base import register  # noqa: E402

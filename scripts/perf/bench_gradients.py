@@ -19,9 +19,9 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 
-from oodbench.detectors.gradients import auto_micro_batch, gradnorm_scores, per_layer_grad_norms, weight_names
+from oodbench.detectors.gradients import (auto_micro_batch, gradnorm_per_sample, gradnorm_scores,
+                                         layer_norms_per_sample, per_layer_grad_norms, weight_names)
 from oodbench.engine import resolve_device
 from oodbench.nets.classifiers import build_classifier
 
@@ -44,34 +44,9 @@ def gradnorm_closed(net, x, batch, temperature):
         return torch.cat(parts)
 
 
-def gradnorm_loop(net, x, temperature):
-    """OpenOOD's way: per image, backward of the KL to uniform, L1 norm of the head weight's gradient."""
-    scores = []
-    for i in range(len(x)):
-        net.zero_grad()
-        logits = net(x[i:i + 1])
-        targets = torch.full_like(logits, 1.0 / logits.shape[1])
-        loss = torch.mean(torch.sum(-targets * F.log_softmax(logits / temperature, dim=-1), dim=-1))
-        loss.backward()
-        scores.append(net.head.weight.grad.abs().sum())
-    return torch.stack(scores)
-
-
 def layers_vmap(net, x, batch, micro_batch):
     parts = [per_layer_grad_norms(net, x[i:i + batch], micro_batch=micro_batch) for i in range(0, len(x), batch)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def layers_loop(net, x, names):
-    params = dict(net.named_parameters())
-    rows = {k: [] for k in names}
-    for i in range(len(x)):
-        net.zero_grad()
-        logits = net(x[i:i + 1])
-        F.cross_entropy(logits, logits.argmax(1)).backward()
-        for k in names:
-            rows[k].append(params[k].grad.norm())
-    return {k: torch.stack(v) for k, v in rows.items()}
 
 
 def max_rel(a, b):
@@ -122,8 +97,8 @@ def main(argv=None):
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
             how = "growth of the process peak RSS (0 if an earlier step already reached it)"
-        layers_loop(net, xl[:2], names)                                  # warm-up
-        slow, t_slow = timed(lambda: layers_loop(net, xl, names), device)
+        layer_norms_per_sample(net, xl[:2], names)                                  # warm-up
+        slow, t_slow = timed(lambda: layer_norms_per_sample(net, xl, names), device)
         err = max(max_rel(fast[k][:len(xl)], slow[k]) for k in names)
         r_fast, r_slow = args.n / t_fast, len(xl) / t_slow
         print(f"per-layer norms ({len(names)} weight tensors): vmap {r_fast:,.1f} img/s (micro-batch {micro} from "
@@ -132,9 +107,9 @@ def main(argv=None):
         print(f"  peak memory of the vmap run: {peak / 2**20:,.1f} MiB ({how})")
 
     gradnorm_closed(net, x[:8], args.batch, args.temperature)            # warm-up
-    gradnorm_loop(net, xl[:2], args.temperature)
+    gradnorm_per_sample(net, xl[:2], args.temperature)
     closed, t_closed = timed(lambda: gradnorm_closed(net, x, args.batch, args.temperature), device)
-    loop, t_loop = timed(lambda: gradnorm_loop(net, xl, args.temperature), device)
+    loop, t_loop = timed(lambda: gradnorm_per_sample(net, xl, args.temperature), device)
     r_closed, r_loop = args.n / t_closed, len(xl) / t_loop
     print(f"GradNorm: closed form {r_closed:,.1f} img/s, per-sample autograd loop {r_loop:,.1f} img/s, "
           f"speed-up {r_closed / r_loop:,.1f}x, max rel diff {max_rel(closed[:len(xl)], loop):.2e}")

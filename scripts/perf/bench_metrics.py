@@ -11,24 +11,8 @@ import argparse
 import time
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from oodbench.metrics import METRIC_NAMES, evaluate
-
-
-def sklearn_metrics(id_scores, ood_scores):
-    scores = np.concatenate([id_scores, ood_scores])
-    is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
-    fpr, tpr, _ = roc_curve(is_ood, scores, drop_intermediate=False)
-    fpr_in, tpr_in, _ = roc_curve(1 - is_ood, -scores, drop_intermediate=False)
-    return {
-        "auroc": roc_auc_score(is_ood, scores),
-        "aupr_in": average_precision_score(1 - is_ood, -scores),
-        "aupr_out": average_precision_score(is_ood, scores),
-        "fpr95": fpr_in[np.argmax(tpr_in >= 0.95)],
-        "fpr95_openood": fpr[np.argmax(tpr >= 0.95)],
-        "detection_error": np.min(0.5 * (1 - tpr) + 0.5 * fpr),
-    }
+from oodbench.metrics import METRIC_NAMES, evaluate, sklearn_reference
 
 
 def best_time(fn, repeats):
@@ -52,7 +36,7 @@ def main():
     ood_scores = np.round(rng.normal(1.5, 1.0, args.n), args.decimals)
 
     ours_s, ours = best_time(lambda: evaluate(id_scores, ood_scores), args.repeats)
-    ref_s, ref = best_time(lambda: sklearn_metrics(id_scores, ood_scores), args.repeats)
+    ref_s, ref = best_time(lambda: sklearn_reference(id_scores, ood_scores), args.repeats)
 
     worst = max(abs(ours[name] - ref[name]) for name in METRIC_NAMES)
     print(f"scores: {args.n:,} ID + {args.n:,} OOD, best of {args.repeats}")
