@@ -82,7 +82,7 @@ def test_digits_split_is_a_partition():
 
 
 @pytest.mark.parametrize("spec,n", [("noise:gaussian", 2000), ("noise:uniform", 2000), ("constant", 2000),
-                                    ("noise:gaussian:17", 17), ("constant:5", 5)])
+                                    ("noise:gaussian:17", 17), ("constant:5", 5), ("glyphs:40", 40)])
 @pytest.mark.parametrize("like", [None, (3, 32, 32)])
 def test_synthetic_shapes_and_determinism(spec, n, like):
     s = data.load(spec, like=like)
@@ -99,6 +99,36 @@ def test_synthetic_content():
     flat = c.flatten(2)
     assert torch.equal(flat, flat[:, :, :1].expand_as(flat))                       # one colour per image
     assert len({tuple(v) for v in flat[:, :, 0].tolist()}) > 40
+
+
+def test_glyphs_are_frame_filling_letters_of_many_faces():
+    from oodbench.data import glyphs
+
+    images, labels = glyphs.glyphs(300, (28, 28), "test")
+    assert images.shape == (300, 1, 28, 28) and set(labels.tolist()) == set(range(10))   # every letter A-J
+    assert len(glyphs.font_files()) >= 20
+    ink = images[:, 0] > 0
+    rows, cols = ink.any(2), ink.any(1)
+    extent = np.maximum(rows.sum(1), cols.sum(1))                      # bounding box's longer side
+    assert (images.reshape(300, -1).max(1) == 255).mean() > 0.9 and extent.min() >= 23
+    assert 0.3 < (images == 0).mean() < 0.8                           # black background, like notMNIST
+    assert len({img.tobytes() for img in images}) == 300
+    assert data.load("glyphs:300").images.numpy().tobytes() == images.tobytes()
+
+
+def test_mnistlike_fits_a_20x20_box_on_a_black_28x28_canvas():
+    from oodbench.data.convert import mnist_layout, resize_torch
+
+    d = data.load("digits")
+    m = data.load("mnistlike:digits")
+    assert m.shape == (1, 28, 28) and len(m) == len(d)
+    assert torch.equal(m.images[:, :, 4:24, 4:24], resize_torch(d.images, (20, 20)))
+    border = m.images.clone()
+    border[:, :, 4:24, 4:24] = 0
+    assert int(border.max()) == 0
+    wide = mnist_layout(torch.full((2, 3, 10, 20), 200, dtype=torch.uint8))   # keeps the aspect ratio
+    assert wide.shape == (2, 3, 28, 28) and int(wide.sum(1).gt(0).sum()) == 2 * 10 * 20
+    assert data.load("mnistlike:digits", like=(3, 32, 32)).shape == (3, 32, 32)
 
 
 def test_unknown_spec_suggests_a_name():

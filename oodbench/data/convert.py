@@ -46,6 +46,18 @@ def resize_torch(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out
 
 
+def mnist_layout(images: torch.Tensor) -> torch.Tensor:
+    """MNIST's layout: each image resized (antialiased bilinear) so its longer side is 20 pixels, centred on a black
+    28x28 canvas. MNIST's digits were size-normalised into a 20x20 box and centred the same way, which leaves
+    about 80% of MNIST's pixels black; frame-filling sets such as scikit-learn's `digits` then look like MNIST."""
+    n, c, h, w = images.shape
+    box_h, box_w = max(1, round(20 * h / max(h, w))), max(1, round(20 * w / max(h, w)))
+    top, left = (28 - box_h) // 2, (28 - box_w) // 2
+    out = torch.zeros((n, c, 28, 28), dtype=torch.uint8, device=images.device)
+    out[:, :, top:top + box_h, left:left + box_w] = resize_torch(images, (box_h, box_w))
+    return out
+
+
 def convert_like(images: torch.Tensor, like) -> tuple[torch.Tensor, str]:
     """Convert to `like` = (C, H, W): channels 1->3 by replication, 3->1 by luminance; size by antialiased bilinear.
 

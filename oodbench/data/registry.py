@@ -1,8 +1,8 @@
 """Dataset specs -> ImageSet. The grammar is documented in docs/data.md.
 
     name                      torchvision set, image-folder OOD set or `digits`
-    noise:gaussian[:N]  noise:uniform[:N]  constant[:N]
-    vflip:S  hflip:S  gray:S  classes:0,1,2:S  resize:METHOD:S
+    noise:gaussian[:N]  noise:uniform[:N]  constant[:N]  glyphs[:N]
+    vflip:S  hflip:S  gray:S  classes:0,1,2:S  resize:METHOD:S  mnistlike:S
     folder:PATH  npz:PATH
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from oodbench.data.imageset import ImageSet
 from oodbench.errors import OODBenchError
 
 RESIZE_DEFAULT = (32, 32)
-DERIVED = ("vflip", "hflip", "gray", "classes", "resize")
+DERIVED = ("vflip", "hflip", "gray", "classes", "resize", "mnistlike")
 NAMES = tuple(sources.TORCHVISION) + ("digits",) + tuple(folders.FOLDER_SETS)
 
 
@@ -107,12 +107,12 @@ def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> R
         if not rest:
             raise OODBenchError("npz: needs a path, e.g. npz:/data/my_images.npz")
         return _tensor(folders.read_npz(rest))
-    if head in ("noise", "constant"):
+    if head in ("noise", "constant", "glyphs"):
         return _synthetic(spec, split, hint)
     if head in DERIVED:
         return _derived(head, rest, split, root, download, hint)
     if rest or head not in NAMES:
-        close = difflib.get_close_matches(spec, NAMES + ("noise:gaussian", "noise:uniform", "constant"), n=1)
+        close = difflib.get_close_matches(spec, NAMES + synthetic.KINDS, n=1)
         suggestion = f"did you mean {close[0]!r}? " if close else ""
         raise OODBenchError(f"unknown dataset {spec!r}; {suggestion}run `oodbench data list` or see docs/data.md")
     if head in sources.TORCHVISION:
@@ -135,7 +135,7 @@ def _folder(path: str, hint: Hint) -> Resolved:
 
 def _synthetic(spec: str, split: str, hint: Hint) -> Resolved:
     parts = spec.split(":")
-    n_kind = 1 if parts[0] == "constant" else 2
+    n_kind = 1 if parts[0] in ("constant", "glyphs") else 2
     kind, count = ":".join(parts[:n_kind]), parts[n_kind:]
     if len(count) > 1 or (count and not count[0].isdigit()):
         raise OODBenchError(f"bad synthetic spec {spec!r}; use {kind}[:N] with N a positive count")
@@ -170,6 +170,8 @@ def _derived(op: str, rest: str, split: str, root: Path, download: bool, hint: H
         return _changed(r, r.images.flip(-1))
     if op == "gray":
         return _changed(r, convert.gray(r.images))
+    if op == "mnistlike":
+        return _changed(r, convert.mnist_layout(r.images), note="fitted into a 20x20 box on a black 28x28 canvas")
     return _class_subset(arg, inner, r)
 
 

@@ -1,25 +1,32 @@
-"""Synthetic OOD sets: gaussian noise, uniform noise, constant colour — deterministic, seeded by kind and split."""
+"""Synthetic OOD sets: gaussian noise, uniform noise, constant colour, rendered letters (`glyphs`) — deterministic,
+seeded by kind, count, shape and split."""
 from __future__ import annotations
 
 import zlib
 
 import torch
 
+from oodbench.data import glyphs
 from oodbench.errors import OODBenchError
 
 DEFAULT_COUNT = 2000
 DEFAULT_SHAPE = (1, 28, 28)
 GAUSSIAN_MEAN, GAUSSIAN_STD = 0.5, 0.25   # in [0, 1] units, clipped to [0, 1] before quantising
-KINDS = ("noise:gaussian", "noise:uniform", "constant")
+KINDS = ("noise:gaussian", "noise:uniform", "constant", "glyphs")
 
 
 def synthetic(kind: str, count: int = DEFAULT_COUNT, shape=DEFAULT_SHAPE, split: str = "test") -> torch.Tensor:
-    """uint8 (count, C, H, W) images of `kind`, the same on every machine for a given (kind, count, shape, split)."""
+    """uint8 (count, C, H, W) images of `kind`, the same on every machine for a given (kind, count, shape, split).
+
+    `glyphs` are gray letters (oodbench.data.glyphs), replicated to C channels."""
     if kind not in KINDS:
         raise OODBenchError(f"unknown synthetic set {kind!r}; use one of {', '.join(KINDS)}")
     if count < 1:
         raise OODBenchError(f"{kind}: the image count must be at least 1, got {count}")
     shape = tuple(int(s) for s in shape)
+    if kind == "glyphs":
+        images, _ = glyphs.glyphs(count, shape[1:], split)
+        return torch.from_numpy(images).expand(-1, shape[0], -1, -1).contiguous()
     seed = zlib.crc32(f"{kind}|{split}|{count}|{shape}".encode())
     g = torch.Generator().manual_seed(seed)
     if kind == "noise:gaussian":
