@@ -35,6 +35,8 @@ def test_gradnorm_closed_form_equals_autograd_loop(arch, channels, kw, temperatu
     rel = ((closed - reference).abs() / reference.abs()).max().item()
     assert rel < 1e-5, rel
     assert closed.std() > 0  # not a degenerate constant
+    openood = G.gradnorm_openood(net, x, temperature, batch_size=4)  # 4 does not divide 6: two feature batches
+    assert ((closed - openood).abs() / openood.abs()).max().item() < 1e-5
 
 
 @pytest.mark.parametrize("arch,channels,kw", ARCHS)

@@ -151,8 +151,9 @@ def select_layer(id_norms: Dict[str, torch.Tensor], ood_norms: Dict[str, torch.T
 
 # ---- per-image autograd references (the straightforward way; for tests and scripts/perf) -----------------------
 def gradnorm_per_sample(net, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """GradNorm as OpenOOD computes it: per image, backward of KL(u || softmax(z/T)), L1 norm of the head's weight
-    gradient. Slow; the closed form `gradnorm_scores` must equal it."""
+    """GradNorm as the original repository computes it: per image (batch of 1), forward and backward of the whole
+    network for KL(u || softmax(z/T)), L1 norm of the head's weight gradient. Slow; `gradnorm_scores` must equal it.
+    (The original code's targets are ones instead of 1/C, which multiplies every score by C; rankings are the same.)"""
     scores = []
     for i in range(len(x)):
         net.zero_grad()
@@ -162,6 +163,29 @@ def gradnorm_per_sample(net, x: torch.Tensor, temperature: float = 1.0) -> torch
         loss.backward()
         scores.append(net.head.weight.grad.abs().sum())
     return torch.stack(scores)
+
+
+def gradnorm_openood(net, x: torch.Tensor, temperature: float = 1.0, batch_size: int = 256) -> torch.Tensor:
+    """GradNorm as OpenOOD's postprocessor computes it: batched penultimate features without gradients, then per
+    image a backward through a copy of the head alone (rebuilt from NumPy arrays for every batch, as OpenOOD does),
+    L1 norm of its weight gradient, one host copy per image. Targets are ones as there (score = C x ours); divided
+    by C here so that it equals `gradnorm_scores`."""
+    weight, bias = net.head.weight.detach().cpu().numpy(), net.head.bias.detach().cpu().numpy()
+    num_classes = weight.shape[0]
+    scores = []
+    for start in range(0, len(x), batch_size):
+        with torch.no_grad():
+            features = net.features(x[start:start + batch_size]).cpu().numpy()
+        fc = nn.Linear(weight.shape[1], num_classes).to(x.device)
+        fc.weight.data[...] = torch.from_numpy(weight)
+        fc.bias.data[...] = torch.from_numpy(bias)
+        for h in torch.from_numpy(features).float().to(x.device):
+            targets = torch.ones((1, num_classes), device=x.device)
+            fc.zero_grad()
+            loss = torch.mean(torch.sum(-targets * F.log_softmax(fc(h[None]) / temperature, dim=-1), dim=-1))
+            loss.backward()
+            scores.append(float(fc.weight.grad.abs().sum().cpu().numpy()))
+    return torch.tensor(scores, dtype=torch.float32) / num_classes
 
 
 def layer_norms_per_sample(net, x: torch.Tensor, names) -> Dict[str, torch.Tensor]:
