@@ -135,6 +135,11 @@ def cmd_eval(a) -> None:
         accuracy = {r["method"]: r["id_accuracy"] for r in rows if "id_accuracy" in r}
         if accuracy:
             print("\nin-distribution test accuracy: " + ", ".join(f"{m} {100 * a:.2f}%" for m, a in accuracy.items()))
+        bpd = {r["in"]: r["id_bpd"] for r in rows if "id_bpd" in r}
+        bpd.update({r["out"]: r["out_bpd"] for r in rows if "out_bpd" in r})
+        if bpd:
+            print("\nmean bits per dimension (foreground model; lower = more likely): " +
+                  ", ".join(f"{spec} {v:.3f}" for spec, v in bpd.items()))
         print(f"\nsaved: {run.path / 'metrics.json'} and metrics.csv")
 
 

@@ -235,6 +235,8 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
             extra["id_accuracy"] = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
         for out in out_specs:
             ood_scores = run.score(method, out, limit, overrides, detector=det)
+            if "_bpd" in id_scores:  # likelihood models: mean bits per dimension of both sets beside the rows
+                extra.update(id_bpd=float(np.mean(id_scores["_bpd"])), out_bpd=float(np.mean(ood_scores["_bpd"])))
             rows += [{**r, **extra} for r in metric_rows(id_scores, ood_scores, in_spec, out, bootstrap)]
     if distributed.is_main():
         run.update_metrics(rows)

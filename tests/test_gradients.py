@@ -91,6 +91,17 @@ def test_auto_micro_batch_follows_the_memory_budget():
     assert 1 <= small < large
 
 
+def test_memory_budget_auto_is_a_quarter_of_free_gpu_memory_capped_and_1024_on_cpu(monkeypatch):
+    assert G.memory_budget_mb("auto", "cpu") == 1024 and G.memory_budget_mb("300", "cpu") == 300
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4096 * 2 ** 20, 8192 * 2 ** 20))
+    assert G.memory_budget_mb("auto", "cuda:0") == 1024
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2 ** 30, 80 * 2 ** 30))
+    assert G.memory_budget_mb("auto", "cuda") == G.GPU_BUDGET_CAP_MB
+    for bad in ("lots", 0, -5):
+        with pytest.raises(OODBenchError, match="memory_mb must be auto or a positive number"):
+            G.memory_budget_mb(bad, "cpu")
+
+
 def test_select_layer_picks_the_separating_layer():
     id_norms = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([1.0, 1.0, 1.0])}
     ood_norms = {"a": torch.tensor([2.5, 0.5, 1.5]), "b": torch.tensor([2.0, 3.0, 4.0])}

@@ -74,6 +74,28 @@ def check_layers(net: nn.Module, layers: Iterable[str]) -> List[str]:
     return layers
 
 
+CPU_BUDGET_MB = 1024          # on a CPU a larger micro-batch is not faster (docs/gradients.md)
+GPU_BUDGET_FRACTION, GPU_BUDGET_CAP_MB = 0.25, 8192
+
+
+def memory_budget_mb(option, device) -> float:
+    """`gradlayer.memory_mb` in MiB: a positive number, or "auto" = a quarter of the free GPU memory (at most
+    8 GiB) on CUDA, 1024 on a CPU."""
+    if str(option).strip().lower() == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return min(GPU_BUDGET_CAP_MB, GPU_BUDGET_FRACTION * free / 2 ** 20)
+        return float(CPU_BUDGET_MB)
+    try:
+        value = float(option)
+    except (TypeError, ValueError):
+        value = 0.0
+    if not value > 0:
+        raise OODBenchError(f"gradlayer.memory_mb must be auto or a positive number of MiB, got {option!r}")
+    return value
+
+
 def auto_micro_batch(net: nn.Module, sample: torch.Tensor, layers: List[str], memory_mb: float) -> int:
     """Micro-batch size whose per-sample gradients and activations fit in about `memory_mb` MiB.
 
@@ -101,12 +123,12 @@ def auto_micro_batch(net: nn.Module, sample: torch.Tensor, layers: List[str], me
 
 
 def per_layer_grad_norms(net: nn.Module, x: torch.Tensor, layers: List[str] | None = None,
-                         micro_batch: int = 0, memory_mb: float = 1024) -> Dict[str, torch.Tensor]:
+                         micro_batch: int = 0, memory_mb="auto") -> Dict[str, torch.Tensor]:
     """Per sample, the L2 norm of d CE(f(x_i), argmax f(x_i)) / dW for each weight tensor W in `layers`.
 
     `x` is the network's (normalised float) input (B, ...). Returns {layer name: (B,)}. The network runs in eval mode
     (BatchNorm uses its running statistics), so each sample's gradient is that of the sample alone.
-    `micro_batch` 0 picks the size from `memory_mb`.
+    `micro_batch` 0 picks the size from `memory_mb` (MiB, or "auto": see `memory_budget_mb`).
     """
     layers = weight_names(net) if layers is None else check_layers(net, layers)
     if len(x) == 0:
@@ -115,7 +137,7 @@ def per_layer_grad_norms(net: nn.Module, x: torch.Tensor, layers: List[str] | No
     net.eval()
     try:
         if micro_batch <= 0:
-            micro_batch = auto_micro_batch(net, x, layers, memory_mb)
+            micro_batch = auto_micro_batch(net, x, layers, memory_budget_mb(memory_mb, x.device))
         params = {k: v.detach() for k, v in net.named_parameters()}
         tracked = {k: params[k] for k in layers}
         frozen = {k: v for k, v in params.items() if k not in tracked}
@@ -242,7 +264,7 @@ class GradLayer(ClassifierDetector):
         """{weight name: (B,)} per-sample gradient norms of a uint8 batch."""
         check_split(self.net, self.name)
         return per_layer_grad_norms(self.net, self.prepare(x), micro_batch=int(self.options["micro_batch"]),
-                                    memory_mb=float(self.options["memory_mb"]))
+                                    memory_mb=self.options["memory_mb"])
 
     def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         layer = self.layer()

@@ -23,7 +23,8 @@ import time
 import torch
 
 from oodbench.detectors.gradients import (auto_micro_batch, gradnorm_openood, gradnorm_per_sample, gradnorm_scores,
-                                         layer_norms_per_sample, per_layer_grad_norms, weight_names)
+                                         layer_norms_per_sample, memory_budget_mb, per_layer_grad_norms,
+                                         weight_names)
 from oodbench.engine import resolve_device
 from oodbench.nets.classifiers import build_classifier
 
@@ -66,7 +67,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=512, help="images for our batched paths")
     p.add_argument("--loop-n", type=int, default=64, help="images for the per-sample loops")
     p.add_argument("--batch", type=int, default=256, help="scoring batch size")
-    p.add_argument("--memory-mb", type=float, default=1024, help="gradlayer.memory_mb (micro-batch budget)")
+    p.add_argument("--memory-mb", default="auto", help="gradlayer.memory_mb: MiB or auto (micro-batch budget)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--skip-layers", action="store_true", help="GradNorm only")
     p.add_argument("--device", default="auto")
@@ -85,7 +86,8 @@ def main(argv=None):
 
     if not args.skip_layers:
         names = weight_names(net)
-        micro = auto_micro_batch(net, x, names, args.memory_mb)
+        budget = memory_budget_mb(args.memory_mb, device)
+        micro = auto_micro_batch(net, x, names, budget)
         layers_vmap(net, x[:min(micro, 4)], args.batch, micro)          # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -104,7 +106,7 @@ def main(argv=None):
         err = max(max_rel(fast[k][:len(xl)], slow[k]) for k in names)
         r_fast, r_slow = args.n / t_fast, len(xl) / t_slow
         print(f"per-layer norms ({len(names)} weight tensors): vmap {r_fast:,.1f} img/s (micro-batch {micro} from "
-              f"{args.memory_mb:g} MiB), per-sample loop {r_slow:,.1f} img/s, speed-up {r_fast / r_slow:,.1f}x, "
+              f"{budget:,.0f} MiB), per-sample loop {r_slow:,.1f} img/s, speed-up {r_fast / r_slow:,.1f}x, "
               f"max rel diff {err:.2e}")
         print(f"  peak memory of the vmap run: {peak / 2**20:,.1f} MiB ({how})")
 
