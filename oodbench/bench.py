@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from oodbench import config as configs
-from oodbench import data, runs
+from oodbench import data, plots, runs
 from oodbench.detectors import base as registry
 from oodbench.engine import resolve_device, show_progress
 from oodbench.errors import OODBenchError
@@ -590,11 +590,6 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
 
 def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
     """ROC curves per OOD set, ID-vs-OOD histograms per method, an AUROC heatmap; first seed. Returns a note."""
-    from oodbench import plots
-
-    missing = plots.unavailable()
-    if missing:
-        return missing
     plot_dir = folder / "plots"
     plot_dir.mkdir(exist_ok=True)
     for old in plot_dir.glob("*.png"):
@@ -647,8 +642,6 @@ def load_plot_scores(path: Path) -> dict:
 
 
 def heatmap(bench: Bench, summary: list, in_spec: str, path: Path) -> int:
-    from oodbench import plots
-
     columns = [o for o in bench.outs] + list(bench.groups)
     pairs = entry_rows(bench, summary, in_spec)
     index = {(r["entry"], r["method"], r["out"]): r["auroc"] for r in summary if r["in"] == in_spec}

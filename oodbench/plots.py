@@ -1,25 +1,15 @@
 """PNG plots for bench reports: ROC curves, ID-vs-OOD score histograms, a method × OOD-set AUROC heatmap.
 
-matplotlib is optional (`pip install matplotlib` or `pip install oodbench[plots]`); it is imported only here, with
-the non-interactive Agg backend, and `unavailable()` says so when it is missing.
+matplotlib is imported only here (lazily, so other commands do not pay for it), with the non-interactive Agg
+backend.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from oodbench import metrics
-
-
-def unavailable() -> Optional[str]:
-    """None when plots can be drawn, else a note saying why not and how to fix it."""
-    try:
-        _pyplot()
-    except ImportError:
-        return "skipped: matplotlib is not installed (pip install matplotlib), tables are complete without it"
-    return None
 
 
 def _pyplot():

@@ -106,7 +106,6 @@ def test_failing_cells_are_reported_and_the_rest_completes(grid):
 
 
 def test_plots_written(grid):
-    pytest.importorskip("matplotlib")
     names = {p.name for p in (grid["report"] / "plots").glob("*.png")}
     assert "heatmap_auroc_fashion_mnist.png" in names
     assert {f"roc_fashion_mnist_vs_{runs.safe_name(o)}.png" for o in OUTS} <= names
@@ -155,15 +154,3 @@ def test_bench_config_errors(tmp_path):
     assert bench.renamer(entry)("odin") == "odin_t1"
 
 
-def test_missing_matplotlib_is_a_note_not_an_error(tmp_path, monkeypatch):
-    from oodbench import plots
-
-    def no_matplotlib():
-        raise ImportError("No module named 'matplotlib'")
-
-    monkeypatch.setattr(plots, "_pyplot", no_matplotlib)
-    path = tmp_path / "b.yaml"
-    path.write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [msp]\n")
-    note = bench.make_plots(bench.load_bench(path), {}, {"summary": []}, tmp_path)
-    assert "matplotlib is not installed" in note and "pip install matplotlib" in note
-    assert not (tmp_path / "plots").exists()

@@ -31,11 +31,8 @@ MAX_TURN = 8.0           # degrees
 @functools.lru_cache(maxsize=1)
 def font_files() -> tuple:
     """Paths of the bundled faces (matplotlib's mpl-data/fonts/ttf)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise OODBenchError("the glyphs set renders letters with matplotlib's bundled fonts; "
-                            "install it with `pip install matplotlib` (or `pip install -e .[plots]`)")
+    import matplotlib
+
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     found = tuple(folder / name for name in FACES if (folder / name).is_file())
     if not found:
