@@ -73,6 +73,7 @@ class Run:
         cfg = self.scoring_config(overrides)
         det = cls(cfg, setup_device(device))
         det.load_state_dict(checkpoint.load(self.path / "detector.pt", det.device))
+        det.cache_dir, det.cache_tag = self.path / "cache", file_digest(self.path / "detector.pt")
         return det
 
     def scoring_config(self, overrides: Iterable[str]) -> dict:

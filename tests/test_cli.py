@@ -38,6 +38,28 @@ def test_eval_separates_noise_and_writes_json_csv(runs_dir, capsys):
     assert (run / "scores/msp/noise_gaussian.npz").is_file()
 
 
+def test_training_features_are_cached_in_the_run(runs_dir, monkeypatch):
+    import numpy as np
+
+    from oodbench import runs
+    from oodbench.detectors.features import FeatureDetector
+
+    run = runs.Run(runs_dir / "classifier-fashion_mnist-s0")
+    calls = []
+    real = FeatureDetector.features
+    monkeypatch.setattr(FeatureDetector, "features", lambda self, x: calls.append(len(x)) or real(self, x))
+    (run.path / "cache" / "train_features.npz").unlink(missing_ok=True)
+    feats, labels = run.detector("mahalanobis", device="cpu").training_features()
+    assert sum(calls) == len(labels) == len(feats) > 0 and (run.path / "cache" / "train_features.npz").is_file()
+    calls.clear()
+    again, again_labels = run.detector("knn", device="cpu").training_features()   # as a new process would
+    assert calls == [] and np.array_equal(again, feats) and np.array_equal(again_labels, labels)
+    retrained = run.detector("knn", device="cpu")
+    retrained.cache_tag = "another checkpoint"
+    retrained.training_features()
+    assert sum(calls) == len(labels)                                                # stale cache: recomputed
+
+
 def test_score_writes_scores_and_cache_is_reused(runs_dir, capsys):
     run = runs_dir / "classifier-fashion_mnist-s0"
     assert main(["score", "--run", str(run), "--data", "digits", "--method", "energy", "--limit", "100"]) == 0

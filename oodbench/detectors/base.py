@@ -35,6 +35,8 @@ class Detector:
     name: str = ""      # registry key, set by `register`
     kind: str = ""      # training kind shared by methods that score one trained run; names configs/<kind>.yaml
     summary: str = ""   # one line for `oodbench methods`
+    cache_dir = None    # <run>/cache when loaded from a run: where scoring may keep derived data between processes
+    cache_tag: str = "" # digest of the run's detector.pt; part of every cache key, so retraining invalidates caches
 
     def __init__(self, cfg: dict, device: torch.device | str = "cpu"):
         self.cfg = cfg

@@ -1,9 +1,14 @@
 """Feature-space baselines on the shared classifier: Mahalanobis (MDS) and deep nearest neighbours (KNN).
 
 Both fit statistics of the penultimate features of the run's own training split (re-derived from the run config,
-never a test set) the first time they score; scikit-learn does the covariance and the neighbour search.
+never a test set) the first time they score; scikit-learn does the covariance and the neighbour search. The features
+are kept in <run>/cache/train_features.npz, keyed by the checkpoint and the training images, so a new process (a new
+`eval` or `score`) loads them instead of running the network over the training split again.
 """
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +19,7 @@ from sklearn.neighbors import NearestNeighbors
 from oodbench.data import run_split
 from oodbench.detectors.base import register
 from oodbench.detectors.classifier import ClassifierDetector
+from oodbench.engine import distributed
 
 
 class FeatureDetector(ClassifierDetector):
@@ -26,9 +32,21 @@ class FeatureDetector(ClassifierDetector):
         return self.net.features(self.prepare(x)).float()
 
     def training_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 penultimate features (N, D) and labels (N,) of the run's training split, cached in the run."""
         train, _ = run_split(self.cfg, self.device)
-        feats = torch.cat([self.features(x) for x, _ in train.batches(500)])
-        return feats.cpu().numpy().astype(np.float64), train.labels.cpu().numpy()
+        key = hashlib.sha1(f"{self.cache_tag}|{train.fingerprint}".encode()).hexdigest()[:20]
+        path = None if self.cache_dir is None else Path(self.cache_dir) / "train_features.npz"
+        if path is not None and path.is_file():
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["key"]) == key:
+                    return f["features"].astype(np.float64), f["labels"]
+        feats = torch.cat([self.features(x) for x, _ in train.batches(500)]).cpu().numpy()
+        labels = train.labels.cpu().numpy()
+        if path is not None and distributed.is_main():
+            from oodbench.runs import save_npz
+
+            save_npz(path, {"features": feats, "labels": labels, "key": np.array(key)})
+        return feats.astype(np.float64), labels
 
     def score(self, x):
         if self._fitted is None:
