@@ -259,9 +259,35 @@ def test_gradlayer_chooses_on_validation_train_split_and_keeps_the_choice(monkey
     best, aurocs = G.select_layer(G.per_layer_grad_norms(det.net, det.prepare(val.images)),
                                   G.per_layer_grad_norms(det.net, det.prepare(noise.images)))
     assert det.chosen_layer == best and det.layer_aurocs == pytest.approx(aurocs)
-    again = _detector("gradlayer")
+    again = _detector("gradlayer", "gradlayer.val_ood=noise:uniform", "gradlayer.val_size=40")
     again.load_state_dict(det.state_dict())
     assert again.layer() == best and len(asked) == 1  # no second selection
+    other = _detector("gradlayer", "gradlayer.val_ood=noise:gaussian", "gradlayer.val_size=40")
+    other.load_state_dict(det.state_dict())          # --set gradlayer.val_ood=... at eval time: chosen again
+    monkeypatch.setattr(other, "_validation_split", lambda: val)
+    other.layer()
+    assert asked[1:] == [("noise:gaussian", "train", (1, 8, 8))]
+    assert other.state_dict()["gradlayer"]["chosen_on"] == {"val_ood": "noise:gaussian", "val_size": 40}
+
+
+def test_gradlayer_choice_at_scoring_time_is_kept_in_the_run_cache(monkeypatch, tmp_path):
+    import oodbench.data
+
+    val, noise = _toy_sets(n=40, n_out=40, seed=5)
+    monkeypatch.setattr(oodbench.data, "load", lambda *a, **kw: noise)
+    made = []
+
+    def fresh(tag):
+        det = _detector("gradlayer", "gradlayer.val_size=40")
+        det.cache_dir, det.cache_tag = tmp_path / "cache", tag
+        monkeypatch.setattr(det, "_validation_split", lambda: made.append(tag) or val)
+        return det
+
+    first = fresh("ckpt-a").layer()
+    assert made == ["ckpt-a"] and (tmp_path / "cache" / "gradlayer_choice.json").is_file()
+    assert fresh("ckpt-a").layer() == first and made == ["ckpt-a"]   # a new process reads the choice back
+    fresh("ckpt-b").layer()                                            # another checkpoint: chosen again
+    assert made == ["ckpt-a", "ckpt-b"]
 
 
 def test_gradlayer_state_without_choice_rederives_the_validation_split(monkeypatch):

@@ -10,7 +10,10 @@
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -227,6 +230,7 @@ def layer_norms_per_sample(net, x: torch.Tensor, names) -> Dict[str, torch.Tenso
 
 from oodbench.detectors.base import register  # noqa: E402
 from oodbench.detectors.classifier import ClassifierDetector  # noqa: E402
+from oodbench.engine import distributed  # noqa: E402
 
 
 @register("gradnorm")
@@ -248,17 +252,23 @@ class GradLayer(ClassifierDetector):
     split and the train split of `gradlayer.val_ood`. It is chosen at the end of `fit` (which sees the validation
     split) and kept in the state; a state without a choice (a run fitted by another classifier method) chooses on
     first use, re-deriving the validation split as training did (`data.in`, `data.limit`, `data.val_fraction`, `seed`).
+    The choice records its validation pair (`val_ood`, `val_size`); scoring with another pair (`--set` at eval time)
+    chooses again. Choices made at scoring time are kept in <run>/cache/gradlayer_choice.json.
     """
 
     summary = "per-layer L2 norm of the gradient of CE(f(x), argmax) per weight tensor, layer chosen on validation OOD"
     chosen_layer: str = ""
     layer_aurocs: dict = {}
+    chosen_on: Optional[dict] = None    # the validation pair the choice was made on
 
     def fit(self, train, val, engine) -> None:
         super().fit(train, val, engine)
-        self.chosen_layer, self.layer_aurocs = "", {}
+        self.chosen_layer, self.layer_aurocs, self.chosen_on = "", {}, None
         if self.options["layer"] == "auto":
             self.choose_layer(val)
+
+    def validation_pair(self) -> dict:
+        return {"val_ood": str(self.options["val_ood"]), "val_size": int(self.options["val_size"])}
 
     def layer_norms(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """{weight name: (B,)} per-sample gradient norms of a uint8 batch."""
@@ -281,9 +291,29 @@ class GradLayer(ClassifierDetector):
         named = self.options["layer"]
         if named != "auto":
             return check_layers(self.net, [named])[0]
-        if not self.chosen_layer:
-            self.choose_layer(self._validation_split())
+        if not self.chosen_layer or self.chosen_on != self.validation_pair():
+            self._choose_at_scoring_time()
         return self.chosen_layer
+
+    def _choose_at_scoring_time(self) -> None:
+        """choose_layer on the re-derived validation split, or the same choice read back from the run's cache."""
+        d = self.cfg["data"]
+        key = hashlib.sha1(json.dumps({"checkpoint": self.cache_tag, "pair": self.validation_pair(),
+                                       "seed": self.cfg["seed"], "split": [d["in"], d.get("limit"), d["val_fraction"]]},
+                                      sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = None if self.cache_dir is None else Path(self.cache_dir) / "gradlayer_choice.json"
+        saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        if key in saved:
+            self.chosen_layer, self.layer_aurocs = saved[key]["layer"], saved[key]["aurocs"]
+            self.chosen_on = self.validation_pair()
+            return
+        self.choose_layer(self._validation_split())
+        if path is not None and distributed.is_main():
+            from oodbench.runs import write_atomic
+
+            saved[key] = {"layer": self.chosen_layer, "aurocs": self.layer_aurocs, **self.chosen_on}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(saved, indent=2))
 
     def choose_layer(self, val) -> None:
         """Pick the layer with the best AUROC: validation split (ID) vs `gradlayer.val_ood` (its train split)."""
@@ -297,6 +327,7 @@ class GradLayer(ClassifierDetector):
         id_norms, ood_norms = self._set_norms(_sample(val, n, self.cfg["seed"])), self._set_norms(
             _sample(ood, n, self.cfg["seed"]))
         self.chosen_layer, self.layer_aurocs = select_layer(id_norms, ood_norms)
+        self.chosen_on = self.validation_pair()
 
     def _set_norms(self, imageset, batch_size: int = 512) -> Dict[str, torch.Tensor]:
         parts = [self.layer_norms(x.to(self.device)) for x, _ in imageset.batches(batch_size)]
@@ -308,12 +339,14 @@ class GradLayer(ClassifierDetector):
         return run_split(self.cfg, self.device)[1]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "gradlayer": {"layer": self.chosen_layer, "aurocs": dict(self.layer_aurocs)}}
+        return {**super().state_dict(), "gradlayer": {"layer": self.chosen_layer, "aurocs": dict(self.layer_aurocs),
+                                                      "chosen_on": dict(self.chosen_on or {})}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         chosen = state.get("gradlayer", {})
         self.chosen_layer, self.layer_aurocs = chosen.get("layer", ""), dict(chosen.get("aurocs", {}))
+        self.chosen_on = dict(chosen["chosen_on"]) if chosen.get("chosen_on") else None
 
 
 def _sample(imageset, n: int, seed: int):
