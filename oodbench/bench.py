@@ -340,11 +340,15 @@ def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Re
 def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder, folder, bar) -> None:
     """One method on one run: the ID set once, then each OOD set; finished cells come from the cell cache."""
     todo, materials = [], {}
+    try:  # the method's effective scoring options: a changed default or run config makes the cells stale
+        options = run.scoring_config(entry.score_overrides).get(entry.method)
+    except OODBenchError:
+        options = None   # the cell fails below with this error
     for out in outs:
         materials[out] = {"method": entry.method, "label": entry.label, "preset": entry.preset,
                           "train_overrides": entry.train_overrides, "score_overrides": entry.score_overrides,
                           "limit": entry.limit, "in": in_spec, "out": out, "seed": seed, "bootstrap": bench.bootstrap,
-                          "run": str(run.path), "detector": digest}
+                          "run": str(run.path), "detector": digest, "options": options}
         record = recorder.cached(materials[out])
         needs_plot_scores = seed == bench.seeds[0] and not all(
             plot_scores_path(folder, entry, in_spec, s).is_file() for s in (in_spec, out))

@@ -154,3 +154,25 @@ def test_bench_config_errors(tmp_path):
     assert bench.renamer(entry)("odin") == "odin_t1"
 
 
+def test_changed_scoring_options_of_a_run_make_its_cells_stale(grid, monkeypatch, tmp_path):
+    """A cell is reused only while the method's effective options are the same (e.g. a changed config default)."""
+    import shutil
+
+    report = tmp_path / "report"
+    shutil.copytree(grid["report"], report)
+    real_config = runs.Run.scoring_config
+
+    def hotter(self, overrides):
+        cfg = real_config(self, overrides)
+        cfg["energy"]["temperature"] = 3.0
+        return cfg
+
+    monkeypatch.setattr(runs.Run, "scoring_config", hotter)
+    scored = []
+    for name in ("msp", "energy"):
+        real_rows = get(name).score_rows
+        monkeypatch.setattr(get(name), "score_rows", lambda self, x, f=real_rows: scored.append(self.name) or f(self, x))
+    monkeypatch.setitem(REGISTRY, "boom", boom_class())
+    monkeypatch.setenv("OODBENCH_PROGRESS", "0")
+    bench.run_bench(grid["config"], runs_dir=grid["runs"], device="cpu", out=report)
+    assert "energy" in scored and "msp" not in scored
