@@ -116,7 +116,7 @@ class Run:
 
     def cache_key(self, det, imageset, limit) -> str:
         h = hashlib.sha1()
-        h.update(file_digest(self.path / "detector.pt").encode())
+        h.update((det.cache_tag or file_digest(self.path / "detector.pt")).encode())  # digest taken at load
         h.update(imageset.fingerprint.encode())
         h.update(json.dumps({"options": det.options, "limit": limit}, sort_keys=True, default=str).encode())
         return h.hexdigest()[:20]
@@ -234,10 +234,12 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
         extra = {}
         if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
             extra["id_accuracy"] = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
+        if "_bpd" in id_scores:  # likelihood models: mean bits per dimension of both sets beside the rows
+            extra["id_bpd"] = float(np.mean(id_scores["_bpd"]))
         for out in out_specs:
             ood_scores = run.score(method, out, limit, overrides, detector=det)
-            if "_bpd" in id_scores:  # likelihood models: mean bits per dimension of both sets beside the rows
-                extra.update(id_bpd=float(np.mean(id_scores["_bpd"])), out_bpd=float(np.mean(ood_scores["_bpd"])))
+            if "_bpd" in ood_scores:
+                extra["out_bpd"] = float(np.mean(ood_scores["_bpd"]))
             rows += [{**r, **extra} for r in metric_rows(id_scores, ood_scores, in_spec, out, bootstrap)]
     if distributed.is_main():
         run.update_metrics(rows)

@@ -10,7 +10,10 @@ score types) are rows of one `score_rows` call, not separate trainings.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -46,6 +49,15 @@ class Detector:
     def options(self) -> dict:
         """This method's own scoring options: `cfg[<method name>]` (empty when the config has none)."""
         return self.cfg.get(self.name, {}) or {}
+
+    def cache_file(self, name: str) -> Optional[Path]:
+        """`<run>/cache/<name>`, or None when the detector was not loaded from a run (then nothing is cached)."""
+        return None if self.cache_dir is None else Path(self.cache_dir) / name
+
+    def cache_key(self, *material) -> str:
+        """A key that changes with the checkpoint (`cache_tag`) and with everything in `material` (JSON-able)."""
+        text = json.dumps([self.cache_tag, *material], sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:20]
 
     def fit(self, train, val, engine) -> None:
         raise NotImplementedError

@@ -7,9 +7,6 @@ are kept in <run>/cache/train_features.npz, keyed by the checkpoint and the trai
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,8 +31,7 @@ class FeatureDetector(ClassifierDetector):
     def training_features(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 penultimate features (N, D) and labels (N,) of the run's training split, cached in the run."""
         train, _ = run_split(self.cfg, self.device)
-        key = hashlib.sha1(f"{self.cache_tag}|{train.fingerprint}".encode()).hexdigest()[:20]
-        path = None if self.cache_dir is None else Path(self.cache_dir) / "train_features.npz"
+        key, path = self.cache_key(train.fingerprint), self.cache_file("train_features.npz")
         if path is not None and path.is_file():
             with np.load(path, allow_pickle=False) as f:
                 if str(f["key"]) == key:

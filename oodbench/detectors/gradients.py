@@ -10,9 +10,7 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -298,10 +296,8 @@ class GradLayer(ClassifierDetector):
     def _choose_at_scoring_time(self) -> None:
         """choose_layer on the re-derived validation split, or the same choice read back from the run's cache."""
         d = self.cfg["data"]
-        key = hashlib.sha1(json.dumps({"checkpoint": self.cache_tag, "pair": self.validation_pair(),
-                                       "seed": self.cfg["seed"], "split": [d["in"], d.get("limit"), d["val_fraction"]]},
-                                      sort_keys=True, default=str).encode()).hexdigest()[:20]
-        path = None if self.cache_dir is None else Path(self.cache_dir) / "gradlayer_choice.json"
+        key = self.cache_key(self.validation_pair(), self.cfg["seed"], [d["in"], d.get("limit"), d["val_fraction"]])
+        path = self.cache_file("gradlayer_choice.json")
         saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
         if key in saved:
             self.chosen_layer, self.layer_aurocs = saved[key]["layer"], saved[key]["aurocs"]
@@ -312,7 +308,6 @@ class GradLayer(ClassifierDetector):
             from oodbench.runs import write_atomic
 
             saved[key] = {"layer": self.chosen_layer, "aurocs": self.layer_aurocs, **self.chosen_on}
-            path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps(saved, indent=2))
 
     def choose_layer(self, val) -> None:
