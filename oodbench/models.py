@@ -1,0 +1,385 @@
+"""The model layer: any classifier as one `ClassifierModel` (network + preprocessing + features/head split).
+
+    run:PATH (or a bare run folder)      a classifier oodbench trained
+    torchvision:NAME[:WEIGHTS]           e.g. torchvision:resnet50:IMAGENET1K_V2; WEIGHTS `none` = random (seeded)
+    timm:NAME[:pretrained]               needs the optional extra oodbench[timm]
+    openood:resnet18_32x32:PATH          OpenOOD v1.5's CIFAR ResNet-18 checkpoints
+    python:MODULE:CALLABLE[:STATE_DICT]  your own factory (called with no arguments), plus an optional weights file
+    torchscript:PATH                     a scripted/traced network (logits only: no features/head split)
+
+`load_model(spec, mean=, std=, size=, head=)` overrides the preprocessing or names the head layer. State dicts load
+with `weights_only=True`. The features are the input of the head `nn.Linear`, captured by a forward hook, so one
+forward gives both features and logits and the user's class is not changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from oodbench.errors import OODBenchError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# OpenOOD v1.5's normalisation of its CIFAR sets (openood/preprocessors/transform.py, normalization_dict).
+OPENOOD_STATS = {10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                 100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+SOURCES = ("run", "torchvision", "timm", "openood", "python", "torchscript")
+
+
+class ClassifierModel:
+    """A classifier with its preprocessing: uint8 (B, C, H, W) → channels → [0, 1] → resize/crop → mean/std.
+
+    - `net`: the network (eval mode); `head`: its final `nn.Linear` (None for torchscript models);
+    - `prepare(x)`: the network's float input; `logits(x)`, `features(x)`, `features_and_logits(x)` take uint8 batches;
+    - `digest`: a hash of the weights and the preprocessing, for cache keys.
+    `size` is the network's input (H, W) (None: images keep their size); `resize` an optional shorter side to resize
+    to before a centre crop to `size` (the ImageNet recipe, e.g. 256 then 224).
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], size=None, resize=None,
+                 channels: Optional[int] = None, head: Optional[nn.Module] = None, name: str = "model"):
+        self.net = net.eval()
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise OODBenchError(f"model {name}: mean and std need the same number of values and std > 0, got "
+                                f"mean={self.mean}, std={self.std} (set model.mean / model.std)")
+        self.size = _pair(size, "size")
+        self.resize = None if resize is None else int(resize)
+        self.channels = channels if channels is not None else input_channels(net)
+        self.head, self.name = head, name
+        self._captured: list = []
+        self._checked = False
+        if head is not None:
+            head.register_forward_hook(lambda _m, inputs, _out: self._captured.append(inputs[0]))
+        self.digest = model_digest(net, {"name": name, "mean": self.mean, "std": self.std, "size": self.size,
+                                         "resize": self.resize, "channels": self.channels})
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.net.parameters()), torch.zeros(0)).device
+
+    def to(self, device) -> "ClassifierModel":
+        self.net.to(device)
+        return self
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.head.out_features if isinstance(self.head, nn.Linear) else None
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch → the network's normalised float input."""
+        from torchvision.transforms.v2 import functional as TF
+
+        from oodbench.data import transforms
+        from oodbench.data.convert import luminance
+
+        if self.channels is not None and x.shape[1] != self.channels:
+            if (x.shape[1], self.channels) == (1, 3):
+                x = x.expand(-1, 3, -1, -1)
+            elif (x.shape[1], self.channels) == (3, 1):
+                x = luminance(x)
+            else:
+                raise OODBenchError(f"model {self.name} takes {self.channels}-channel images, got {x.shape[1]}")
+        x = transforms.to_unit(x)
+        if self.resize is not None:
+            x = TF.resize(x, [self.resize], antialias=True)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = TF.center_crop(x, list(self.size)) if self.resize is not None else \
+                TF.resize(x, list(self.size), antialias=True)
+        return transforms.normalize(x, self.mean, self.std)
+
+    def forward_split(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, D), logits (B, K)) of a prepared input, from one forward pass."""
+        if self.head is None:
+            raise OODBenchError(f"model {self.name} has no features/head split (a torchscript model gives logits "
+                                f"only); load it as python:MODULE:CALLABLE:WEIGHTS, or use a logit-based method")
+        self._captured.clear()
+        logits = self.net(inp)
+        if len(self._captured) != 1:
+            raise OODBenchError(f"model {self.name}: the head layer ran {len(self._captured)} times in one forward; "
+                                f"name the final linear layer with --set model.head=LAYER_NAME")
+        features = self._captured.pop().flatten(1)
+        if not self._checked:
+            self._check_head_is_last(features, logits)
+        return features, logits
+
+    def _check_head_is_last(self, features, logits) -> None:
+        with torch.no_grad():
+            again = self.head(features)
+        self._captured.clear()
+        if again.shape != logits.shape or not torch.allclose(again.float(), logits.float(), rtol=1e-3, atol=1e-4):
+            raise OODBenchError(f"model {self.name}: the output is not head(features) for the layer taken as the "
+                                f"head; name the final linear layer with --set model.head=LAYER_NAME")
+        self._checked = True
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(x)).float()
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_split(self.prepare(x))[0].float()
+
+    @torch.no_grad()
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits = self.forward_split(self.prepare(x))
+        return features.float(), logits.float()
+
+
+def wrap(net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, head=None, resize=None,
+         name: str = "") -> ClassifierModel:
+    """Your own network as a ClassifierModel. `head`: the final linear layer's name (default: the last nn.Linear)."""
+    if not isinstance(net, nn.Module):
+        raise OODBenchError(f"wrap needs an nn.Module, got {type(net).__name__}")
+    return ClassifierModel(net, mean, std, size, resize, head=find_head(net, head), name=name or type(net).__name__)
+
+
+def find_head(net: nn.Module, name: Optional[str] = None) -> Optional[nn.Module]:
+    """The named layer, or the last nn.Linear of `net` (None for a torchscript module, which takes no hooks)."""
+    if isinstance(net, torch.jit.ScriptModule):
+        if name:
+            raise OODBenchError("model.head cannot be used with a torchscript model (it takes no forward hooks)")
+        return None
+    modules = dict(net.named_modules())
+    if name:
+        if name not in modules:
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise OODBenchError(f"model.head={name!r}: no such layer; the linear layers are {', '.join(linears)}")
+        if not isinstance(modules[name], nn.Linear):
+            raise OODBenchError(f"model.head={name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
+        return modules[name]
+    linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise OODBenchError(f"{type(net).__name__} has no nn.Linear layer to use as the head; name one with "
+                            f"--set model.head=LAYER_NAME")
+    return linears[-1]
+
+
+def input_channels(net: nn.Module) -> Optional[int]:
+    """Input channels of the first 4-D weight (the stem convolution), or None when there is none."""
+    for p in net.parameters():
+        if p.dim() == 4:
+            return int(p.shape[1])
+    return None
+
+
+def model_digest(net: nn.Module, preprocessing: dict) -> str:
+    h = hashlib.sha1(json.dumps(preprocessing, sort_keys=True).encode())
+    for key, value in net.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes()
+                 if value.numel() else b"")
+    return h.hexdigest()[:20]
+
+
+def _pair(size, what: str):
+    if size is None:
+        return None
+    values = [size, size] if isinstance(size, int) else list(size)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise OODBenchError(f"model.{what} must be a positive integer or [height, width], got {size!r}")
+    return tuple(values)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = None, device="cpu",
+               seed: int = 0) -> ClassifierModel:
+    """A ClassifierModel from a spec (see the module docstring); mean/std/size/head override what the source says."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise OODBenchError(f"model spec must be a non-empty string such as torchvision:resnet18:none, got {spec!r}")
+    spec = spec.strip()
+    source, _, rest = spec.partition(":")
+    if source not in SOURCES:
+        if Path(spec).is_dir():
+            source, rest = "run", spec
+        else:
+            raise OODBenchError(f"unknown model spec {spec!r}; start it with one of {', '.join(SOURCES)} "
+                                f"(e.g. torchvision:resnet18:IMAGENET1K_V1) or give a run folder")
+    if not rest:
+        raise OODBenchError(f"model spec {spec!r} is incomplete; e.g. {EXAMPLES[source]}")
+    net, defaults = LOADERS[source](rest, spec, seed)
+    settings = {**defaults, **{k: v for k, v in {"mean": mean, "std": std, "size": size}.items() if v is not None}}
+    if size is not None:
+        settings["resize"] = None
+    layer = head or settings.pop("head", None)
+    settings.pop("head", None)
+    model = ClassifierModel(net, settings["mean"], settings["std"], settings.get("size"), settings.get("resize"),
+                            settings.get("channels"), find_head(net, layer), name=spec)
+    return model.to(device)
+
+
+EXAMPLES = {"run": "run:runs/classifier-cifar10-s0", "torchvision": "torchvision:resnet50:IMAGENET1K_V2",
+            "timm": "timm:resnet50:pretrained", "openood": "openood:resnet18_32x32:PATH/best.ckpt",
+            "python": "python:mypackage.nets:build:weights.pt", "torchscript": "torchscript:model.pt"}
+
+
+def _from_run(rest: str, spec: str, seed: int):
+    from oodbench import config as configs
+    from oodbench.engine import checkpoint
+    from oodbench.nets.classifiers import build_classifier
+
+    path = Path(rest)
+    if not (path / "config.yaml").is_file() or not (path / "detector.pt").is_file():
+        raise OODBenchError(f"{spec}: {path} is not a trained run folder (needs config.yaml and detector.pt)")
+    cfg = configs.read_yaml(path / "config.yaml")
+    state = checkpoint.load(path / "detector.pt", "cpu")
+    if "net" not in state or "mean" not in state:
+        raise OODBenchError(f"{spec}: {path} is not a classifier run (its detector.pt holds no classifier)")
+    mc = cfg.get("model", {})
+    net = build_classifier(mc.get("arch", "resnet18"), int(state["shape"][0]), int(state["num_classes"]),
+                           dropout=mc.get("dropout", 0.0), width=mc.get("width", 32))
+    load_state(net, state["net"], spec)
+    return net, {"mean": state["mean"], "std": state["std"], "channels": int(state["shape"][0]), "head": "head"}
+
+
+def _from_torchvision(rest: str, spec: str, seed: int):
+    import torchvision
+
+    name, _, weights_name = rest.partition(":")
+    if name not in torchvision.models.list_models():
+        raise OODBenchError(f"{spec}: torchvision has no model {name!r}; see torchvision.models.list_models()")
+    if weights_name.lower() in ("", "none"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = torchvision.models.get_model(name, weights=None)
+        return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "channels": 3}
+    try:
+        weights = torchvision.models.get_model_weights(name)[weights_name]
+    except (KeyError, ValueError):
+        names = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
+        raise OODBenchError(f"{spec}: {name} has no weights {weights_name!r}; choose one of {names}, or none")
+    try:
+        net = torchvision.models.get_model(name, weights=weights)
+    except Exception as e:  # noqa: BLE001 - offline downloads fail with URLError, RuntimeError, ...
+        where = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise OODBenchError(f"{spec}: could not download {weights.url} ({type(e).__name__}); put that file at "
+                            f"{where}") from e
+    t = weights.transforms()
+    return net, {"mean": t.mean, "std": t.std, "size": list(t.crop_size), "resize": t.resize_size[0],
+                 "channels": 3}
+
+
+def _from_timm(rest: str, spec: str, seed: int):
+    try:
+        import timm
+    except ImportError:
+        raise OODBenchError(f"{spec}: timm is not installed; install the extra: pip install 'oodbench[timm]'")
+    name, _, flag = rest.partition(":")
+    if flag not in ("", "pretrained", "none"):
+        raise OODBenchError(f"{spec}: write timm:NAME or timm:NAME:pretrained")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = timm.create_model(name, pretrained=flag == "pretrained")
+    except RuntimeError as e:
+        raise OODBenchError(f"{spec}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - hub downloads fail offline in many ways
+        raise OODBenchError(f"{spec}: could not get the pretrained weights ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); put them in the Hugging Face cache "
+                            f"(~/.cache/huggingface) or set HF_HUB_OFFLINE=1 with the files cached") from e
+    cfg = net.pretrained_cfg
+    _, h, w = cfg.get("input_size", (3, 224, 224))
+    crop = float(cfg.get("crop_pct", 0.875) or 1.0)
+    return net, {"mean": cfg.get("mean", IMAGENET_MEAN), "std": cfg.get("std", IMAGENET_STD), "size": [h, w],
+                 "resize": int(h / crop) if flag == "pretrained" else None, "channels": 3}
+
+
+def _from_openood(rest: str, spec: str, seed: int):
+    arch, _, path = rest.partition(":")
+    if arch != "resnet18_32x32":
+        raise OODBenchError(f"{spec}: only OpenOOD's resnet18_32x32 is supported, e.g. {EXAMPLES['openood']}")
+    state = _read_state(path, spec)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.replace(".shortcut.", ".downsample."): v for k, v in state.items()}
+    if "fc.weight" not in state:
+        raise OODBenchError(f"{spec}: not an OpenOOD ResNet18_32x32 state dict (no fc.weight); first keys: "
+                            f"{', '.join(list(state)[:4])}")
+    num_classes = int(state["fc.weight"].shape[0])
+    net = openood_resnet18_32x32(num_classes)
+    load_state(net, state, spec)
+    mean, std = OPENOOD_STATS.get(num_classes, OPENOOD_STATS[10])
+    return net, {"mean": mean, "std": std, "channels": 3, "head": "fc"}
+
+
+def openood_resnet18_32x32(num_classes: int) -> nn.Module:
+    """OpenOOD's ResNet18_32x32 as torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def _from_python(rest: str, spec: str, seed: int):
+    module_name, _, tail = rest.partition(":")
+    factory_name, _, weights = tail.partition(":")
+    if not module_name or not factory_name:
+        raise OODBenchError(f"{spec}: write python:MODULE:CALLABLE[:STATE_DICT], e.g. {EXAMPLES['python']}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise OODBenchError(f"{spec}: cannot import {module_name!r} ({e}); is it on PYTHONPATH?") from e
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise OODBenchError(f"{spec}: {module_name} has no callable {factory_name!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = factory()
+    if not isinstance(net, nn.Module):
+        raise OODBenchError(f"{spec}: {factory_name}() returned a {type(net).__name__}, not an nn.Module")
+    if weights:
+        load_state(net, _read_state(weights, spec), spec)
+    return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def _from_torchscript(rest: str, spec: str, seed: int):
+    if not Path(rest).is_file():
+        raise OODBenchError(f"{spec}: no file {rest}")
+    try:
+        net = torch.jit.load(rest, map_location="cpu")
+    except (RuntimeError, ValueError) as e:
+        raise OODBenchError(f"{spec}: {rest} is not a TorchScript file ({str(e).splitlines()[0]})") from e
+    return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def _read_state(path: str, spec: str) -> dict:
+    if not path or not Path(path).is_file():
+        raise OODBenchError(f"{spec}: no weights file {path or '(none given)'}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated files, pickles with code, ...
+        raise OODBenchError(f"{spec}: cannot read {path} as a state dict with weights_only=True "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    for key in ("state_dict", "model", "net"):  # common wrappers around a state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise OODBenchError(f"{spec}: {path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_state(net: nn.Module, state: dict, spec: str) -> None:
+    """Strict load; a wrong key layout is one line naming the first mismatching keys."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {', '.join(missing[:3])}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                 f"shape mismatch {', '.join(shapes[:2])}" if shapes else ""]
+        raise OODBenchError(f"{spec}: the weights do not fit the network: " + "; ".join(p for p in parts if p))
+    net.load_state_dict(state)
+
+
+LOADERS = {"run": _from_run, "torchvision": _from_torchvision, "timm": _from_timm, "openood": _from_openood,
+           "python": _from_python, "torchscript": _from_torchscript}

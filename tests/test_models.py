@@ -1,0 +1,194 @@
+"""The model layer: specs → ClassifierModel with preprocessing and a features/head split (offline, random weights)."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import oodbench
+from oodbench import models, runs
+from oodbench.errors import OODBenchError
+
+FIXTURE_RUN = Path(__file__).parent / "fixtures" / "tiny_run"
+
+
+def uint8(shape, seed=0):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_random_torchvision_model_is_seeded_and_matches_the_python_spec(tmp_path):
+    model = oodbench.load_model("torchvision:resnet18:none")
+    again = oodbench.load_model("torchvision:resnet18:none")
+    assert model.digest == again.digest and model.channels == 3 and model.size is None
+    weights = tmp_path / "resnet18.pt"
+    torch.save(model.net.state_dict(), weights)
+    mine = oodbench.load_model(f"python:torchvision.models:resnet18:{weights}")
+    x = uint8((3, 1, 28, 28))                    # 1 channel: replicated to the model's 3
+    f1, z1 = model.features_and_logits(x)
+    f2, z2 = mine.features_and_logits(x)
+    assert torch.equal(z1, z2) and torch.equal(f1, f2) and f1.shape == (3, 512) and z1.shape == (3, 1000)
+    assert mine.digest != model.digest           # the name is part of the digest; same weights, other source
+    inp = model.prepare(x)
+    expected = (x.expand(-1, 3, -1, -1).float() / 255 - torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(inp, expected)
+    torch.testing.assert_close(z1, model.net(expected))
+
+
+def test_features_are_the_head_input_and_head_of_features_is_the_logits():
+    model = oodbench.load_model("torchvision:resnet18:none")
+    x = uint8((2, 3, 32, 32), seed=1)
+    features, logits = model.features_and_logits(x)
+    net = model.net
+    with torch.no_grad():
+        inp = model.prepare(x)
+        h = net.avgpool(net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(inp)))))))))
+    torch.testing.assert_close(features, h.flatten(1))
+    torch.testing.assert_close(model.head(features), logits)
+    assert model.head is net.fc
+
+
+@pytest.mark.parametrize("name,head,dim", [("vit_b_16", "heads.head", 768), ("convnext_tiny", "classifier.2", 768),
+                                           ("efficientnet_b0", "classifier.1", 1280), ("densenet121", "classifier",
+                                                                                       1024),
+                                           ("swin_t", "head", 768), ("mobilenet_v3_small", "classifier.3", 1024)])
+def test_standard_families_have_their_head_found(name, head, dim):
+    model = oodbench.load_model(f"torchvision:{name}:none", size=224 if name == "vit_b_16" else None)
+    assert model.head is dict(model.net.named_modules())[head]
+    features, logits = model.features_and_logits(uint8((1, 3, 64, 64)))
+    assert features.shape == (1, dim) and logits.shape == (1, 1000)
+
+
+def test_resize_and_centre_crop_follow_torchvision_preset():
+    from torchvision.transforms._presets import ImageClassification
+
+    net = torchvision.models.resnet18(weights=None)
+    model = models.ClassifierModel(net, models.IMAGENET_MEAN, models.IMAGENET_STD, size=224, resize=256,
+                                   head=net.fc)
+    x = uint8((2, 3, 40, 50), seed=2)
+    preset = ImageClassification(crop_size=224, resize_size=256)
+    expected = torch.stack([preset(img) for img in x])
+    got = model.prepare(x)
+    assert got.shape == expected.shape == (2, 3, 224, 224)
+    assert (got - expected).abs().max() < 0.05   # torchvision resizes uint8 and rounds; we resize floats
+
+
+def test_openood_layout_state_dict_loads_and_gives_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    source = models.openood_resnet18_32x32(10).eval()
+    renamed = {k.replace(".downsample.", ".shortcut."): v for k, v in source.state_dict().items()}
+    assert any(".shortcut." in k for k in renamed)
+    path = tmp_path / "best.ckpt"
+    torch.save({f"module.{k}": v for k, v in renamed.items()}, path)
+    model = oodbench.load_model(f"openood:resnet18_32x32:{path}")
+    assert model.mean == list(models.OPENOOD_STATS[10][0]) and model.num_classes == 10
+    x = uint8((4, 3, 32, 32), seed=3)
+    with torch.no_grad():
+        expected = source(model.prepare(x))
+    torch.testing.assert_close(model.logits(x), expected)
+    bad = tmp_path / "bad.ckpt"
+    torch.save({k.replace("layer1", "stage1"): v for k, v in renamed.items()}, bad)
+    with pytest.raises(OODBenchError, match="missing layer1.0.conv1.weight"):
+        oodbench.load_model(f"openood:resnet18_32x32:{bad}")
+
+
+def test_run_spec_gives_the_runs_own_classifier(tmp_path):
+    folder = tmp_path / "classifier-fashion_mnist-s0"
+    shutil.copytree(FIXTURE_RUN, folder)
+    det = runs.Run(folder).detector("msp", device="cpu")
+    for spec in (f"run:{folder}", str(folder)):
+        model = oodbench.load_model(spec)
+        x = uint8((5, 1, 28, 28), seed=4)
+        torch.testing.assert_close(model.logits(x), det.logits(x))
+        torch.testing.assert_close(model.features(x), det.net.features(det.prepare(x)))
+        assert model.head is model.net.head
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.proj = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.proj(self.conv(x).mean((2, 3))))
+        return self.out(h)
+
+
+def test_wrap_finds_the_last_linear_and_honours_a_named_head():
+    net = UserNet()
+    model = oodbench.wrap(net, mean=[0.5], std=[0.25])
+    assert model.head is net.out and model.channels == 1 and type(net) is UserNet
+    x = uint8((3, 1, 8, 8), seed=5)
+    features, logits = model.features_and_logits(x)
+    inp = (x.float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(logits, net(inp))
+    torch.testing.assert_close(features, torch.relu(net.proj(net.conv(inp).mean((2, 3)))))
+    wrong = oodbench.wrap(net, mean=[0.5], std=[0.25], head="proj")   # not the last layer: caught on first use
+    with pytest.raises(OODBenchError, match="model.head"):
+        wrong.features(x)
+    with pytest.raises(OODBenchError, match="no such layer"):
+        oodbench.wrap(net, head="fc")
+
+
+def test_torchscript_gives_logits_and_a_clear_error_for_features(tmp_path):
+    net = UserNet().eval()
+    path = tmp_path / "net.pt"
+    torch.jit.trace(net, torch.zeros(1, 1, 8, 8)).save(str(path))
+    model = oodbench.load_model(f"torchscript:{path}", mean=[0.5], std=[0.25])
+    x = uint8((2, 1, 8, 8), seed=6)
+    torch.testing.assert_close(model.logits(x), net((x.float() / 255 - 0.5) / 0.25))
+    with pytest.raises(OODBenchError, match="logits only"):
+        model.features(x)
+
+
+def test_timm_model_uses_its_pretrained_cfg_and_head():
+    timm = pytest.importorskip("timm", reason="timm is the optional extra oodbench[timm]")
+    model = oodbench.load_model("timm:resnet18")
+    assert model.size == (224, 224) and model.head is model.net.get_classifier()
+    x = uint8((2, 3, 64, 64), seed=7)
+    features, logits = model.features_and_logits(x)
+    with torch.no_grad():
+        pre = model.net.forward_head(model.net.forward_features(model.prepare(x)), pre_logits=True)
+    torch.testing.assert_close(features, pre)
+    assert timm is not None and logits.shape == (2, 1000)
+
+
+def test_missing_timm_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(OODBenchError, match=r"oodbench\[timm\]"):
+        oodbench.load_model("timm:resnet18")
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("", "non-empty"), ("keras:resnet", "unknown model spec"), ("torchvision:", "incomplete"),
+    ("torchvision:resnet999", "no model"), ("torchvision:resnet18:IMAGENET9", "no weights"),
+    ("openood:vgg:x.pt", "only OpenOOD's resnet18_32x32"), ("openood:resnet18_32x32:/no/such.ckpt", "no weights file"),
+    ("python:no_such_module_xyz:f", "cannot import"), ("python:torchvision.models:nothing", "no callable"),
+    ("python:math:pi", "no callable"), ("python:os:getcwd", "not an nn.Module"), ("python:torchvision.models",
+                                                                                  "write python:"),
+    ("torchscript:/no/such.pt", "no file"), ("run:/no/such/run", "not a trained run"), ("timm:resnet18:yes",
+                                                                                       "timm:NAME"),
+])
+def test_malformed_specs_are_one_line_errors(spec, match):
+    with pytest.raises(OODBenchError, match=match) as info:
+        oodbench.load_model(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_weights_files_are_one_line_errors(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(OODBenchError, match="weights_only"):
+        oodbench.load_model(f"python:torchvision.models:resnet18:{garbage}")
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), wrong)
+    with pytest.raises(OODBenchError, match="shape mismatch fc.weight") as info:
+        oodbench.load_model(f"python:torchvision.models:resnet18:{wrong}")
+    assert "\n" not in str(info.value)
+    with pytest.raises(OODBenchError, match="std"):
+        oodbench.load_model("torchvision:resnet18:none", std=[0.0, 1.0, 1.0])
