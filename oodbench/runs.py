@@ -233,7 +233,9 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
         id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         extra = {}
         if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
-            extra["id_accuracy"] = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
+            accuracy = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
+            if accuracy is not None:
+                extra["id_accuracy"] = accuracy
         if "_bpd" in id_scores:  # likelihood models: mean bits per dimension of both sets beside the rows
             extra["id_bpd"] = float(np.mean(id_scores["_bpd"]))
         for out in out_specs:

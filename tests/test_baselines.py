@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from oodbench.config import load_config
 from oodbench.detectors import get
+from oodbench.models import wrap
 
 
 class FixedNet(nn.Module):
@@ -25,7 +26,7 @@ def detector(name, **options):
     det = get(name)(load_config("classifier"), "cpu")
     det.options.update(options)
     torch.manual_seed(0)
-    det.net, det.mean, det.std, det.num_classes = FixedNet(torch.randn(4, 12)), [0.5, 0.5, 0.5], [0.25] * 3, 4
+    det.use_model(wrap(FixedNet(torch.randn(4, 12)), mean=[0.5, 0.5, 0.5], std=[0.25] * 3))
     return det
 
 

@@ -110,8 +110,10 @@ def test_select_layer_picks_the_separating_layer():
 
 
 def test_bad_network_and_unknown_layer_are_clear_errors():
-    with pytest.raises(OODBenchError, match="features/head"):
-        G.check_split(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "gradnorm")
+    from oodbench.models import wrap
+
+    with pytest.raises(OODBenchError, match="no nn.Linear layer to use as the head"):
+        wrap(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
     net = _net("small_cnn", 1, {"width": 8})
     with pytest.raises(OODBenchError, match="unknown layer 'body.nope'"):
         G.per_layer_grad_norms(net, torch.randn(2, 1, 8, 8), layers=["body.nope"])

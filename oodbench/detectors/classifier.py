@@ -72,6 +72,18 @@ class ClassifierDetector(Detector):
                                  like=train.shape)
             self.net = finetune_with_outliers(engine, self.net, self.prepare, train, outliers, self.cfg)
         self.net.eval()
+        self.use_model(self._own_model())
+
+    def _own_model(self):
+        from oodbench.models import ClassifierModel
+
+        return ClassifierModel(self.net, self.mean, self.std, channels=self.shape[0], head=self.net.head,
+                               name="run")
+
+    def use_model(self, model) -> None:
+        """Score `model` (a ClassifierModel: network, preprocessing, features/head split)."""
+        self.model, self.net, self.mean, self.std = model, model.net, model.mean, model.std
+        self.num_classes = model.num_classes
 
     def build(self):
         mc = self.cfg["model"]
@@ -80,14 +92,17 @@ class ClassifierDetector(Detector):
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch → normalised float input of the classifier."""
-        return transforms.normalize(transforms.to_unit(x), self.mean, self.std)
+        return self.model.prepare(x)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.prepare(x)).float()
+        return self.model.logits(x)
 
     @torch.no_grad()
-    def accuracy(self, imageset, batch_size: int = 500) -> float:
+    def accuracy(self, imageset, batch_size: int = 500):
+        """Test accuracy, or None when the model's classes are not the set's (e.g. an ImageNet model)."""
+        if imageset.labels is None or self.model.num_classes != imageset.num_classes:
+            return None
         correct = sum((self.logits(x).argmax(1) == y).sum().item() for x, y in imageset.batches(batch_size))
         return correct / max(1, len(imageset))
 
@@ -101,6 +116,7 @@ class ClassifierDetector(Detector):
         self.net = self.build()
         self.net.load_state_dict(state["net"])
         self.net.eval()
+        self.use_model(self._own_model())
 
 
 @register("msp")
@@ -134,7 +150,7 @@ class ODIN(ClassifierDetector):
 
     def score(self, x):
         t, eps = float(self.options["temperature"]), float(self.options["epsilon"])
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) if len(self.std) > 1 else self.std[0]
         with torch.enable_grad():
             inp = self.prepare(x).requires_grad_(True)
             logits = self.net(inp).float() / t

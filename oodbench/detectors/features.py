@@ -26,7 +26,7 @@ class FeatureDetector(ClassifierDetector):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.features(self.prepare(x)).float()
+        return self.model.features(x)
 
     def training_features(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 penultimate features (N, D) and labels (N,) of the run's training split, cached in the run."""

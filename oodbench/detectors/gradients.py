@@ -23,14 +23,6 @@ from oodbench.errors import OODBenchError
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def check_split(net: nn.Module, method: str) -> None:
-    """Raise unless `net` has the features/head split that gradient scores need."""
-    if not (callable(getattr(net, "features", None)) and isinstance(getattr(net, "head", None), nn.Linear)):
-        raise OODBenchError(
-            f"{method} needs a classifier with a features/head split (`.features(x)` and a `.head` nn.Linear), got "
-            f"{type(net).__name__}; train the run with an oodbench classifier (oodbench.nets.classifiers)")
-
-
 def gradnorm_scores(features: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """GradNorm S(x) (higher = in-distribution) from penultimate features (B, D) and logits (B, C), in closed form."""
     if temperature <= 0:
@@ -237,9 +229,8 @@ class GradNorm(ClassifierDetector):
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        check_split(self.net, self.name)
-        features = self.net.features(self.prepare(x))
-        return -gradnorm_scores(features, self.net.head(features), float(self.options["temperature"]))
+        features, logits = self.model.features_and_logits(x)
+        return -gradnorm_scores(features, logits, float(self.options["temperature"]))
 
 
 @register("gradlayer")
@@ -270,7 +261,6 @@ class GradLayer(ClassifierDetector):
 
     def layer_norms(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """{weight name: (B,)} per-sample gradient norms of a uint8 batch."""
-        check_split(self.net, self.name)
         return per_layer_grad_norms(self.net, self.prepare(x), micro_batch=int(self.options["micro_batch"]),
                                     memory_mb=self.options["memory_mb"])
 
