@@ -53,10 +53,11 @@ class ClassifierDetector(Detector):
         self.std = unit.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
         net = self.build()
         criterion = classification_loss(tc["loss"])
+        prepare = self.normalize
 
         def loss_fn(model, batch):
             x, y = batch
-            logits = model(self.prepare(augment(x, tc["augment"], tc["crop_padding"])))
+            logits = model(prepare(augment(x, tc["augment"], tc["crop_padding"])))
             loss = criterion(logits, y)
             return loss, {"acc": (logits.argmax(1) == y).float().mean()}
 
@@ -70,7 +71,7 @@ class ClassifierDetector(Detector):
 
             outliers = data.load(oe["outliers"], split="train", root=self.cfg["data"]["root"], device=engine.device,
                                  like=train.shape)
-            self.net = finetune_with_outliers(engine, self.net, self.prepare, train, outliers, self.cfg)
+            self.net = finetune_with_outliers(engine, self.net, prepare, train, outliers, self.cfg)
         self.net.eval()
         self.use_model(self._own_model())
 
@@ -90,8 +91,12 @@ class ClassifierDetector(Detector):
         return build_classifier(mc["arch"], self.shape[0], self.num_classes, dropout=mc["dropout"],
                                 width=mc["width"]).to(self.device)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch → the run's own classifier input (training; the model layer does the same at scoring)."""
+        return transforms.normalize(transforms.to_unit(x), self.mean, self.std)
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 batch → normalised float input of the classifier."""
+        """uint8 batch → normalised float input of the scored model."""
         return self.model.prepare(x)
 
     @torch.no_grad()
