@@ -14,11 +14,15 @@ EPILOGS = {
   oodbench train --method msp --in cifar10 --set train.loss=bce --run-name bce
   oodbench train --method msma --in cifar10 --resume          # continue an interrupted run""",
     "score": """examples:
-  oodbench score --run runs/classifier-fashion_mnist-s0 --data digits,noise:gaussian --method energy""",
+  oodbench score --run runs/classifier-fashion_mnist-s0 --data digits,noise:gaussian --method energy
+  oodbench score --model torchvision:resnet18:none --in fashion_mnist --data digits --method msp""",
     "eval": """examples:
   oodbench eval --method msp --in fashion_mnist --out digits,vflip:fashion_mnist,noise:gaussian
   oodbench eval --method msp,energy,odin --in fashion_mnist --out digits --format json
-  oodbench eval --method odin --run runs/classifier-cifar10-s0 --out svhn --set odin.temperature=100""",
+  oodbench eval --method odin --run runs/classifier-cifar10-s0 --out svhn --set odin.temperature=100
+  oodbench eval --model torchvision:resnet18:none --in fashion_mnist --out noise:gaussian \\
+      --method msp,energy,knn --fit-limit 1000 --limit 300
+  oodbench eval --model openood:resnet18_32x32:best.ckpt --in cifar10 --out svhn --method msp,energy""",
     "methods": "example:\n  oodbench methods",
     "data": """examples:
   oodbench data list
@@ -56,8 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     common(t)
 
     s = command("score", "write OOD scores (higher = more OOD) of a run for datasets, as scores/<method>/<set>.npz")
-    s.add_argument("--run", "--run-dir", dest="run", required=True,
+    s.add_argument("--run", "--run-dir", dest="run", default=None,
                    help="run directory (spell it --run-dir under torchrun, whose own options swallow --run)")
+    s.add_argument("--model", default=None, help="score this classifier instead of a run (needs --in): "
+                   "torchvision:NAME[:WEIGHTS], timm:NAME[:pretrained], openood:resnet18_32x32:PATH, "
+                   "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH")
+    s.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset of --model")
+    s.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on the first N "
+                   "training images (default: the whole training split)")
     s.add_argument("--data", required=True, help="comma-separated dataset specs")
     s.add_argument("--method", default=None, help="method of the run's kind (default: the one it was trained for)")
     s.add_argument("--limit", type=int, default=None, help="score only the first N images of each set")
@@ -68,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset of the run")
     e.add_argument("--run", "--run-dir", dest="run", default=None,
                    help="run directory instead of --in/--seed/--run-name (--run-dir under torchrun)")
+    e.add_argument("--model", default=None, help="evaluate this classifier instead of a run (needs --in): "
+                   "torchvision:NAME[:WEIGHTS], timm:NAME[:pretrained], openood:resnet18_32x32:PATH, "
+                   "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH")
+    e.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on the first N "
+                   "training images (default: the whole training split)")
     e.add_argument("--out", required=True, help="comma-separated OOD dataset specs")
     e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
     e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")
@@ -110,11 +125,17 @@ def cmd_train(a) -> None:
 def cmd_score(a) -> None:
     from oodbench import runs
 
-    run = runs.Run(a.run)
-    method = a.method or run.meta.get("method")
-    det = run.detector(method, a.overrides, a.device)
+    if not (a.run or a.model):
+        raise OODBenchError("say what to score: --run RUN_DIR, or --model SPEC --in DATASET")
+    if a.run and not a.model:
+        run, overrides = runs.Run(a.run), a.overrides
+    else:
+        run, overrides = runs.find_run("msp", a.in_spec, 0, a.runs_dir, a.run, None, a.model, a.fit_limit,
+                                       a.overrides, a.data_root)
+    method = a.method or run.meta.get("method") or "msp"
+    det = run.detector(method, overrides, a.device)
     for spec in _split(a.data):
-        arrays = run.score(method, spec, a.limit, a.overrides, detector=det)
+        arrays = run.score(method, spec, a.limit, overrides, detector=det)
         rows = ", ".join(k for k in arrays if not k.startswith("_"))
         print(f"{run.path / 'scores' / method / (runs.safe_name(spec) + '.npz')}: {len(next(iter(arrays.values())))}"
               f" images; rows {rows}")
@@ -124,8 +145,9 @@ def cmd_eval(a) -> None:
     from oodbench import report, runs
 
     methods = _split(a.method)
-    run = runs.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name)
-    rows = runs.evaluate(run, methods, _split(a.out), a.limit, a.overrides, a.device, a.bootstrap)
+    run, overrides = runs.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
+                                   a.fit_limit, a.overrides, a.data_root)
+    rows = runs.evaluate(run, methods, _split(a.out), a.limit, overrides, a.device, a.bootstrap)
     if a.format == "json":
         print(report.json_rows(rows))
     elif a.format == "csv":

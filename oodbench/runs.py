@@ -132,6 +132,62 @@ class Run:
         write_atomic(self.path / "metrics.csv", rows_to_csv(merged))
 
 
+class ModelRun(Run):
+    """Post-hoc classifier methods on a model that oodbench did not train (`--model SPEC`, `oodbench.Evaluator`).
+
+    Folder `runs/model-<safe spec>-<in>/` holds the same `scores/`, `cache/` and metrics files as a run. Statistics
+    (class means, the kNN bank, gradlayer's validation choice) are fitted on the training split of `in_spec` (its
+    first `fit_limit` images when given), less the seeded `data.val_fraction` held out as the validation split.
+    """
+
+    def __init__(self, model, in_spec: str, label: Optional[str] = None, fit_limit: Optional[int] = None,
+                 runs_dir=None, data_root=None, seed: int = 0):
+        if fit_limit is not None and (isinstance(fit_limit, bool) or not isinstance(fit_limit, int) or fit_limit < 1):
+            raise OODBenchError(f"--fit-limit must be a positive number of training images, got {fit_limit!r}")
+        self.model, self.kind = model, "classifier"
+        label = label or model.name
+        self.path = runs_root(runs_dir) / f"model-{safe_name(label)}-{safe_name(in_spec)}"
+        shape = data.load(in_spec, split="test", root=data_root).shape   # checks the set before anything is written
+        self.config = {"seed": seed, "data": {"in": in_spec, "root": data_root, "limit": fit_limit}}
+        self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(shape)}
+
+    @property
+    def trained(self) -> bool:
+        return True
+
+    def detector(self, method: str, overrides: Iterable[str] = (), device="auto"):
+        cls = registry.get(method)
+        if cls.kind != "classifier":
+            raise OODBenchError(f"method {method!r} trains its own {cls.kind!r} model; --model takes classifier "
+                                f"methods (msp, energy, knn, ...; see `oodbench methods`)")
+        det = cls(self.scoring_config(overrides), setup_device(device))
+        det.use_model(self.model.to(det.device))
+        fit = self.config["data"]["limit"]
+        det.cache_dir, det.cache_tag = self.path / "cache", f"{self.model.digest}-fit{fit}"
+        return det
+
+
+def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
+    """(`model.mean/std/size/head` values for load_model, the other overrides)."""
+    import yaml
+
+    model, rest = {}, []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model."):
+            name = key[len("model."):]
+            if name not in ("mean", "std", "size", "head"):
+                raise OODBenchError(f"--set {item}: with --model, the model options are model.mean, model.std, "
+                                    f"model.size and model.head")
+            try:
+                model[name] = yaml.safe_load(item.split("=", 1)[1]) if "=" in item else None
+            except yaml.YAMLError as e:
+                raise OODBenchError(f"--set {item}: not a valid value ({str(e).splitlines()[0]})") from e
+        else:
+            rest.append(item)
+    return model, rest
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -261,8 +317,27 @@ def rows_to_csv(rows: list) -> str:
 
 
 def find_run(method: str, in_spec: Optional[str], seed: int = 0, runs_dir=None, run: Optional[str] = None,
-             run_name: Optional[str] = None) -> Run:
-    """The run given by --run, or the default run of `method`'s kind for this in-distribution set and seed."""
+             run_name: Optional[str] = None, model: Optional[str] = None, fit_limit: Optional[int] = None,
+             overrides: Iterable[str] = (), data_root=None) -> tuple[Run, list]:
+    """(the run given by --model, --run, or the default run of `method`'s kind for this set and seed; the overrides
+    left for scoring)."""
+    overrides = list(overrides)
+    if model:
+        if run:
+            raise OODBenchError("give either --model SPEC or --run RUN_DIR, not both")
+        if not in_spec:
+            raise OODBenchError("--model needs --in DATASET: the in-distribution set whose training split fits the "
+                                "statistics and whose test split is scored")
+        from oodbench.models import load_model
+
+        options, overrides = split_model_overrides(overrides)
+        return ModelRun(load_model(model, **options), in_spec, model, fit_limit, runs_dir, data_root), overrides
+    if fit_limit is not None:
+        raise OODBenchError("--fit-limit applies to --model; a trained run fits on its own training split")
+    return _find_trained_run(method, in_spec, seed, runs_dir, run, run_name), overrides
+
+
+def _find_trained_run(method, in_spec, seed, runs_dir, run, run_name) -> Run:
     if run:
         return Run(run)
     if not in_spec:

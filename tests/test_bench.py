@@ -66,7 +66,7 @@ def test_report_equals_runs_evaluate(grid):
     summary = {(r["method"], r["out"]): r for r in res["summary"]}
     expected = {}
     for seed in SEEDS:
-        run = runs.find_run("msp", "fashion_mnist", seed, grid["runs"])
+        run, _ = runs.find_run("msp", "fashion_mnist", seed, grid["runs"])
         for row in runs.evaluate(run, ["msp", "energy"], OUTS, limit=LIMIT, device="cpu", bootstrap=BOOT):
             got = per_seed[(row["method"], row["out"], seed)]
             for key in ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error", "auroc_ci"):

@@ -192,3 +192,60 @@ def test_bad_weights_files_are_one_line_errors(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(OODBenchError, match="std"):
         oodbench.load_model("torchvision:resnet18:none", std=[0.0, 1.0, 1.0])
+
+
+def _json_rows(capsys, argv):
+    import json
+
+    from oodbench.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_and_python_api_give_identical_scores_for_torchvision_and_python_specs(tmp_path, capsys):
+    """torchvision:resnet18:none and the same network through python: agree, through the CLI and the Python API."""
+    import numpy as np
+
+    weights = tmp_path / "r18.pt"
+    torch.save(oodbench.load_model("torchvision:resnet18:none").net.state_dict(), weights)
+    methods, outs = "msp,energy,knn,mahalanobis,gradnorm", ["noise:gaussian", "digits"]
+    common = ["--in", "fashion_mnist", "--out", ",".join(outs), "--method", methods, "--fit-limit", "300",
+              "--limit", "100", "--set", "knn.k=5", "--format", "json"]
+    by_spec = {}
+    for spec in ("torchvision:resnet18:none", f"python:torchvision.models:resnet18:{weights}"):
+        rows = _json_rows(capsys, ["eval", "--model", spec, "--runs-dir", str(tmp_path / "cli"), *common])
+        by_spec[spec] = {(r["method"], r["out"]): r["auroc"] for r in rows}
+        assert "id_accuracy" not in rows[0]     # 1000 ImageNet classes are not Fashion-MNIST's 10
+    a, b = by_spec.values()
+    assert a == b and len(a) == 10
+    ev = oodbench.Evaluator(oodbench.load_model("torchvision:resnet18:none"), in_dataset="fashion_mnist",
+                            methods=methods.split(","), fit_limit=300, overrides=["knn.k=5"],
+                            runs_dir=tmp_path / "api", device="cpu")
+    rows = ev.evaluate(outs, limit=100)
+    assert {(r["method"], r["out"]): r["auroc"] for r in rows} == a
+    cli_scores = np.load(tmp_path / "cli" / "model-torchvision_resnet18_none-fashion_mnist" / "scores" / "knn" /
+                         "digits.npz")["knn"]
+    np.testing.assert_array_equal(ev.score("knn", "digits", limit=100)["knn"], cli_scores)
+    assert a["knn", "noise:gaussian"] > 0.9     # even random features put noise far from real images
+
+
+def test_cli_model_errors_are_one_line(tmp_path, capsys):
+    from oodbench.cli import main
+
+    for argv, match in [
+        (["eval", "--model", "torchvision:resnet18:none", "--out", "digits", "--method", "msp"], "needs --in"),
+        (["eval", "--model", "nope:x", "--in", "digits", "--out", "digits", "--method", "msp"], "unknown model spec"),
+        (["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "digits", "--method", "msma"],
+         "trains its own"),
+        (["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "digits", "--method", "msp",
+          "--fit-limit", "0"], "fit-limit"),
+        (["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "digits", "--method", "msp",
+          "--set", "model.arch=x"], "model options are"),
+        (["score", "--data", "digits"], "--model SPEC --in"),
+    ]:
+        capsys.readouterr()
+        assert main([*argv, "--runs-dir", str(tmp_path)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, (argv, err)

@@ -56,8 +56,9 @@ class Mahalanobis(FeatureDetector):
     summary = "min Mahalanobis distance to class means, tied covariance, penultimate features (Lee et al. 2018)"
 
     def fit_statistics(self, feats, labels):
-        self.means = np.stack([feats[labels == c].mean(0) for c in range(self.num_classes)])
-        centred = feats - self.means[labels]
+        classes, index = np.unique(labels, return_inverse=True)  # the in-distribution classes, not the model's
+        self.means = np.stack([feats[labels == c].mean(0) for c in classes])
+        centred = feats - self.means[index]
         self.precision = EmpiricalCovariance(assume_centered=True).fit(centred).precision_
         return True
 
