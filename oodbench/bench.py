@@ -30,7 +30,7 @@ from oodbench.errors import OODBenchError
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
               "plots", "methods")
-ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit")
+ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit")
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error")
 TABLE_METRICS = (("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"), ("fpr95", "FPR@95"),
                  ("detection_error", "DetErr"))
@@ -48,6 +48,8 @@ class Entry:
     limit: Optional[int]
     kind: str = ""
     error: str = ""             # set when the method cannot be used at all (e.g. not registered)
+    model: Optional[str] = None     # a model spec: score that classifier (no training) instead of a trained run
+    fit_limit: Optional[int] = None
 
 
 @dataclass
@@ -170,11 +172,21 @@ def _entry(item, bench: Bench, where: str) -> Entry:
     entry = Entry(method=item["method"], label=str(item.get("label") or item["method"]),
                   preset=item.get("preset", bench.preset), train_overrides=training,
                   score_overrides=[o for o in overrides if o not in training],
-                  limit=_limit(item.get("limit", bench.limit), f"{where}: method {item['method']}"))
+                  limit=_limit(item.get("limit", bench.limit), f"{where}: method {item['method']}"),
+                  model=item.get("model"), fit_limit=_limit(item.get("fit_limit"), f"{where}: fit_limit"))
     try:
         entry.kind = registry.get(entry.method).kind
     except OODBenchError as e:
         entry.error = str(e)
+    if entry.model is not None:
+        if not isinstance(entry.model, str) or not entry.model.strip():
+            raise OODBenchError(f"{where}: method {entry.method}: model must be a model spec, e.g. "
+                                f"torchvision:resnet18:none")
+        if training:
+            raise OODBenchError(f"{where}: method {entry.method} scores model {entry.model}; it has no training "
+                                f"overrides ({', '.join(training)})")
+        if not entry.error and entry.kind != "classifier":
+            entry.error = f"method {entry.method!r} trains its own {entry.kind!r} model; `model:` takes classifier methods"
     return entry
 
 
@@ -272,7 +284,7 @@ def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=Non
     recorder = Recorder(folder)
     missing = check_data(bench, data_root)
     trained = train_stage(bench, missing, runs_dir, data_root, device, recorder)
-    score_stage(bench, missing, trained, device, recorder, folder)
+    score_stage(bench, missing, trained, device, recorder, folder, runs_dir, data_root)
     summary = summarise(bench, recorder.cells)
     plot_note = make_plots(bench, recorder.cells, summary, folder) if bench.plots else "plots are off (plots: false)"
     write_report(bench, folder, recorder, summary, missing, plot_note, time.time() - started, device)
@@ -296,7 +308,7 @@ def train_stage(bench: Bench, missing: dict, runs_dir, data_root, device, record
     jobs: dict = {}
     for entry in bench.entries:
         for in_spec in bench.ins:
-            if entry.error or in_spec in missing:
+            if entry.error or in_spec in missing or entry.model:
                 continue
             for seed in bench.seeds:
                 jobs.setdefault(run_job(bench, entry, in_spec, seed), entry.method)
@@ -314,7 +326,19 @@ def train_stage(bench: Bench, missing: dict, runs_dir, data_root, device, record
     return trained
 
 
-def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Recorder, folder: Path) -> None:
+def model_run(entry: Entry, in_spec: str, seed: int, runs_dir, data_root):
+    """The ModelRun of an entry with `model:`, or an error message (the cells fail with it)."""
+    from oodbench.models import load_model
+
+    try:
+        return runs.ModelRun(load_model(entry.model, seed=seed), in_spec, entry.model, entry.fit_limit, runs_dir,
+                             data_root, seed)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be loaded is a failed cell, reported in the table
+        return f"model {entry.model} failed: {describe_error(e)}"
+
+
+def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Recorder, folder: Path,
+                runs_dir=None, data_root=None) -> None:
     """Score and evaluate every cell, reusing cached cells and the runs' score caches."""
     outs = [s for s in bench.outs if s not in missing]
     units = [(e, i, s) for e in bench.entries for i in bench.ins if i not in missing for s in bench.seeds]
@@ -326,13 +350,14 @@ def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Re
             recorder.fail(entry, in_spec, seed, outs, entry.error)
             bar.update(1 + len(outs))
             continue
-        run = trained[run_job(bench, entry, in_spec, seed)]
+        run = model_run(entry, in_spec, seed, runs_dir, data_root) if entry.model else \
+            trained[run_job(bench, entry, in_spec, seed)]
         if isinstance(run, str):
             recorder.fail(entry, in_spec, seed, outs, run)
             bar.update(1 + len(outs))
             continue
         if run.path not in digests:
-            digests[run.path] = runs.file_digest(run.path / "detector.pt")
+            digests[run.path] = run.model.digest if entry.model else runs.file_digest(run.path / "detector.pt")
         score_unit(bench, entry, in_spec, seed, outs, run, digests[run.path], device, recorder, folder, bar)
     bar.close()
 
@@ -346,6 +371,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         options = None   # the cell fails below with this error
     for out in outs:
         materials[out] = {"method": entry.method, "label": entry.label, "preset": entry.preset,
+                          "model": entry.model, "fit_limit": entry.fit_limit,
                           "train_overrides": entry.train_overrides, "score_overrides": entry.score_overrides,
                           "limit": entry.limit, "in": in_spec, "out": out, "seed": seed, "bootstrap": bench.bootstrap,
                           "run": str(run.path), "detector": digest, "options": options}

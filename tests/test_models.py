@@ -249,3 +249,41 @@ def test_cli_model_errors_are_one_line(tmp_path, capsys):
         assert main([*argv, "--runs-dir", str(tmp_path)]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert match in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_bench_entry_with_a_model_spec_scores_that_model_without_training(tmp_path):
+    import json
+
+    from oodbench import bench
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(f"""name: models
+report: {tmp_path / 'report'}
+in: fashion_mnist
+out: [noise:gaussian]
+limit: 100
+plots: false
+methods:
+  - {{method: knn, label: r18_knn, model: "torchvision:resnet18:none", fit_limit: 200, overrides: [knn.k=5]}}
+  - {{method: msma, label: bad, model: "torchvision:resnet18:none"}}
+""")
+    folder = bench.run_bench(config, runs_dir=tmp_path / "runs", device="cpu")
+    results = json.loads((folder / "results.json").read_text())
+    rows = [r for r in results["summary"] if r["entry"] == "r18_knn"]
+    assert len(rows) == 1 and rows[0]["auroc"] > 0.9
+    assert any(f["method"] == "bad" and "trains its own" in f["error"] for f in results["failed"])
+    assert not list((tmp_path / "runs").glob("classifier-*"))          # nothing was trained
+
+
+def test_readme_python_example_runs_offline(tmp_path, monkeypatch):
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "Evaluator" in block)
+    monkeypatch.setenv("OODBENCH_RUNS", str(tmp_path))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)   # noqa: S102 - the README's own example
+    rows = namespace["rows"]
+    assert {(r["method"], r["out"]) for r in rows} == {(m, o) for m in ("msp", "energy", "knn")
+                                                       for o in ("digits", "noise:gaussian")}
+    assert namespace["features"].shape == (8, 512) and namespace["logits"].shape == (8, 1000)
