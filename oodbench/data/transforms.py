@@ -104,3 +104,14 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.Gene
     offset = (coin < p) * (b * c * h)                                         # int64: 0 or the flipped half
     rows = (_rows(b * c * h, x.device).view(b, c * h) + offset[:, None]).view(-1)
     return both.index_select(0, rows).view(b, c, h, w)
+
+
+def augment(x: torch.Tensor, how: str, padding: int) -> torch.Tensor:
+    """Device-side training augmentation of a uint8 batch: crop_flip | flip | none."""
+    if how not in ("crop_flip", "flip", "none"):
+        raise OODBenchError(f"unknown train.augment {how!r}; use crop_flip, flip or none")
+    if how == "crop_flip":
+        x = random_crop(x, padding)
+    if how in ("crop_flip", "flip"):
+        x = random_hflip(x)
+    return x

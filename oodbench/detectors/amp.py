@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from oodbench.data import transforms
 from oodbench.detectors.base import Detector, register
-from oodbench.detectors.classifier import augment as augment_batch
+from oodbench.data.transforms import augment as augment_batch
 from oodbench.engine import TrainSpec, seed_everything
 from oodbench.errors import OODBenchError
 from oodbench.nets.anchoring import build_anchored, corrupt_anchors

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from oodbench import data
 from oodbench.data import transforms
+from oodbench.data.transforms import augment
 from oodbench.detectors.base import Detector, register
+from oodbench.detectors.outlier_exposure import bce_onehot_loss, finetune_with_outliers
 from oodbench.engine import TrainSpec, checkpoint
 from oodbench.errors import OODBenchError
 from oodbench.nets.classifiers import build_classifier
@@ -23,21 +25,8 @@ def classification_loss(kind: str):
     if kind == "ce":
         return F.cross_entropy
     if kind == "bce":
-        from oodbench.detectors.outlier_exposure import bce_onehot_loss
-
         return bce_onehot_loss
     raise OODBenchError(f"unknown train.loss {kind!r}; use ce or bce")
-
-
-def augment(x: torch.Tensor, how: str, padding: int) -> torch.Tensor:
-    """Device-side training augmentation of a uint8 batch: crop_flip | flip | none."""
-    if how not in ("crop_flip", "flip", "none"):
-        raise OODBenchError(f"unknown train.augment {how!r}; use crop_flip, flip or none")
-    if how == "crop_flip":
-        x = transforms.random_crop(x, padding)
-    if how in ("crop_flip", "flip"):
-        x = transforms.random_hflip(x)
-    return x
 
 
 class ClassifierDetector(Detector):
@@ -67,8 +56,6 @@ class ClassifierDetector(Detector):
         else:
             self.net = engine.fit("classifier", net, loss_fn, train, TrainSpec.from_cfg(tc))
         if oe["outliers"]:
-            from oodbench.detectors.outlier_exposure import finetune_with_outliers
-
             outliers = data.load(oe["outliers"], split="train", root=self.cfg["data"]["root"], device=engine.device,
                                  like=train.shape)
             self.net = finetune_with_outliers(engine, self.net, prepare, train, outliers, self.cfg)

@@ -90,7 +90,7 @@ def finetune_with_outliers(engine, net: nn.Module, prepare: Callable[[torch.Tens
     (`train.augment`, applied to in-distribution and outlier images alike, as the seed did). Returns the fine-tuned
     network in eval mode.
     """
-    from oodbench.detectors.classifier import augment
+    from oodbench.data.transforms import augment
     from oodbench.engine import TrainSpec
 
     opts = cfg["oe"]
