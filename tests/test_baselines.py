@@ -49,3 +49,13 @@ def test_odin_without_perturbation_is_tempered_msp_and_perturbation_raises_confi
     assert torch.allclose(plain, -(z / 10.0).softmax(1).amax(1), atol=1e-6)
     perturbed = detector("odin", temperature=10.0, epsilon=0.01).score(x)
     assert (perturbed < plain).all()  # more confident = lower OOD score, for every image
+
+
+def test_detectors_score_plain_tensors_on_their_own():
+    logits, features = torch.randn(5, 4), torch.randn(5, 7)
+    assert torch.equal(get("msp")().score_logits(logits), -logits.softmax(1).amax(1))
+    assert torch.equal(get("maxlogit")().score_logits(logits), -logits.amax(1))
+    assert torch.allclose(get("energy")().score_logits(logits), -torch.logsumexp(logits, 1))
+    p = logits.softmax(1)
+    expected = -features.abs().sum(1) * (p - 0.25).abs().sum(1)
+    assert torch.allclose(get("gradnorm")().score_features(features, logits), expected)

@@ -34,6 +34,14 @@ class ClassifierDetector(Detector):
 
     kind = "classifier"
 
+    def __init__(self, cfg: dict | None = None, device="cpu"):
+        """`cfg` defaults to configs/classifier.yaml, so that `get("energy")()` scores tensors on its own."""
+        if cfg is None:
+            from oodbench.config import load_config
+
+            cfg = load_config(self.kind)
+        super().__init__(cfg, device)
+
     def fit(self, train, val, engine) -> None:
         tc = self.cfg["train"]
         self.shape, self.num_classes = list(train.shape), train.num_classes
@@ -116,7 +124,10 @@ class MSP(ClassifierDetector):
     summary = "maximum softmax probability (Hendrycks & Gimpel 2017)"
 
     def score(self, x):
-        return -self.logits(x).softmax(1).amax(1)
+        return self.score_logits(self.logits(x))
+
+    def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return -logits.softmax(1).amax(1)
 
 
 @register("maxlogit")
@@ -124,7 +135,10 @@ class MaxLogit(ClassifierDetector):
     summary = "maximum logit (Hendrycks et al. 2022)"
 
     def score(self, x):
-        return -self.logits(x).amax(1)
+        return self.score_logits(self.logits(x))
+
+    def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return -logits.amax(1)
 
 
 @register("energy")
@@ -132,8 +146,11 @@ class Energy(ClassifierDetector):
     summary = "free energy -T*logsumexp(logits/T) (Liu et al. 2020)"
 
     def score(self, x):
+        return self.score_logits(self.logits(x))
+
+    def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
         t = float(self.options.get("temperature", 1.0))
-        return -t * torch.logsumexp(self.logits(x) / t, dim=1)
+        return -t * torch.logsumexp(logits / t, dim=1)
 
 
 @register("odin")

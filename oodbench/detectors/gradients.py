@@ -229,7 +229,10 @@ class GradNorm(ClassifierDetector):
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        features, logits = self.model.features_and_logits(x)
+        return self.score_features(*self.model.features_and_logits(x))
+
+    def score_features(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """From penultimate features (B, D) and logits (B, C) alone (no network needed)."""
         return -gradnorm_scores(features, logits, float(self.options["temperature"]))
 
 
