@@ -287,3 +287,17 @@ def test_readme_python_example_runs_offline(tmp_path, monkeypatch):
     assert {(r["method"], r["out"]) for r in rows} == {(m, o) for m in ("msp", "energy", "knn")
                                                        for o in ("digits", "noise:gaussian")}
     assert namespace["features"].shape == (8, 512) and namespace["logits"].shape == (8, 1000)
+
+
+def test_cli_score_with_a_model_writes_its_score_file(tmp_path, capsys):
+    import numpy as np
+
+    from oodbench.cli import main
+
+    argv = ["score", "--model", "torchvision:resnet18:none", "--in", "digits", "--data", "noise:gaussian,digits",
+            "--method", "energy", "--limit", "20", "--runs-dir", str(tmp_path)]
+    assert main(argv) == 0
+    path = tmp_path / "model-torchvision_resnet18_none-digits" / "scores" / "energy" / "noise_gaussian.npz"
+    with np.load(path) as f:
+        assert f["energy"].shape == (20,) and np.isfinite(f["energy"]).all()
+    assert "20 images; rows energy" in capsys.readouterr().out
