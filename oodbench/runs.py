@@ -73,7 +73,8 @@ class Run:
         cfg = self.scoring_config(overrides)
         det = cls(cfg, setup_device(device))
         det.load_state_dict(checkpoint.load(self.path / "detector.pt", det.device))
-        det.cache_dir, det.cache_tag = self.path / "cache", file_digest(self.path / "detector.pt")
+        det.cache_tag = file_digest(self.path / "detector.pt")
+        det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(cfg, det.device)
         return det
 
     def scoring_config(self, overrides: Iterable[str]) -> dict:
@@ -162,9 +163,60 @@ class ModelRun(Run):
                                 f"methods (msp, energy, knn, ...; see `oodbench methods`)")
         det = cls(self.scoring_config(overrides), setup_device(device))
         det.use_model(self.model.to(det.device))
-        fit = self.config["data"]["limit"]
-        det.cache_dir, det.cache_tag = self.path / "cache", f"{self.model.digest}-fit{fit}"
+        cfg, fit = det.cfg, self.config["data"]["limit"]
+        det.cache_tag = f"{self.model.digest}-fit{fit}"
+        det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(cfg, det.device)
         return det
+
+
+class RunCache:
+    """Data a detector derives while scoring, kept in a run's `cache/` between processes (main rank writes)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def load_npz(self, name: str, key: str) -> Optional[dict]:
+        """The arrays saved under `name` with this key, or None (missing, stale or unreadable: recomputed)."""
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files if k != "key"} if str(f["key"]) == key else None
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+
+    def save_npz(self, name: str, key: str, arrays: dict) -> None:
+        if distributed.is_main():
+            save_npz(self.folder / name, {**arrays, "key": np.array(key)})
+
+    def load_json(self, name: str) -> dict:
+        path = self.folder / name
+        try:
+            value = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def save_json(self, name: str, value: dict) -> None:
+        if distributed.is_main():
+            write_atomic(self.folder / name, json.dumps(value, indent=2))
+
+
+class FitData:
+    """What a method may fit on: the in-distribution train/validation split of a config (never a test set), and
+    the training split of a validation OOD set, converted to a given shape."""
+
+    def __init__(self, cfg: dict, device):
+        self.cfg, self.device, self._split = cfg, device, None
+
+    def split(self):
+        if self._split is None:
+            self._split = data.run_split(self.cfg, self.device)
+        return self._split
+
+    def load(self, spec: str, like) -> "data.ImageSet":
+        return data.load(spec, split="train", root=self.cfg["data"].get("root"), device=self.device, like=like)
 
 
 def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:

@@ -55,6 +55,7 @@ def test_training_features_are_cached_in_the_run(runs_dir, monkeypatch):
     again, again_labels = run.detector("knn", device="cpu").training_features()   # as a new process would
     assert calls == [] and np.array_equal(again, feats) and np.array_equal(again_labels, labels)
     retrained = run.detector("knn", device="cpu")
+    assert retrained.cache.load_npz("train_features.npz", "not the key") is None
     retrained.cache_tag = "another checkpoint"
     retrained.training_features()
     assert sum(calls) == len(labels)                                                # stale cache: recomputed

@@ -243,61 +243,70 @@ def test_gradlayer_unknown_layer_is_a_clear_error():
         det.score_rows(_toy_sets()[0].images[:2])
 
 
-def test_gradlayer_chooses_on_validation_train_split_and_keeps_the_choice(monkeypatch):
-    """The layer is the best-AUROC one on (ID validation, train split of val_ood); the choice survives the state."""
-    import oodbench.data
+class FakeFitData:
+    """The workflow's FitData on fixed sets, recording what the detector asked for."""
 
+    def __init__(self, val, ood):
+        self.val, self.ood, self.asked, self.splits = val, ood, [], 0
+
+    def split(self):
+        self.splits += 1
+        return None, self.val
+
+    def load(self, spec, like):
+        self.asked.append((spec, like))
+        return self.ood
+
+
+def test_gradlayer_chooses_on_validation_train_split_and_keeps_the_choice():
+    """The layer is the best-AUROC one on (ID validation, train split of val_ood); the choice survives the state."""
     det = _detector("gradlayer", "gradlayer.val_ood=noise:uniform", "gradlayer.val_size=40")
     val, noise = _toy_sets(n=40, n_out=40, seed=5)
-    asked = []
-
-    def fake_load(spec, split="test", root=None, device="cpu", like=None, **kw):
-        asked.append((spec, split, like))
-        return noise
-
-    monkeypatch.setattr(oodbench.data, "load", fake_load)
-    det.choose_layer(val)
-    assert asked == [("noise:uniform", "train", (1, 8, 8))]  # never the test split
+    det.fit_data = FakeFitData(val, noise)
+    best_row = det.layer()
+    assert det.fit_data.asked == [("noise:uniform", (1, 8, 8))]   # FitData.load gives the *train* split
     best, aurocs = G.select_layer(G.per_layer_grad_norms(det.net, det.prepare(val.images)),
                                   G.per_layer_grad_norms(det.net, det.prepare(noise.images)))
-    assert det.chosen_layer == best and det.layer_aurocs == pytest.approx(aurocs)
+    assert best_row == det.chosen_layer == best and det.layer_aurocs == pytest.approx(aurocs)
     again = _detector("gradlayer", "gradlayer.val_ood=noise:uniform", "gradlayer.val_size=40")
     again.load_state_dict(det.state_dict())
-    assert again.layer() == best and len(asked) == 1  # no second selection
+    assert again.layer() == best                      # no fit data needed: the choice came with the state
     other = _detector("gradlayer", "gradlayer.val_ood=noise:gaussian", "gradlayer.val_size=40")
     other.load_state_dict(det.state_dict())          # --set gradlayer.val_ood=... at eval time: chosen again
-    monkeypatch.setattr(other, "_validation_split", lambda: val)
+    other.fit_data = FakeFitData(val, noise)
     other.layer()
-    assert asked[1:] == [("noise:gaussian", "train", (1, 8, 8))]
+    assert other.fit_data.asked == [("noise:gaussian", (1, 8, 8))]
     assert other.state_dict()["gradlayer"]["chosen_on"] == {"val_ood": "noise:gaussian", "val_size": 40}
+    with pytest.raises(OODBenchError, match="fits statistics on the in-distribution training split"):
+        _detector("gradlayer", "gradlayer.val_size=40").layer()     # alone, without the workflow's data
 
 
-def test_gradlayer_choice_at_scoring_time_is_kept_in_the_run_cache(monkeypatch, tmp_path):
-    import oodbench.data
+def test_gradlayer_choice_at_scoring_time_is_kept_in_the_run_cache(tmp_path):
+    from oodbench.runs import RunCache
 
     val, noise = _toy_sets(n=40, n_out=40, seed=5)
-    monkeypatch.setattr(oodbench.data, "load", lambda *a, **kw: noise)
     made = []
 
     def fresh(tag):
         det = _detector("gradlayer", "gradlayer.val_size=40")
-        det.cache_dir, det.cache_tag = tmp_path / "cache", tag
-        monkeypatch.setattr(det, "_validation_split", lambda: made.append(tag) or val)
+        det.cache, det.cache_tag = RunCache(tmp_path / "cache"), tag
+        det.fit_data = FakeFitData(val, noise)
+        made.append(det.fit_data)
         return det
 
     first = fresh("ckpt-a").layer()
-    assert made == ["ckpt-a"] and (tmp_path / "cache" / "gradlayer_choice.json").is_file()
-    assert fresh("ckpt-a").layer() == first and made == ["ckpt-a"]   # a new process reads the choice back
+    assert made[0].splits == 1 and (tmp_path / "cache" / "gradlayer_choice.json").is_file()
+    assert fresh("ckpt-a").layer() == first and made[1].splits == 0    # a new process reads the choice back
     fresh("ckpt-b").layer()                                            # another checkpoint: chosen again
-    assert made == ["ckpt-a", "ckpt-b"]
+    assert made[2].splits == 1
 
 
-def test_gradlayer_state_without_choice_rederives_the_validation_split(monkeypatch):
-    """A run trained by another classifier method has no choice saved: the split is re-derived as training did."""
+def test_gradlayer_validation_split_is_rederived_as_training_made_it(monkeypatch):
+    """FitData re-derives the run's split from its config (data.in, data.limit, data.val_fraction, seed)."""
     import oodbench.data.registry
+    from oodbench.runs import FitData
 
-    det = _detector("gradlayer", "data.in=toyset", "data.limit=50", "data.val_fraction=0.2", "seed=4",
-                    "gradlayer.val_size=40")
+    cfg = load_config("classifier", "quick", ["data.in=toyset", "data.limit=50", "data.val_fraction=0.2", "seed=4"])
     train_full, noise = _toy_sets(n=60, n_out=40, seed=6)
 
     def fake_load(spec, split="test", root=None, device="cpu", like=None, **kw):
@@ -305,13 +314,9 @@ def test_gradlayer_state_without_choice_rederives_the_validation_split(monkeypat
         return train_full if spec == "toyset" else noise
 
     monkeypatch.setattr(oodbench.data.registry, "load", fake_load)
-    chosen = []
-    monkeypatch.setattr(type(det), "choose_layer", lambda self, val: (chosen.append(val), setattr(
-        self, "chosen_layer", "head.weight")))
-    rows = det.score_rows(train_full.images[:3])
+    _, val = FitData(cfg, "cpu").split()
     _, expected_val = oodbench.data.train_val_split(train_full.head(50), 0.2, 4)
-    assert len(chosen) == 1 and torch.equal(chosen[0].images, expected_val.images)
-    torch.testing.assert_close(rows["gradlayer"], rows["gradlayer/head.weight"])
+    assert torch.equal(val.images, expected_val.images)
 
 
 def test_cli_train_once_then_gradnorm_and_gradlayer_eval(tmp_path, capsys):

@@ -38,8 +38,9 @@ class Detector:
     name: str = ""      # registry key, set by `register`
     kind: str = ""      # training kind shared by methods that score one trained run; names configs/<kind>.yaml
     summary: str = ""   # one line for `oodbench methods`
-    cache_dir = None    # <run>/cache when loaded from a run: where scoring may keep derived data between processes
-    cache_tag: str = "" # digest of the run's detector.pt; part of every cache key, so retraining invalidates caches
+    cache = None        # set by the workflow (runs.RunCache): where scoring may keep derived data between processes
+    fit_data = None     # set by the workflow (runs.FitData): the ID training/validation split and validation OOD sets
+    cache_tag: str = "" # digest of the scored model; part of every cache key, so retraining invalidates caches
 
     def __init__(self, cfg: dict, device: torch.device | str = "cpu"):
         self.cfg = cfg
@@ -50,9 +51,11 @@ class Detector:
         """This method's own scoring options: `cfg[<method name>]` (empty when the config has none)."""
         return self.cfg.get(self.name, {}) or {}
 
-    def cache_file(self, name: str) -> Optional[Path]:
-        """`<run>/cache/<name>`, or None when the detector was not loaded from a run (then nothing is cached)."""
-        return None if self.cache_dir is None else Path(self.cache_dir) / name
+    def require_fit_data(self):
+        if self.fit_data is None:
+            raise OODBenchError(f"{self.name} fits statistics on the in-distribution training split; score it "
+                                f"through a run, `oodbench eval --model`, or oodbench.Evaluator")
+        return self.fit_data
 
     def cache_key(self, *material) -> str:
         """A key that changes with the checkpoint (`cache_tag`) and with everything in `material` (JSON-able)."""

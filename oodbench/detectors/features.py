@@ -1,9 +1,9 @@
 """Feature-space baselines on the shared classifier: Mahalanobis (MDS) and deep nearest neighbours (KNN).
 
-Both fit statistics of the penultimate features of the run's own training split (re-derived from the run config,
-never a test set) the first time they score; scikit-learn does the covariance and the neighbour search. The features
-are kept in <run>/cache/train_features.npz, keyed by the checkpoint and the training images, so a new process (a new
-`eval` or `score`) loads them instead of running the network over the training split again.
+Both fit statistics of the penultimate features of the in-distribution training split (`fit_data`, given by the
+workflow; never a test set) the first time they score; scikit-learn does the covariance and the neighbour search. The
+features are kept in the workflow's cache (<run>/cache/train_features.npz), keyed by the model and the training
+images, so a new process (a new `eval` or `score`) loads them instead of running the network over the split again.
 """
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
-from oodbench.data import run_split
 from oodbench.detectors.base import register
 from oodbench.detectors.classifier import ClassifierDetector
-from oodbench.engine import distributed
 
 
 class FeatureDetector(ClassifierDetector):
@@ -30,18 +28,15 @@ class FeatureDetector(ClassifierDetector):
 
     def training_features(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 penultimate features (N, D) and labels (N,) of the run's training split, cached in the run."""
-        train, _ = run_split(self.cfg, self.device)
-        key, path = self.cache_key(train.fingerprint), self.cache_file("train_features.npz")
-        if path is not None and path.is_file():
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["key"]) == key:
-                    return f["features"].astype(np.float64), f["labels"]
+        train, _ = self.require_fit_data().split()
+        key = self.cache_key(train.fingerprint)
+        saved = self.cache.load_npz("train_features.npz", key) if self.cache is not None else None
+        if saved is not None:
+            return saved["features"].astype(np.float64), saved["labels"]
         feats = torch.cat([self.features(x) for x, _ in train.batches(500)]).cpu().numpy()
         labels = train.labels.cpu().numpy()
-        if path is not None and distributed.is_main():
-            from oodbench.runs import save_npz
-
-            save_npz(path, {"features": feats, "labels": labels, "key": np.array(key)})
+        if self.cache is not None:
+            self.cache.save_npz("train_features.npz", key, {"features": feats, "labels": labels})
         return feats.astype(np.float64), labels
 
     def score(self, x):

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -220,7 +219,6 @@ def layer_norms_per_sample(net, x: torch.Tensor, names) -> Dict[str, torch.Tenso
 
 from oodbench.detectors.base import register  # noqa: E402
 from oodbench.detectors.classifier import ClassifierDetector  # noqa: E402
-from oodbench.engine import distributed  # noqa: E402
 
 
 @register("gradnorm")
@@ -241,23 +239,17 @@ class GradLayer(ClassifierDetector):
     """Rows `gradlayer/<weight name>` for every weight tensor, and `gradlayer` = the chosen layer.
 
     The layer is `gradlayer.layer`, or with `auto` the one with the best AUROC between the in-distribution validation
-    split and the train split of `gradlayer.val_ood`. It is chosen at the end of `fit` (which sees the validation
-    split) and kept in the state; a state without a choice (a run fitted by another classifier method) chooses on
-    first use, re-deriving the validation split as training did (`data.in`, `data.limit`, `data.val_fraction`, `seed`).
+    split and the train split of `gradlayer.val_ood`, both given by the workflow (`fit_data`: the validation split is
+    re-derived as training made it, from `data.in`, `data.limit`, `data.val_fraction` and `seed`). It is chosen on
+    first use; a state from an older run that holds a choice keeps it.
     The choice records its validation pair (`val_ood`, `val_size`); scoring with another pair (`--set` at eval time)
-    chooses again. Choices made at scoring time are kept in <run>/cache/gradlayer_choice.json.
+    chooses again. Choices are kept in the workflow's cache (<run>/cache/gradlayer_choice.json).
     """
 
     summary = "per-layer L2 norm of the gradient of CE(f(x), argmax) per weight tensor, layer chosen on validation OOD"
     chosen_layer: str = ""
     layer_aurocs: dict = {}
     chosen_on: Optional[dict] = None    # the validation pair the choice was made on
-
-    def fit(self, train, val, engine) -> None:
-        super().fit(train, val, engine)
-        self.chosen_layer, self.layer_aurocs, self.chosen_on = "", {}, None
-        if self.options["layer"] == "auto":
-            self.choose_layer(val)
 
     def validation_pair(self) -> dict:
         return {"val_ood": str(self.options["val_ood"]), "val_size": int(self.options["val_size"])}
@@ -290,28 +282,25 @@ class GradLayer(ClassifierDetector):
         """choose_layer on the re-derived validation split, or the same choice read back from the run's cache."""
         d = self.cfg["data"]
         key = self.cache_key(self.validation_pair(), self.cfg["seed"], [d["in"], d.get("limit"), d["val_fraction"]])
-        path = self.cache_file("gradlayer_choice.json")
-        saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        saved = self.cache.load_json("gradlayer_choice.json") if self.cache is not None else {}
         if key in saved:
             self.chosen_layer, self.layer_aurocs = saved[key]["layer"], saved[key]["aurocs"]
             self.chosen_on = self.validation_pair()
             return
-        self.choose_layer(self._validation_split())
-        if path is not None and distributed.is_main():
-            from oodbench.runs import write_atomic
-
+        fit_data = self.require_fit_data()
+        self.choose_layer(fit_data.split()[1], fit_data.load)
+        if self.cache is not None:
             saved[key] = {"layer": self.chosen_layer, "aurocs": self.layer_aurocs, **self.chosen_on}
-            write_atomic(path, json.dumps(saved, indent=2))
+            self.cache.save_json("gradlayer_choice.json", saved)
 
-    def choose_layer(self, val) -> None:
-        """Pick the layer with the best AUROC: validation split (ID) vs `gradlayer.val_ood` (its train split)."""
-        from oodbench.data import load
-
+    def choose_layer(self, val, load_train_split) -> None:
+        """Pick the layer with the best AUROC: validation split (ID) vs `gradlayer.val_ood`, whose training split
+        `load_train_split(spec, like)` gives."""
         spec, n = self.options["val_ood"], int(self.options["val_size"])
         if val is None or len(val) == 0:
             raise OODBenchError("gradlayer chooses its layer on the validation split, which is empty; set "
                                 "data.val_fraction > 0 or name the layer with --set gradlayer.layer=<weight name>")
-        ood = load(spec, split="train", root=self.cfg["data"].get("root"), device=self.device, like=tuple(val.shape))
+        ood = load_train_split(spec, tuple(val.shape))
         id_norms, ood_norms = self._set_norms(_sample(val, n, self.cfg["seed"])), self._set_norms(
             _sample(ood, n, self.cfg["seed"]))
         self.chosen_layer, self.layer_aurocs = select_layer(id_norms, ood_norms)
@@ -320,11 +309,6 @@ class GradLayer(ClassifierDetector):
     def _set_norms(self, imageset, batch_size: int = 512) -> Dict[str, torch.Tensor]:
         parts = [self.layer_norms(x.to(self.device)) for x, _ in imageset.batches(batch_size)]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-
-    def _validation_split(self):
-        from oodbench.data import run_split
-
-        return run_split(self.cfg, self.device)[1]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "gradlayer": {"layer": self.chosen_layer, "aurocs": dict(self.layer_aurocs),
