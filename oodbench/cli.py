@@ -127,11 +127,8 @@ def cmd_score(a) -> None:
 
     if not (a.run or a.model):
         raise OODBenchError("say what to score: --run RUN_DIR, or --model SPEC --in DATASET")
-    if a.run and not a.model:
-        run, overrides = runs.Run(a.run), a.overrides
-    else:
-        run, overrides = runs.find_run("msp", a.in_spec, 0, a.runs_dir, a.run, None, a.model, a.fit_limit,
-                                       a.overrides, a.data_root)
+    run, overrides = runs.find_run(a.method or "msp", a.in_spec, 0, a.runs_dir, a.run, None, a.model, a.fit_limit,
+                                   a.overrides, a.data_root)
     method = a.method or run.meta.get("method") or "msp"
     det = run.detector(method, overrides, a.device)
     for spec in _split(a.data):

@@ -54,7 +54,12 @@ def parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise OODBenchError(f"--set {item!r}: write it as key.subkey=value, e.g. --set train.steps=500")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise OODBenchError(f"--set {item}: not a valid YAML value ({str(e).splitlines()[0]}); quote strings, "
+                            f"close brackets, e.g. --set model.mean=[0.5,0.5,0.5]") from e
+    return key.strip().split("."), value
 
 
 def apply_override(cfg: dict, item: str, schema: dict) -> None:

@@ -21,7 +21,10 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torchvision.transforms.v2 import functional as TF
 
+from oodbench.data import transforms
+from oodbench.data.convert import luminance
 from oodbench.errors import OODBenchError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -59,10 +62,6 @@ class ClassifierModel:
         self.digest = model_digest(net, {"name": name, "mean": self.mean, "std": self.std, "size": self.size,
                                          "resize": self.resize, "channels": self.channels})
 
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.net.parameters()), torch.zeros(0)).device
-
     def to(self, device) -> "ClassifierModel":
         self.net.to(device)
         return self
@@ -73,11 +72,6 @@ class ClassifierModel:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch → the network's normalised float input."""
-        from torchvision.transforms.v2 import functional as TF
-
-        from oodbench.data import transforms
-        from oodbench.data.convert import luminance
-
         if self.channels is not None and x.shape[1] != self.channels:
             if (x.shape[1], self.channels) == (1, 3):
                 x = x.expand(-1, 3, -1, -1)
@@ -209,7 +203,6 @@ def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = 
     if size is not None:
         settings["resize"] = None
     layer = head or settings.pop("head", None)
-    settings.pop("head", None)
     model = ClassifierModel(net, settings["mean"], settings["std"], settings.get("size"), settings.get("resize"),
                             settings.get("channels"), find_head(net, layer), name=spec)
     return model.to(device)
@@ -221,22 +214,13 @@ EXAMPLES = {"run": "run:runs/classifier-cifar10-s0", "torchvision": "torchvision
 
 
 def _from_run(rest: str, spec: str, seed: int):
-    from oodbench import config as configs
-    from oodbench.engine import checkpoint
-    from oodbench.nets.classifiers import build_classifier
+    from oodbench.runs import Run
 
     path = Path(rest)
     if not (path / "config.yaml").is_file() or not (path / "detector.pt").is_file():
         raise OODBenchError(f"{spec}: {path} is not a trained run folder (needs config.yaml and detector.pt)")
-    cfg = configs.read_yaml(path / "config.yaml")
-    state = checkpoint.load(path / "detector.pt", "cpu")
-    if "net" not in state or "mean" not in state:
-        raise OODBenchError(f"{spec}: {path} is not a classifier run (its detector.pt holds no classifier)")
-    mc = cfg.get("model", {})
-    net = build_classifier(mc.get("arch", "resnet18"), int(state["shape"][0]), int(state["num_classes"]),
-                           dropout=mc.get("dropout", 0.0), width=mc.get("width", 32))
-    load_state(net, state["net"], spec)
-    return net, {"mean": state["mean"], "std": state["std"], "channels": int(state["shape"][0]), "head": "head"}
+    own = Run(path).detector("msp", device="cpu").model   # the run's classifier, loaded as its methods load it
+    return own.net, {"mean": own.mean, "std": own.std, "channels": own.channels, "head": "head"}
 
 
 def _from_torchvision(rest: str, spec: str, seed: int):

@@ -73,8 +73,12 @@ class Run:
         cfg = self.scoring_config(overrides)
         det = cls(cfg, setup_device(device))
         det.load_state_dict(checkpoint.load(self.path / "detector.pt", det.device))
-        det.cache_tag = file_digest(self.path / "detector.pt")
-        det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(cfg, det.device)
+        return self.bind(det, file_digest(self.path / "detector.pt"))
+
+    def bind(self, det, cache_tag: str):
+        """Hand `det` what it may derive data from and keep it in: this run's cache and its fit split."""
+        det.cache_tag = cache_tag
+        det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(det.cfg, det.device)
         return det
 
     def scoring_config(self, overrides: Iterable[str]) -> dict:
@@ -163,10 +167,7 @@ class ModelRun(Run):
                                 f"methods (msp, energy, knn, ...; see `oodbench methods`)")
         det = cls(self.scoring_config(overrides), setup_device(device))
         det.use_model(self.model.to(det.device))
-        cfg, fit = det.cfg, self.config["data"]["limit"]
-        det.cache_tag = f"{self.model.digest}-fit{fit}"
-        det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(cfg, det.device)
-        return det
+        return self.bind(det, f"{self.model.digest}-fit{self.config['data']['limit']}")
 
 
 class RunCache:
@@ -221,22 +222,16 @@ class FitData:
 
 def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
     """(`model.mean/std/size/head` values for load_model, the other overrides)."""
-    import yaml
-
     model, rest = {}, []
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key.startswith("model."):
-            name = key[len("model."):]
-            if name not in ("mean", "std", "size", "head"):
-                raise OODBenchError(f"--set {item}: with --model, the model options are model.mean, model.std, "
-                                    f"model.size and model.head")
-            try:
-                model[name] = yaml.safe_load(item.split("=", 1)[1]) if "=" in item else None
-            except yaml.YAMLError as e:
-                raise OODBenchError(f"--set {item}: not a valid value ({str(e).splitlines()[0]})") from e
-        else:
+        keys, value = configs.parse_override(item)
+        if keys[0] != "model":
             rest.append(item)
+        elif len(keys) == 2 and keys[1] in ("mean", "std", "size", "head"):
+            model[keys[1]] = value
+        else:
+            raise OODBenchError(f"--set {item}: with --model, the model options are model.mean, model.std, "
+                                f"model.size and model.head")
     return model, rest
 
 

@@ -30,3 +30,18 @@ def test_bad_values_and_presets():
         load_config("classifier", "slow")
     with pytest.raises(OODBenchError, match="is a section"):
         load_config("classifier", None, ["train=3"])
+
+
+def test_override_with_invalid_yaml_is_a_one_line_error():
+    from oodbench.cli import main
+
+    for bad in ("train.lr=[1,", "model.mean=[0.5,"):
+        with pytest.raises(OODBenchError, match="not a valid YAML value") as info:
+            load_config("classifier", None, [bad])
+        assert "\n" not in str(info.value)
+    from oodbench.runs import split_model_overrides
+
+    with pytest.raises(OODBenchError, match="not a valid YAML value"):
+        split_model_overrides(["model.std={1"])
+    assert split_model_overrides(["model.std=[0.5]", "knn.k=3"]) == ({"std": [0.5]}, ["knn.k=3"])
+    assert main(["train", "--method", "msp", "--set", "train.lr=[1,"]) == 2

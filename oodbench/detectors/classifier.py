@@ -159,7 +159,7 @@ class ODIN(ClassifierDetector):
 
     def score(self, x):
         t, eps = float(self.options["temperature"]), float(self.options["epsilon"])
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) if len(self.std) > 1 else self.std[0]
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         with torch.enable_grad():
             inp = self.prepare(x).requires_grad_(True)
             logits = self.net(inp).float() / t
