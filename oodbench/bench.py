@@ -168,7 +168,7 @@ def _entry(item, bench: Bench, where: str) -> Entry:
                             f"got {item!r}")
     _check_keys(item, ENTRY_KEYS, f"{where}: method {item['method']}")
     overrides = _overrides(item.get("overrides"), f"{where}: method {item['method']} overrides")
-    training = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in runs.TRAINING_SECTIONS]
+    training = [o for o in overrides if configs.is_training_option(o.split("=", 1)[0].strip())]
     entry = Entry(method=item["method"], label=str(item.get("label") or item["method"]),
                   preset=item.get("preset", bench.preset), train_overrides=training,
                   score_overrides=[o for o in overrides if o not in training],

@@ -110,8 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split(text: str) -> list:
-    return [s.strip() for s in text.split(",") if s.strip()]
+def _split(text: str, option: str) -> list:
+    """The comma-separated items of `option`; an empty item (`a,,b`, `""`, `,`) is an error."""
+    items = [s.strip() for s in text.split(",")]
+    if not all(items):
+        raise OODBenchError(f"{option} {text!r}: give comma-separated names with none empty, e.g. {option} a,b")
+    return items
 
 
 def cmd_train(a) -> None:
@@ -123,15 +127,19 @@ def cmd_train(a) -> None:
 
 
 def cmd_score(a) -> None:
-    from oodbench import runs
+    from oodbench import data, runs
 
     if not (a.run or a.model):
         raise OODBenchError("say what to score: --run RUN_DIR, or --model SPEC --in DATASET")
+    specs = _split(a.data, "--data")
+    for spec in specs:
+        data.check_spec(spec)
+    runs.check_limit(a.limit)
     run, overrides = runs.find_run(a.method or "msp", a.in_spec, 0, a.runs_dir, a.run, None, a.model, a.fit_limit,
                                    a.overrides, a.data_root)
     method = a.method or run.meta.get("method") or "msp"
     det = run.detector(method, overrides, a.device)
-    for spec in _split(a.data):
+    for spec in specs:
         arrays = run.score(method, spec, a.limit, overrides, detector=det)
         rows = ", ".join(k for k in arrays if not k.startswith("_"))
         print(f"{run.path / 'scores' / method / (runs.safe_name(spec) + '.npz')}: {len(next(iter(arrays.values())))}"
@@ -141,10 +149,11 @@ def cmd_score(a) -> None:
 def cmd_eval(a) -> None:
     from oodbench import report, runs
 
-    methods = _split(a.method)
+    methods, outs = _split(a.method, "--method"), _split(a.out, "--out")
+    runs.check_evaluation(methods, outs, a.limit, a.bootstrap)   # before a model or run is loaded
     run, overrides = runs.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
                                    a.fit_limit, a.overrides, a.data_root)
-    rows = runs.evaluate(run, methods, _split(a.out), a.limit, overrides, a.device, a.bootstrap)
+    rows = runs.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap)
     if a.format == "json":
         print(report.json_rows(rows))
     elif a.format == "csv":

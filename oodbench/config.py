@@ -16,6 +16,21 @@ from oodbench.errors import OODBenchError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+# The one declaration of option phases. A *training* option is fixed when a run is trained (changing it needs a new
+# run: `oodbench train ... --run-name NAME`); every other option is a *scoring* option, which `score`/`eval` may
+# change. Entries are dotted keys; an entry names the key and everything under it.
+TRAINING_OPTIONS = (
+    "seed", "data", "model", "train",
+    "oe",                                           # outlier-exposure fine-tuning of the classifier
+    "llr",                                          # background-model grid and its validation selection
+    "ddpm.first_n_val", "ddpm.val_loss_images", "ddpm.batch_size",   # validation loss and per-t statistics in fit
+)
+
+
+def is_training_option(key: str) -> bool:
+    """Whether the dotted config key `key` is a training option (see TRAINING_OPTIONS)."""
+    return any(key == t or key.startswith(t + ".") for t in TRAINING_OPTIONS)
+
 
 def config_path(kind: str) -> Path:
     path = CONFIG_DIR / f"{kind}.yaml"
@@ -56,7 +71,7 @@ def parse_override(item: str) -> tuple[list[str], object]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
+    except yaml.YAMLError as e:   # also tags such as !!python/object, which safe_load never constructs
         raise OODBenchError(f"--set {item}: not a valid YAML value ({str(e).splitlines()[0]}); quote strings, "
                             f"close brackets, e.g. --set model.mean=[0.5,0.5,0.5]") from e
     return key.strip().split("."), value

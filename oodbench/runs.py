@@ -11,6 +11,8 @@ import io
 import json
 import os
 import re
+import sys
+import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -21,10 +23,8 @@ from tqdm import tqdm
 from oodbench import config as configs
 from oodbench import data, metrics
 from oodbench.detectors import base as registry
-from oodbench.engine import Engine, checkpoint, distributed, setup_device, show_progress
+from oodbench.engine import Engine, TrainSpec, checkpoint, distributed, setup_device, show_progress
 from oodbench.errors import OODBenchError
-
-TRAINING_SECTIONS = ("seed", "data", "model", "train")
 
 
 def safe_name(spec: str) -> str:
@@ -54,8 +54,10 @@ class Run:
             raise OODBenchError(f"{self.path} is not a run directory (no config.yaml); train one with "
                                 f"`oodbench train --method M --in D` or pass the right --run")
         self.config = configs.read_yaml(self.path / "config.yaml")
-        meta = self.path / "meta.json"
-        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
+        if not isinstance(self.config.get("data"), dict) or not self.config["data"].get("in"):
+            raise OODBenchError(f"{self.path / 'config.yaml'} has no data.in (the in-distribution set): it is not "
+                                f"the config oodbench wrote; restore it, or delete the run and retrain")
+        self.meta = read_meta(self.path / "meta.json")
         self.kind = self.meta.get("kind") or self.path.name.split("-")[0]
 
     @property
@@ -72,7 +74,12 @@ class Run:
                                 f"`oodbench train ... --resume` to finish it")
         cfg = self.scoring_config(overrides)
         det = cls(cfg, setup_device(device))
-        det.load_state_dict(checkpoint.load(self.path / "detector.pt", det.device))
+        try:
+            state = checkpoint.load(self.path / "detector.pt", det.device)
+        except OODBenchError as e:
+            raise OODBenchError(f"{self.path / 'detector.pt'} is corrupt or truncated (it does not verify); the "
+                                f"`oodbench train` command that made this run refits it from its checkpoints") from e
+        det.load_state_dict(state)
         return self.bind(det, file_digest(self.path / "detector.pt"))
 
     def bind(self, det, cache_tag: str):
@@ -88,9 +95,9 @@ class Run:
         configs.deep_update(cfg, self.config)
         for item in overrides:
             keys, _ = configs.parse_override(item)
-            if keys[0] in TRAINING_SECTIONS:
-                raise OODBenchError(f"--set {item}: {keys[0]}.* is a training setting of this run; train a new run "
-                                    f"with it (oodbench train ... --set {item} --run-name NAME)")
+            if configs.is_training_option(".".join(keys)):
+                raise OODBenchError(f"--set {item}: {'.'.join(keys)} is a training setting of this run; train a new "
+                                    f"run with it (oodbench train ... --set {item} --run-name NAME)")
             configs.apply_override(cfg, item, schema)
         return cfg
 
@@ -106,15 +113,20 @@ class Run:
     def score(self, method: str, spec: str, limit: Optional[int] = None, overrides: Iterable[str] = (),
               device="auto", batch_size: int = 256, detector=None) -> dict:
         """Scores of `method` on dataset `spec` ({row: (N,) array, '_extra': array}), cached in scores/."""
+        check_limit(limit)
         det = detector or self.detector(method, overrides, device)
         imageset = self.load_set(spec, limit=limit, device=det.device)
         key = self.cache_key(det, imageset, limit)
         path = self.path / "scores" / method / f"{safe_name(spec)}.npz"
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["_cache_key"]) == key:
-                    return {k: f[k] for k in f.files if k != "_cache_key"}
+        cached = read_npz(path, "_cache_key", key)
+        if cached is not None:
+            return cached
         arrays = score_set(det, imageset, batch_size)
+        for row, values in arrays.items():
+            bad = int(np.size(values) - np.isfinite(values).sum())
+            if bad and not row.startswith("_"):
+                raise OODBenchError(f"{method} gave {bad} NaN or infinite score(s) of {len(values)} on {spec} "
+                                    f"(row {row}); nothing was saved. Is the run's training finished and sound?")
         if distributed.is_main():
             save_npz(path, {**arrays, "_cache_key": np.array(key)})
         return arrays
@@ -129,7 +141,7 @@ class Run:
     def update_metrics(self, rows: list) -> None:
         """Merge rows into metrics.json / metrics.csv (a row replaces the one with the same method, in and out)."""
         path = self.path / "metrics.json"
-        old = json.loads(path.read_text()) if path.is_file() else []
+        old = read_metrics(path)
         keyed = {(r["method"], r["in"], r["out"]): r for r in old}
         keyed.update({(r["method"], r["in"], r["out"]): r for r in rows})
         merged = list(keyed.values())
@@ -147,8 +159,7 @@ class ModelRun(Run):
 
     def __init__(self, model, in_spec: str, label: Optional[str] = None, fit_limit: Optional[int] = None,
                  runs_dir=None, data_root=None, seed: int = 0):
-        if fit_limit is not None and (isinstance(fit_limit, bool) or not isinstance(fit_limit, int) or fit_limit < 1):
-            raise OODBenchError(f"--fit-limit must be a positive number of training images, got {fit_limit!r}")
+        check_limit(fit_limit, "--fit-limit")
         self.model, self.kind = model, "classifier"
         label = label or model.name
         self.path = runs_root(runs_dir) / f"model-{safe_name(label)}-{safe_name(in_spec)}"
@@ -178,14 +189,7 @@ class RunCache:
 
     def load_npz(self, name: str, key: str) -> Optional[dict]:
         """The arrays saved under `name` with this key, or None (missing, stale or unreadable: recomputed)."""
-        path = self.folder / name
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files if k != "key"} if str(f["key"]) == key else None
-        except (OSError, ValueError, KeyError, EOFError):
-            return None
+        return read_npz(self.folder / name, "key", key)
 
     def save_npz(self, name: str, key: str, arrays: dict) -> None:
         if distributed.is_main():
@@ -235,6 +239,56 @@ def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
     return model, rest
 
 
+def read_npz(path: Path, key_name: str, key: str) -> Optional[dict]:
+    """The arrays of a cache file whose `key_name` array equals `key`, without it; None when the file is missing or
+    stale, and None with one warning line when it is unreadable (truncated, garbled, keyless): then it is recomputed."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f[key_name]) != key:
+                return None
+            return {k: f[k] for k in f.files if k != key_name}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        print(f"oodbench: warning: cache file {path} is unreadable ({reason}); recomputing it", file=sys.stderr)
+        return None
+
+
+def read_meta(path: Path) -> dict:
+    """A run's meta.json ({} when absent); a corrupt one is a clear error that says how to rewrite it."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        meta = e
+    if not isinstance(meta, dict):
+        raise OODBenchError(f"{path} is corrupt (not a JSON mapping); the `oodbench train` command that made this "
+                            f"run rewrites it")
+    return meta
+
+
+def read_metrics(path: Path) -> list:
+    """The rows saved in metrics.json ([] when absent); an unreadable file is replaced, with one warning line."""
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+        if isinstance(rows, list) and all(isinstance(r, dict) and {"method", "in", "out"} <= set(r) for r in rows):
+            return rows
+    except (ValueError, UnicodeDecodeError):
+        pass
+    print(f"oodbench: warning: {path} is unreadable; rewriting it with this evaluation's rows only", file=sys.stderr)
+    return []
+
+
+def check_limit(limit, what: str = "--limit") -> None:
+    """`limit` (images per set) is None or a positive integer."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise OODBenchError(f"{what} must be a positive number of images, got {limit!r}")
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -276,29 +330,58 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
     if data_root:
         overrides.append(f"data.root={data_root}")
     cfg = configs.load_config(cls.kind, preset, overrides)
+    check_training_config(cfg)
     run_dir = default_run_dir(cls.kind, cfg["data"]["in"], cfg["seed"], runs_dir, run_name)
-    engine = Engine(run_dir, device, cfg["seed"], resume=resume, config=cfg)
-    train_set, val_set = data.run_split(cfg, engine.device)  # before anything is written: bad data leaves no run
     existing = run_dir / "config.yaml"
+
+    def write_config():   # called by the engine before its first write: nothing is written before validation
+        if not existing.is_file():
+            write_atomic(existing, configs.dump(cfg))
+
+    engine = Engine(run_dir, device, cfg["seed"], resume=resume, config=cfg, begin=write_config)
+    train_set, val_set = data.run_split(cfg, engine.device)  # before anything is written: bad data leaves no run
     if existing.is_file():
         old = configs.read_yaml(existing)
         diff = differing_keys(old, cfg)
         if diff:
             raise OODBenchError(f"{run_dir} exists with a different config ({', '.join(diff[:4])}); give this one "
                                 f"its own --run-name, or delete that folder to retrain")
-        if (run_dir / "detector.pt").is_file():
+        if finished(run_dir):
             return Run(run_dir)
-    elif engine.is_main:
-        write_atomic(existing, configs.dump(cfg))
     det = cls(cfg, engine.device)
     det.fit(train_set, val_set, engine)
     if engine.is_main:
+        engine.begin()   # a detector that trained no network here (oe.from_run) still gets its config
         meta = {"kind": cls.kind, "method": method, "in": cfg["data"]["in"], "shape": list(train_set.shape),
                 "train_size": len(train_set), "val_size": len(val_set), "torch": torch.__version__}
         write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
         checkpoint.save_atomic(det.state_dict(), run_dir / "detector.pt")
+        checkpoint.load(run_dir / "detector.pt")   # success is reported only for a detector file that loads back
     distributed.barrier(engine.world_size)
     return Run(run_dir)
+
+
+def check_training_config(cfg: dict) -> None:
+    """Training settings that fail only late (or silently) otherwise, checked before any data or file is touched."""
+    TrainSpec.from_cfg(cfg["train"])
+    check_limit(cfg["data"].get("limit"), "data.limit")
+    fraction = cfg["data"].get("val_fraction")
+    if fraction is not None and not 0 <= fraction < 1:
+        raise OODBenchError(f"data.val_fraction must be in [0, 1), got {fraction!r}")
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run's detector file and meta.json read back; a corrupt one is refitted from the checkpoints."""
+    if not (run_dir / "detector.pt").is_file():
+        return False
+    try:
+        checkpoint.load(run_dir / "detector.pt")
+        read_meta(run_dir / "meta.json")
+    except OODBenchError as e:
+        print(f"oodbench: warning: {(str(e).split(';') or [''])[0]}; refitting the detector from the run's "
+              f"checkpoints", file=sys.stderr)
+        return False
+    return True
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list:
@@ -328,11 +411,14 @@ def metric_rows(id_scores: dict, ood_scores: dict, in_spec: str, out_spec: str, 
 
 def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: Optional[int] = None,
              overrides: Iterable[str] = (), device="auto", bootstrap: int = 0) -> list:
-    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run."""
+    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run.
+    Every method, option, dataset spec and setting is checked before the first image is scored."""
+    methods, out_specs = list(methods), list(out_specs)
+    check_evaluation(methods, out_specs, limit, bootstrap)
+    detectors = {method: run.detector(method, overrides, device) for method in methods}
     rows = []
     in_spec = run.in_distribution()
-    for method in methods:
-        det = run.detector(method, overrides, device)
+    for method, det in detectors.items():
         id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         extra = {}
         if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
@@ -349,6 +435,18 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
     if distributed.is_main():
         run.update_metrics(rows)
     return rows
+
+
+def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
+    if not methods:
+        raise OODBenchError("name at least one method, e.g. --method msp,energy")
+    if not out_specs:
+        raise OODBenchError("name at least one OOD dataset, e.g. --out digits,noise:gaussian")
+    for spec in out_specs:
+        data.check_spec(spec)
+    check_limit(limit)
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise OODBenchError(f"--bootstrap must be a number of resamples >= 0 (0 = no intervals), got {bootstrap!r}")
 
 
 def rows_to_csv(rows: list) -> str:

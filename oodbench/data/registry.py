@@ -45,9 +45,7 @@ def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
     luminance, size by antialiased bilinear resize on the device); the rule is logged once per (set, rule).
     download: allow torchvision downloads (default: $OODBENCH_DOWNLOAD, on unless 0).
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise OODBenchError(f"dataset spec must be a non-empty string, got {spec!r}")
-    spec = spec.strip()
+    spec = check_spec(spec)
     like = _check_like(like)
     hint = Hint() if like is None else Hint(like[0], (like[1], like[2]))
     r = _resolve(spec, split, sources.data_root(root), sources.download_allowed(download), hint)
@@ -62,6 +60,36 @@ def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
     for note in notes:
         log_once(spec, note)
     return ImageSet(images, labels, spec, fingerprint)
+
+
+def check_spec(spec: str) -> str:
+    """`spec` stripped, or the error `load` would give for its grammar, an unknown name, a bad synthetic count or
+    resize method, or a missing folder:/npz: path — found without reading any images, so a command can check every
+    spec before its work starts."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise OODBenchError(f"dataset spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    head, _, rest = spec.partition(":")
+    if head in ("folder", "npz"):
+        if not rest:
+            raise OODBenchError(f"{head}: needs a path, e.g. {head}:/data/my_images" + (".npz" if head == "npz" else ""))
+        if not Path(rest).expanduser().exists():
+            raise OODBenchError(f"folder {rest} does not exist; give an existing directory of images"
+                                if head == "folder" else f"npz file {rest} does not exist")
+    elif head in ("noise", "constant", "glyphs"):
+        kind, n = _synthetic_parts(spec)
+        if kind not in synthetic.KINDS or n < 1:
+            synthetic.synthetic(kind, n, (1, 1, 1))   # raises its own message for these
+    elif head in DERIVED:
+        arg, inner = _derived_parts(head, rest)
+        if head == "resize":
+            convert.check_method(arg)
+        check_spec(inner)
+    elif rest or head not in NAMES:
+        close = difflib.get_close_matches(spec, NAMES + synthetic.KINDS, n=1)
+        suggestion = f"did you mean {close[0]!r}? " if close else ""
+        raise OODBenchError(f"unknown dataset {spec!r}; {suggestion}run `oodbench data list` or see docs/data.md")
+    return spec
 
 
 _LOGGED: set = set()
@@ -112,9 +140,7 @@ def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> R
     if head in DERIVED:
         return _derived(head, rest, split, root, download, hint)
     if rest or head not in NAMES:
-        close = difflib.get_close_matches(spec, NAMES + synthetic.KINDS, n=1)
-        suggestion = f"did you mean {close[0]!r}? " if close else ""
-        raise OODBenchError(f"unknown dataset {spec!r}; {suggestion}run `oodbench data list` or see docs/data.md")
+        check_spec(spec)   # raises: unknown dataset
     if head in sources.TORCHVISION:
         return _tensor(sources.cached_torchvision(head, split, root, download))
     if head == "digits":
@@ -133,19 +159,23 @@ def _folder(path: str, hint: Hint) -> Resolved:
     return _tensor(folders.read_folder(path, hint.size, hint.channels, hint.resample), _decode_notes(hint))
 
 
-def _synthetic(spec: str, split: str, hint: Hint) -> Resolved:
+def _synthetic_parts(spec: str) -> tuple[str, int]:
     parts = spec.split(":")
     n_kind = 1 if parts[0] in ("constant", "glyphs") else 2
     kind, count = ":".join(parts[:n_kind]), parts[n_kind:]
     if len(count) > 1 or (count and not count[0].isdigit()):
         raise OODBenchError(f"bad synthetic spec {spec!r}; use {kind}[:N] with N a positive count")
+    return kind, int(count[0]) if count else synthetic.DEFAULT_COUNT
+
+
+def _synthetic(spec: str, split: str, hint: Hint) -> Resolved:
+    kind, n = _synthetic_parts(spec)
     c = hint.channels or synthetic.DEFAULT_SHAPE[0]
     h, w = hint.size or synthetic.DEFAULT_SHAPE[1:]
-    n = int(count[0]) if count else synthetic.DEFAULT_COUNT
     return Resolved(synthetic.synthetic(kind, n, (c, h, w), split), None, "", ())
 
 
-def _derived(op: str, rest: str, split: str, root: Path, download: bool, hint: Hint) -> Resolved:
+def _derived_parts(op: str, rest: str) -> tuple[Optional[str], str]:
     if op in ("classes", "resize"):
         arg, _, inner = rest.partition(":")
         if not arg or not inner:
@@ -155,6 +185,11 @@ def _derived(op: str, rest: str, split: str, root: Path, download: bool, hint: H
         arg, inner = None, rest
     if not inner:
         raise OODBenchError(f"{op}: needs a dataset after it, e.g. {op}:fashion_mnist")
+    return arg, inner
+
+
+def _derived(op: str, rest: str, split: str, root: Path, download: bool, hint: Hint) -> Resolved:
+    arg, inner = _derived_parts(op, rest)
     if op == "resize":
         convert.check_method(arg)
         size = hint.size or RESIZE_DEFAULT

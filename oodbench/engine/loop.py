@@ -26,9 +26,17 @@ from oodbench.errors import OODBenchError
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OODBenchError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OODBenchError(f"--device {device}: oodbench runs on auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OODBenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OODBenchError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -71,8 +79,12 @@ class EpochSampler:
 class Engine:
     """Trains networks for a run directory: checkpoints, resume, EMA, autocast, logs, DDP."""
 
-    def __init__(self, run_dir, device="auto", seed: int = 0, resume: bool = False, config: Optional[dict] = None):
+    def __init__(self, run_dir, device="auto", seed: int = 0, resume: bool = False, config: Optional[dict] = None,
+                 begin: Optional[Callable[[], None]] = None):
+        """`begin` is called once (main process), before the engine writes anything in `run_dir`: the workflow
+        writes the run's config there, so a run that fails validation in a detector's `fit` leaves no files."""
         self.run_dir = Path(run_dir)
+        self._begin = begin
         self.seed = int(seed)
         self.resume = resume
         self.config = config or {}
@@ -81,10 +93,17 @@ class Engine:
         seed_everything(self.seed + self.rank)  # networks built before `fit` get seeded initial weights
 
     # ----------------------------------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Run the `begin` callback once (main process)."""
+        if self.is_main and self._begin is not None:
+            begin, self._begin = self._begin, None
+            begin()
+
     def log(self, record: dict) -> None:
         """Append one JSON line to the run's log.jsonl (main process only)."""
         if not self.is_main:
             return
+        self.begin()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
@@ -105,6 +124,7 @@ class Engine:
         A network whose `checkpoints/<name>/final.pt` exists is loaded instead of retrained.
         """
         folder = self.run_dir / "checkpoints" / name
+        self.begin()
         model.to(self.device)
         final = folder / "final.pt"
         if final.exists():
@@ -214,8 +234,7 @@ class Engine:
         if not self.resume:
             raise OODBenchError(f"{folder} already holds checkpoints of an unfinished training (step "
                                 f"{found[-1][0]}); pass --resume to continue it, or choose another --run-name")
-        step, path = found[-1]
-        state = ckpt.load(path, self.device)
+        step, state = self._newest_good(found)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
@@ -226,4 +245,16 @@ class Engine:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.log({"model": folder.name, "resumed_from": step})
         return step
+
+    def _newest_good(self, found: list) -> tuple[int, dict]:
+        """(step, state) of the newest checkpoint that verifies; corrupt newer ones are skipped, and said so."""
+        for step, path in reversed(found):
+            try:
+                return step, ckpt.load(path, self.device)
+            except OODBenchError:
+                print(f"oodbench: warning: checkpoint {path} is corrupt or truncated (its digest or format does not "
+                      f"verify); resuming from the one before it", file=sys.stderr)
+                self.log({"model": path.parent.name, "corrupt_checkpoint": str(path)})
+        raise OODBenchError(f"every checkpoint in {found[-1][1].parent} is corrupt; delete that folder to train "
+                            f"that network from the start")
 
