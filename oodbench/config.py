@@ -71,7 +71,10 @@ def parse_override(item: str) -> tuple[list[str], object]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:   # also tags such as !!python/object, which safe_load never constructs
+    except yaml.constructor.ConstructorError as e:   # !!python/... tags: safe_load never constructs them
+        raise OODBenchError(f"--set {item}: YAML tags (!!...) are not allowed in a value; give a plain number, "
+                            f"string or list") from e
+    except yaml.YAMLError as e:
         raise OODBenchError(f"--set {item}: not a valid YAML value ({str(e).splitlines()[0]}); quote strings, "
                             f"close brackets, e.g. --set model.mean=[0.5,0.5,0.5]") from e
     return key.strip().split("."), value
