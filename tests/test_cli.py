@@ -42,23 +42,26 @@ def test_training_features_are_cached_in_the_run(runs_dir, monkeypatch):
     import numpy as np
 
     from oodbench import runs
-    from oodbench.detectors.features import FeatureDetector
+    from oodbench.detectors.posthoc import PostHoc
 
     run = runs.Run(runs_dir / "classifier-fashion_mnist-s0")
     calls = []
-    real = FeatureDetector.features
-    monkeypatch.setattr(FeatureDetector, "features", lambda self, x: calls.append(len(x)) or real(self, x))
-    (run.path / "cache" / "train_features.npz").unlink(missing_ok=True)
-    feats, labels = run.detector("mahalanobis", device="cpu").training_features()
-    assert sum(calls) == len(labels) == len(feats) > 0 and (run.path / "cache" / "train_features.npz").is_file()
+    real = PostHoc.outputs
+    monkeypatch.setattr(PostHoc, "outputs", lambda self, x: calls.append(len(x)) or real(self, x))
+    (run.path / "cache" / "train_outputs.npz").unlink(missing_ok=True)
+    ref = run.detector("mahalanobis", device="cpu").reference_outputs("train")
+    n = len(ref["labels"])
+    assert sum(calls) == n == len(ref["features"]) == len(ref["logits"]) > 0
+    assert (run.path / "cache" / "train_outputs.npz").is_file()
     calls.clear()
-    again, again_labels = run.detector("knn", device="cpu").training_features()   # as a new process would
-    assert calls == [] and np.array_equal(again, feats) and np.array_equal(again_labels, labels)
+    again = run.detector("vim", device="cpu").reference_outputs("train")   # another method, as a new process would
+    assert calls == [] and all(torch.equal(again[k], ref[k]) for k in ref)
     retrained = run.detector("knn", device="cpu")
-    assert retrained.cache.load_npz("train_features.npz", "not the key") is None
+    assert retrained.cache.load_npz("train_outputs.npz", "not the key") is None
     retrained.cache_tag = "another checkpoint"
-    retrained.training_features()
-    assert sum(calls) == len(labels)                                                # stale cache: recomputed
+    retrained.reference_outputs("train")
+    assert sum(calls) == n                                                  # stale cache: recomputed
+    assert np.isfinite(retrained.score(run.load_set("digits", limit=8).images).numpy()).all()
 
 
 def test_score_writes_scores_and_cache_is_reused(runs_dir, capsys):

@@ -1,9 +1,8 @@
-"""Feature-space baselines on the shared classifier: Mahalanobis (MDS) and deep nearest neighbours (KNN).
+"""Feature-space baselines: Mahalanobis (MDS) and deep nearest neighbours (KNN), on the ID training features.
 
-Both fit statistics of the penultimate features of the in-distribution training split (`fit_data`, given by the
-workflow; never a test set) the first time they score; scikit-learn does the covariance and the neighbour search. The
-features are kept in the workflow's cache (<run>/cache/train_features.npz), keyed by the model and the training
-images, so a new process (a new `eval` or `score`) loads them instead of running the network over the split again.
+Mahalanobis uses class means and one tied covariance (scikit-learn's EmpiricalCovariance, in float64, once per fit).
+KNN searches exactly: with faiss installed (`oodbench[faiss]`, an `IndexFlatL2` on the CPU) or, without it, a chunked
+matrix product and top-k on the device; `knn.backend` forces one.
 """
 from __future__ import annotations
 
@@ -11,71 +10,70 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.covariance import EmpiricalCovariance
-from sklearn.neighbors import NearestNeighbors
 
 from oodbench.detectors.base import register
-from oodbench.detectors.classifier import ClassifierDetector
-
-
-class FeatureDetector(ClassifierDetector):
-    """Scores penultimate features against statistics of the training features."""
-
-    _fitted = None
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x)
-
-    def training_features(self) -> tuple[np.ndarray, np.ndarray]:
-        """float64 penultimate features (N, D) and labels (N,) of the run's training split, cached in the run."""
-        train, _ = self.require_fit_data().split()
-        key = self.cache_key(train.fingerprint)
-        saved = self.cache.load_npz("train_features.npz", key) if self.cache is not None else None
-        if saved is not None:
-            return saved["features"].astype(np.float64), saved["labels"]
-        feats = torch.cat([self.features(x) for x, _ in train.batches(500)]).cpu().numpy()
-        labels = train.labels.cpu().numpy()
-        if self.cache is not None:
-            self.cache.save_npz("train_features.npz", key, {"features": feats, "labels": labels})
-        return feats.astype(np.float64), labels
-
-    def score(self, x):
-        if self._fitted is None:
-            self._fitted = self.fit_statistics(*self.training_features())
-        return torch.as_tensor(self.distance(self.features(x).cpu().numpy().astype(np.float64)),
-                               dtype=torch.float32, device=x.device)
+from oodbench.detectors.feature_space import chunked_topk
+from oodbench.detectors.posthoc import PostHoc
+from oodbench.errors import OODBenchError
 
 
 @register("mahalanobis")
-class Mahalanobis(FeatureDetector):
+class Mahalanobis(PostHoc):
     summary = "min Mahalanobis distance to class means, tied covariance, penultimate features (Lee et al. 2018)"
 
-    def fit_statistics(self, feats, labels):
+    def fit_outputs(self, ref):
+        feats, labels = ref["features"].cpu().double().numpy(), ref["labels"].cpu().numpy()
         classes, index = np.unique(labels, return_inverse=True)  # the in-distribution classes, not the model's
-        self.means = np.stack([feats[labels == c].mean(0) for c in classes])
-        centred = feats - self.means[index]
-        self.precision = EmpiricalCovariance(assume_centered=True).fit(centred).precision_
-        return True
+        means = np.stack([feats[labels == c].mean(0) for c in classes])
+        precision = EmpiricalCovariance(assume_centered=True).fit(feats - means[index]).precision_
+        return means, precision
 
-    def distance(self, f):
-        diff = f[:, None, :] - self.means[None]                   # (B, C, D)
-        d2 = np.einsum("bcd,de,bce->bc", diff, self.precision, diff)
-        return d2.min(1)
+    def score_outputs(self, out):
+        means, precision = self.stats
+        f = out["features"].cpu().double().numpy()
+        diff = f[:, None, :] - means[None]                         # (B, C, D)
+        d2 = np.einsum("bcd,de,bce->bc", diff, precision, diff)
+        return torch.as_tensor(d2.min(1), dtype=torch.float32, device=out["features"].device)
 
 
 @register("knn")
-class KNN(FeatureDetector):
+class KNN(PostHoc):
     summary = "distance to the k-th nearest training feature, L2-normalised (Sun et al. 2022)"
+    sweep = {"k": [50, 100, 200, 500, 1000]}
 
-    def fit_statistics(self, feats, labels):
+    def fit_outputs(self, ref):
+        bank = F.normalize(ref["features"], dim=1)
+        if self.backend() == "faiss":
+            import faiss
+
+            index = faiss.IndexFlatL2(bank.shape[1])
+            index.add(np.ascontiguousarray(bank.cpu().numpy()))
+            return index
+        return bank
+
+    def backend(self) -> str:
+        choice = self.options.get("backend", "auto")
+        if choice not in ("auto", "faiss", "torch"):
+            raise OODBenchError(f"knn.backend must be auto, faiss or torch, got {choice!r}")
+        if choice == "torch" or (choice == "auto" and self.device.type == "cuda"):
+            return "torch"
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            if choice == "faiss":
+                raise OODBenchError("knn.backend=faiss needs faiss: pip install 'oodbench[faiss]'") from None
+            return "torch"
+        return "faiss"
+
+    def score_outputs(self, out):
         k = int(self.options["k"])
-        self.index = NearestNeighbors(n_neighbors=k).fit(_unit(feats))
-        return True
-
-    def distance(self, f):
-        dist, _ = self.index.kneighbors(_unit(f))
-        return dist[:, -1]
-
-
-def _unit(f: np.ndarray) -> np.ndarray:
-    return F.normalize(torch.from_numpy(f), dim=1).numpy()
+        queries = F.normalize(out["features"], dim=1)
+        if isinstance(self.stats, torch.Tensor):
+            if k > len(self.stats):
+                raise OODBenchError(f"knn.k={k} is more than the {len(self.stats)} training features")
+            cos = chunked_topk(queries, self.stats, k)[:, -1]
+            return (2 - 2 * cos).clamp_min(0).sqrt()
+        if k > self.stats.ntotal:
+            raise OODBenchError(f"knn.k={k} is more than the {self.stats.ntotal} training features")
+        squared, _ = self.stats.search(np.ascontiguousarray(queries.cpu().numpy()), k)
+        return torch.as_tensor(np.sqrt(np.maximum(squared[:, -1], 0)), device=queries.device)

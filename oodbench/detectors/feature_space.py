@@ -1,0 +1,166 @@
+"""Post-hoc scores in the penultimate feature space: ViM, Residual, RMDS, SHE, NNGuide, fDBD, NCI.
+
+Each fits on the ID training split's features (never a test set) and follows OpenOOD v1.5's postprocessor of the same
+name for its defaults; docs/baselines.md gives each formula and where pytorch-ood's convention differs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from oodbench.detectors.base import register
+from oodbench.detectors.posthoc import PostHoc, energy, subspace_dim
+
+
+def principal_residual(features: torch.Tensor, origin: torch.Tensor, dim: int) -> torch.Tensor:
+    """Basis (D, D − dim) of the space orthogonal to the top-`dim` principal directions of features − origin
+    (uncentred covariance, as ViM's code)."""
+    centred = (features - origin).double()
+    _, vectors = torch.linalg.eigh(centred.T @ centred / len(centred))       # ascending eigenvalues
+    return vectors[:, : features.shape[1] - dim].float()
+
+
+class HeadOrigin(PostHoc):
+    """ViM/Residual: the origin u = −pinv(W) b, where the head's logits are all zero."""
+
+    def origin(self) -> torch.Tensor:
+        weight, bias = self.head_weights()
+        return -(torch.linalg.pinv(weight.double()) @ bias.double()).float()
+
+
+@register("vim")
+class ViM(HeadOrigin):
+    summary = "virtual logit from the residual of the principal subspace, against the energy (Wang et al. 2022)"
+    sweep = {"dim": [256, 1000]}
+
+    def fit_outputs(self, ref):
+        feats = ref["features"]
+        u = self.origin()
+        basis = principal_residual(feats, u, subspace_dim(self.name, int(self.options["dim"]), feats.shape[1]))
+        alpha = ref["logits"].amax(1).mean() / ((feats - u) @ basis).norm(dim=1).mean()
+        return u, basis, alpha
+
+    def score_outputs(self, out):
+        u, basis, alpha = self.stats
+        virtual = ((out["features"] - u) @ basis).norm(dim=1) * alpha
+        return virtual - energy(self.head_logits(out["features"]))
+
+
+@register("residual")
+class Residual(HeadOrigin):
+    summary = "norm of the feature residual outside the principal subspace (ViM's residual alone; Wang et al. 2022)"
+    sweep = {"dim": [512]}
+
+    def fit_outputs(self, ref):
+        feats = ref["features"]
+        u = self.origin()
+        return u, principal_residual(feats, u, subspace_dim(self.name, int(self.options["dim"]), feats.shape[1]))
+
+    def score_outputs(self, out):
+        u, basis = self.stats
+        return ((out["features"] - u) @ basis).norm(dim=1)
+
+
+@register("rmds")
+class RMDS(PostHoc):
+    summary = "relative Mahalanobis: class distance minus the distance to one background Gaussian (Ren et al. 2021)"
+
+    def fit_outputs(self, ref):
+        feats, labels = ref["features"].double(), ref["labels"].long()
+        classes, index = labels.unique(return_inverse=True)
+        means = torch.stack([feats[labels == c].mean(0) for c in classes])
+        return means, _precision(feats - means[index]), feats.mean(0), _precision(feats - feats.mean(0))
+
+    def score_outputs(self, out):
+        means, precision, mean0, precision0 = self.stats
+        f = out["features"].double()
+        diff = f[:, None, :] - means[None]
+        class_d = torch.einsum("bcd,de,bce->bc", diff, precision, diff)
+        d0 = f - mean0
+        background = ((d0 @ precision0) * d0).sum(1)
+        return (class_d - background[:, None]).amin(1).float()
+
+
+def _precision(centred: torch.Tensor) -> torch.Tensor:
+    """Inverse of the (biased) covariance of centred rows, as scikit-learn's EmpiricalCovariance(assume_centered)."""
+    return torch.linalg.pinv(centred.T @ centred / len(centred), hermitian=True)
+
+
+@register("she")
+class SHE(PostHoc):
+    summary = "inner product with the mean feature of correctly classified training images of the predicted class " \
+              "(Zhang et al. 2023)"
+
+    def fit_outputs(self, ref):
+        feats, labels, predicted = ref["features"], ref["labels"].long(), ref["logits"].argmax(1)
+        patterns = torch.zeros(ref["logits"].shape[1], feats.shape[1], device=feats.device)
+        for k in labels.unique():
+            correct = (labels == k) & (predicted == k)
+            if correct.any():
+                patterns[k] = feats[correct].mean(0)
+        return patterns
+
+    def score_outputs(self, out):
+        return -(out["features"] * self.stats[out["logits"].argmax(1)]).sum(1)
+
+
+@register("nnguide")
+class NNGuide(PostHoc):
+    summary = "energy times the mean cosine similarity to the k nearest energy-scaled training features " \
+              "(Park et al. 2023)"
+    sweep = {"k": [100]}
+
+    def fit_outputs(self, ref):
+        return F.normalize(ref["features"], dim=1) * energy(ref["logits"])[:, None]
+
+    def score_outputs(self, out):
+        k = min(int(self.options["k"]), len(self.stats))
+        guidance = chunked_topk(F.normalize(out["features"], dim=1), self.stats, k).mean(1)
+        return -(guidance * energy(out["logits"]))
+
+
+def chunked_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 16384) -> torch.Tensor:
+    """The k largest inner products of each query with the bank rows (B, k), descending; bank in chunks."""
+    best = queries.new_full((len(queries), 0), float("-inf"))
+    for start in range(0, len(bank), chunk):
+        sims = queries @ bank[start:start + chunk].T
+        best = torch.cat([best, sims], 1).topk(min(k, best.shape[1] + sims.shape[1]), dim=1).values
+    return best
+
+
+@register("fdbd")
+class FDBD(PostHoc):
+    summary = "mean distance to the decision boundaries over the distance to the training mean (Liu & Qin 2024)"
+    sweep = {"distance_as_normalizer": [True, False]}
+
+    def fit_outputs(self, ref):
+        weight, _ = self.head_weights()
+        gaps = (weight[:, None, :] - weight[None]).norm(dim=2)
+        gaps.fill_diagonal_(1.0)
+        return ref["features"].mean(0), gaps
+
+    def score_outputs(self, out):
+        mean, gaps = self.stats
+        f, logits = out["features"], out["logits"]
+        top, predicted = logits.max(1)
+        boundary = ((top[:, None] - logits).abs() / gaps[predicted]).sum(1) / (logits.shape[1] - 1)
+        norm = (f - mean).norm(dim=1) if bool(self.options["distance_as_normalizer"]) else f.norm(dim=1)
+        return -boundary / norm.clamp_min(1e-8)
+
+
+@register("nci")
+class NCI(PostHoc):
+    summary = "alignment of the centred feature with the predicted class's head weight, plus alpha × L1 norm " \
+              "(Liu & Qin 2025)"
+    sweep = {"alpha": [0.0001, 0.001, 0.01, 0.1]}
+
+    def fit_outputs(self, ref):
+        return ref["features"].mean(0)
+
+    def score_outputs(self, out):
+        weight, _ = self.head_weights()
+        f = out["features"]
+        centred = f - self.stats
+        w = weight[out["logits"].argmax(1)]
+        alignment = (w * centred).sum(1) / centred.norm(dim=1).clamp_min(1e-12)
+        return -(alignment + float(self.options["alpha"]) * f.abs().sum(1))

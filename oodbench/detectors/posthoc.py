@@ -1,0 +1,108 @@
+"""The base of the post-hoc methods: score a classifier from its penultimate features and logits.
+
+A post-hoc method never trains anything. It may fit statistics on *reference outputs* — the model's features, logits
+and labels on the in-distribution training split (or, for `fit_on = "val"`, the validation split) that the workflow
+hands it through `fit_data`. Those outputs are computed once per model and split and kept in the run's cache
+(`<run>/cache/<split>_outputs.npz`), so every method, every process and every tuning grid point reuses them.
+
+Reference outputs always hold both features and logits, whatever a method's own `outputs` computes per batch.
+Subclasses implement `fit_outputs(ref) -> stats` (optional) and `score_outputs(out) -> (B,)`, where `ref`/`out` are
+dicts of float32 tensors on the device: "features" (N, D), "logits" (N, K) and, in `ref`, "labels" (N,). `sweep`
+names the options `--tune` may choose, with OpenOOD v1.5's `postprocessor_sweep` grids.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from oodbench.detectors.classifier import ClassifierDetector
+from oodbench.errors import OODBenchError
+
+
+class PostHoc(ClassifierDetector):
+    """Features/logits in, OOD scores out; statistics fitted lazily on the cached reference outputs."""
+
+    fit_on: Optional[str] = "train"   # the ID split the statistics come from ("train", "val", or None: no fit)
+    sweep: Dict[str, list] = {}       # option → values tried by --tune
+    stats = None                      # what fit_outputs returned (None until the first score)
+
+    # -- what subclasses implement ---------------------------------------------------------------------------------
+    def fit_outputs(self, ref: dict):
+        """Statistics from the reference outputs (default: none)."""
+        return None
+
+    def score_outputs(self, out: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor) -> dict:
+        """The model's outputs on a uint8 batch: {"features": (B, D), "logits": (B, K)} (float32)."""
+        features, logits = self.model.features_and_logits(x)
+        return {"features": features, "logits": logits}
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_fitted(self.outputs(x))
+
+    def score_fitted(self, out: dict) -> torch.Tensor:
+        """Scores of precomputed outputs, fitting the statistics first if they are not fitted yet."""
+        if self.stats is None and self.fit_on is not None:
+            self.stats = self.fit_outputs(self.reference_outputs(self.fit_on))
+        return self.score_outputs(out)
+
+    def refit(self) -> None:
+        """Forget the fitted statistics (an option changed); they are refitted from the cached outputs."""
+        self.stats = None
+
+    def reference_outputs(self, split: str = "train") -> dict:
+        """Outputs and labels of the ID `split` ("train" or "val"), as float32 tensors on the device (cached)."""
+        train, val = self.require_fit_data().split()
+        imageset = {"train": train, "val": val}[split]
+        name, key = f"{split}_outputs.npz", self.cache_key(split, imageset.fingerprint)
+        saved = self.cache.load_npz(name, key) if self.cache is not None else None
+        if saved is None:
+            saved = outputs_of(lambda x: PostHoc.outputs(self, x), imageset, self.name)
+            saved["labels"] = imageset.labels.cpu().numpy()
+            if self.cache is not None:
+                self.cache.save_npz(name, key, saved)
+        return {k: torch.as_tensor(v, device=self.device) for k, v in saved.items()}
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final linear layer's weight (K, D) and bias (K,) as float32 tensors on the device."""
+        head = self.model.head
+        if not isinstance(head, torch.nn.Linear):
+            raise OODBenchError(f"{self.name} needs the model's final nn.Linear layer; this model has none (name it "
+                                f"with --set model.head=LAYER_NAME)")
+        bias = head.bias if head.bias is not None else torch.zeros(head.out_features)
+        return head.weight.detach().float().to(self.device), bias.detach().float().to(self.device)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of (shaped) features through the model's own head."""
+        weight, bias = self.head_weights()
+        return features @ weight.T + bias
+
+
+def outputs_of(outputs, imageset, name: str, batch_size: int = 500) -> dict:
+    """`outputs(x)` (a dict of tensors per uint8 batch) over a whole set → {key: numpy float32 array}."""
+    chunks: dict = {}
+    for x, _ in imageset.batches(batch_size):
+        for k, v in outputs(x).items():
+            chunks.setdefault(k, []).append(v.float().cpu().numpy())
+    if not chunks:
+        raise OODBenchError(f"{name}: the set {imageset.name!r} has no images")
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def energy(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp of the logits: the free energy's negative (higher = in-distribution)."""
+    return torch.logsumexp(logits, dim=1)
+
+
+def subspace_dim(name: str, dim: int, features: int) -> int:
+    """The principal-subspace size used by ViM / Residual: `dim`, or D//2 when the features have ≤ dim dimensions
+    (as pytorch-ood does; a 512-dimensional default cannot leave a residual in 128-dimensional features)."""
+    if dim <= 0:
+        raise OODBenchError(f"{name}.dim must be a positive integer, got {dim}")
+    return dim if dim < features else features // 2

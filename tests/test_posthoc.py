@@ -1,0 +1,240 @@
+"""Post-hoc methods: each equals pytorch-ood 0.4.0's implementation (or, where it has none or differs by convention,
+a reference written here from the paper's / OpenOOD's formula) on the same small model and data."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy.stats import spearmanr
+from sklearn.covariance import EmpiricalCovariance
+
+from oodbench.config import load_config
+from oodbench.data import ImageSet
+from oodbench.detectors import get
+from oodbench.models import wrap
+
+pood = pytest.importorskip("pytorch_ood.detector", reason="pytorch-ood is in the test extra")
+K, D = 5, 32
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, D, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(D, K)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    tint = torch.randint(0, 256, (n, 3, 1, 1), generator=g)
+    noise = torch.randint(-40, 41, (n, 3, 8, 8), generator=g)
+    return (tint + noise).clamp(0, 255).to(torch.uint8)
+
+
+class FitData:
+    def __init__(self, train, val):
+        self.train, self.val = train, val
+
+    def split(self):
+        return self.train, self.val
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = wrap(SmallNet(), mean=[0.5] * 3, std=[0.25] * 3)
+    x_train, x_val, x_test = images(600, 1), images(200, 2), images(100, 3)
+    with torch.no_grad():   # a head centred on the training features, so that every class is predicted
+        z = model.features(x_train)
+        fc = model.head
+        fc.weight.copy_(torch.randn(K, D) / z.std(0).clamp_min(1e-3))
+        fc.bias.copy_(-(fc.weight @ z.mean(0)))
+        z_train, logits_train = model.features_and_logits(x_train)
+        z_val, logits_val = model.features_and_logits(x_val)
+        z_test, logits_test = model.features_and_logits(x_test)
+    y_train, y_val = logits_train.argmax(1), logits_val.argmax(1)
+    flip = torch.arange(len(y_train)) % 7 == 0                     # some training images misclassified
+    y_train = torch.where(flip, (y_train + 1) % K, y_train)
+    y_val = torch.where(torch.arange(len(y_val)) % 3 == 0, (y_val + 2) % K, y_val)   # an interior optimal T
+    assert set(y_train.tolist()) == set(range(K))
+    train, val = ImageSet(x_train, y_train, "train"), ImageSet(x_val, y_val, "val")
+    return dict(model=model, fit=FitData(train, val), x=x_test, z=z_test, logits=logits_test,
+                z_train=z_train, y_train=y_train, logits_val=logits_val, y_val=y_val)
+
+
+def ours(setup, name, **options):
+    det = get(name)(load_config("classifier"), "cpu")
+    det.options.update(options)
+    det.use_model(setup["model"])
+    det.fit_data = setup["fit"]
+    return det.score(setup["x"])
+
+
+def head(setup):
+    return setup["model"].head
+
+
+def close(a, b, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=rtol, atol=atol)
+
+
+def ranks_equal(a, b):
+    assert spearmanr(np.asarray(a), np.asarray(b)).statistic >= 0.9999
+
+
+# -- logits ----------------------------------------------------------------------------------------------------------
+def test_logit_scores_equal_pytorch_ood(setup):
+    logits = setup["logits"]
+    close(ours(setup, "msp"), pood.MaxSoftmax.score(logits))
+    close(ours(setup, "maxlogit"), pood.MaxLogit.score(logits))
+    close(ours(setup, "energy"), pood.EnergyBased.score(logits))
+    close(ours(setup, "entropy"), pood.Entropy.score(logits))
+
+
+@pytest.mark.parametrize("gamma,m", [(0.1, 100), (2.0, 3)])
+def test_gen_is_pytorch_ood_times_m(setup, gamma, m):
+    # pytorch-ood averages over the top-M probabilities; the paper (and OpenOOD) sums them: a constant factor.
+    expected = pood.GEN.score(setup["logits"], gamma=gamma, M=m) * min(m, K)
+    close(ours(setup, "gen", gamma=gamma, m=m), expected)
+
+
+def test_tempscale_finds_the_nll_optimum_on_validation(setup):
+    det = get("tempscale")(load_config("classifier"), "cpu")
+    det.use_model(setup["model"])
+    det.fit_data = setup["fit"]
+    scores = det.score(setup["x"])
+    logits_val, y_val = setup["logits_val"].double(), setup["y_val"]
+    grid = torch.logspace(-1, 1.5, 20001, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits_val / t, y_val) for t in grid])
+    assert det.stats == pytest.approx(grid[nll.argmin()].item(), rel=1e-3)
+    close(scores, -(setup["logits"] / det.stats).softmax(1).amax(1))
+    # pytorch-ood's LBFGS (lr 0.01, 50 iterations) stops short of the optimum; it never reaches a lower NLL.
+    ref = pood.TemperatureScaling(None).fit_logits(setup["logits_val"], y_val)
+    nll_of = lambda t: torch.nn.functional.cross_entropy(logits_val / t, y_val).item()  # noqa: E731
+    assert nll_of(det.stats) <= nll_of(ref.t.item()) + 1e-9
+    close(ref.predict_logits(setup["logits"]).detach(), -(setup["logits"] / ref.t.item()).softmax(1).amax(1))
+
+
+def test_klm_equals_pytorch_ood(setup):
+    ref = pood.KLMatching(None).fit_logits(setup["logits_val"], setup["y_val"])
+    close(ours(setup, "klm"), ref.predict_logits(setup["logits"]))
+
+
+# -- feature space ---------------------------------------------------------------------------------------------------
+def test_vim_equals_pytorch_ood(setup):
+    fc = head(setup)
+    ref = pood.ViM(None, d=12, w=fc.weight, b=fc.bias).fit_features(setup["z_train"], setup["y_train"])
+    # pytorch-ood's eigendecomposition is float32, ours float64
+    close(ours(setup, "vim", dim=12), ref.predict_features(setup["z"]), rtol=1e-4, atol=1e-3)
+
+
+def test_residual_equals_openood_formula(setup):
+    fc, z_train, z = head(setup), setup["z_train"].double().numpy(), setup["z"].double().numpy()
+    w, b = fc.weight.detach().double().numpy(), fc.bias.detach().double().numpy()
+    u = -np.linalg.pinv(w) @ b
+    values, vectors = np.linalg.eig(EmpiricalCovariance(assume_centered=True).fit(z_train - u).covariance_)
+    ns = vectors.T[np.argsort(-values)[12:]].T
+    close(ours(setup, "residual", dim=12), np.linalg.norm((z - u) @ ns, axis=-1), rtol=1e-4, atol=1e-4)
+
+
+def test_rmds_equals_the_paper_and_ranks_as_pytorch_ood(setup):
+    z_train, y, z = setup["z_train"].double().numpy(), setup["y_train"].numpy(), setup["z"].double().numpy()
+    means = np.stack([z_train[y == c].mean(0) for c in range(K)])
+    precision = EmpiricalCovariance(assume_centered=True).fit(z_train - means[y]).precision_
+    background = EmpiricalCovariance().fit(z_train)
+    diff = z[:, None] - means[None]
+    md = np.einsum("bcd,de,bce->bc", diff, precision, diff)
+    md0 = background.mahalanobis(z)
+    got = ours(setup, "rmds")
+    close(got, (md - md0[:, None]).min(1), rtol=1e-4, atol=1e-3)
+    # pytorch-ood's covariances are sums, not means (scale 1/N): the same ranking.
+    ranks_equal(got, pood.RMD(None).fit_features(setup["z_train"], setup["y_train"]).predict_features(setup["z"]))
+
+
+def test_mahalanobis_ranks_as_pytorch_ood(setup):
+    ref = pood.Mahalanobis(None).fit_features(setup["z_train"], setup["y_train"]).predict_features(setup["z"])
+    ranks_equal(ours(setup, "mahalanobis"), ref)
+
+
+def test_she_equals_pytorch_ood(setup):
+    ref = pood.SHE(lambda x: x, head(setup)).fit_features(setup["z_train"], setup["y_train"])
+    close(ours(setup, "she"), ref.predict_features(setup["z"]).detach())
+
+
+def test_nnguide_equals_pytorch_ood(setup):
+    ref = pood.NNGuide(None, head(setup), k=7).fit_features(setup["z_train"], setup["y_train"])
+    close(ours(setup, "nnguide", k=7), ref.predict_features(setup["z"]))
+
+
+@pytest.mark.parametrize("normalizer", [True, False])
+def test_fdbd_equals_pytorch_ood_and_openood(setup, normalizer):
+    got = ours(setup, "fdbd", distance_as_normalizer=normalizer)
+    if normalizer:
+        ref = pood.fDBD(None, head(setup)).fit_features(setup["z_train"])
+        close(got, ref.predict_features(setup["z"]))
+    else:   # OpenOOD's validation-selected variant: the feature norm as normaliser
+        logits, z = setup["logits"], setup["z"]
+        w = head(setup).weight.detach()
+        top, pred = logits.max(1)
+        gaps = (w[pred][:, None, :] - w[None]).norm(dim=2)
+        gaps[torch.arange(len(z)), pred] = 1.0
+        close(got, -((top[:, None] - logits) / gaps).sum(1) / (K - 1) / z.norm(dim=1))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.01])
+def test_nci_equals_pytorch_ood(setup, alpha):
+    ref = pood.NCI(None, head(setup), alpha=alpha).fit_features(setup["z_train"])
+    close(ours(setup, "nci", alpha=alpha), ref.predict_features(setup["z"]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_knn_equals_pytorch_ood_on_both_backends(setup, backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    ref = pood.KNN(None, k=9).fit_features(setup["z_train"], setup["y_train"]).predict_features(setup["z"])
+    close(ours(setup, "knn", k=9, backend=backend), ref, rtol=1e-4, atol=1e-4)
+
+
+# -- activation shaping ----------------------------------------------------------------------------------------------
+def maps_head(setup):
+    return lambda maps: head(setup)(maps.flatten(1))
+
+
+@pytest.mark.parametrize("percentile", [65, 90])
+def test_react_equals_pytorch_ood(setup, percentile):
+    ref = pood.ReAct(lambda x: x, maps_head(setup), percentile=percentile / 100)
+    ref.fit_feature_maps(setup["z_train"], setup["y_train"])
+    close(ours(setup, "react", percentile=percentile), ref.predict_feature_maps(setup["z"]))
+
+
+@pytest.mark.parametrize("variant", ["ash_p", "ash_b", "ash_s"])
+@pytest.mark.parametrize("percentile", [65, 90])
+def test_ash_equals_pytorch_ood(setup, variant, percentile):
+    ref = pood.ASH(lambda x: x, maps_head(setup), variant=variant.replace("_", "-"), percentile=percentile / 100)
+    close(ours(setup, variant, percentile=percentile), ref.predict_feature_maps(setup["z"][:, :, None, None]),
+          rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("percentile", [65, 85])
+def test_scale_equals_pytorch_ood(setup, percentile):
+    ref = pood.SCALE(lambda x: x, maps_head(setup), percentile=percentile / 100)
+    close(ours(setup, "scale", percentile=percentile), ref.predict_feature_maps(setup["z"][:, :, None, None]),
+          rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("p", [50, 90])
+def test_dice_equals_pytorch_ood(setup, p):
+    fc = head(setup)
+    ref = pood.DICE(None, w=fc.weight, b=fc.bias, p=p / 100).fit_features(setup["z_train"], setup["y_train"])
+    close(ours(setup, "dice", p=p), ref.predict_features(setup["z"]))
+
+
+def test_shaping_keeps_the_top_activations(setup):
+    from oodbench.detectors.shaping import AshP
+
+    det = AshP(load_config("classifier"))
+    det.options["percentile"] = 75
+    f = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.0, 6.0, 5.0]])
+    assert torch.equal(det.shaped(f), torch.tensor([[0.0, 0, 0, 0, 0, 0, 6.0, 5.0]]))
