@@ -107,8 +107,9 @@ def test_unlabelled_folder_as_in_writes_nothing_and_the_fixed_command_runs(tmp_p
 ])
 def test_bad_eval_input_fails_before_anything_is_scored(trained, extra, message, capsys, monkeypatch):
     scored = []
-    real = runs.score_set
-    monkeypatch.setattr(runs, "score_set", lambda det, s, *a: scored.append(s.name) or real(det, s, *a))
+    real = runs.Run.score
+    monkeypatch.setattr(runs.Run, "score", lambda self, method, spec, *a, **k: scored.append(spec) or
+                        real(self, method, spec, *a, **k))
     args = eval_args(trained)
     for flag in ("--out", "--method"):   # a later flag replaces the default one
         if flag in extra:
