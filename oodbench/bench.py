@@ -15,6 +15,7 @@ import json
 import os
 import time
 import traceback
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -241,7 +242,9 @@ class Recorder:
             return None
         try:
             record = json.loads(path.read_text())
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
+            return None   # a damaged cell is recomputed
+        if not isinstance(record, dict):
             return None
         return record if record.get("material") == json.loads(json.dumps(material, default=str)) else None
 
@@ -665,10 +668,14 @@ def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
 
 
 def load_plot_scores(path: Path) -> dict:
+    """The saved plot scores ({} when missing or damaged: that plot is left out)."""
     if not path.is_file():
         return {}
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return {}
 
 
 def heatmap(bench: Bench, summary: list, in_spec: str, path: Path) -> int:

@@ -335,6 +335,8 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
     existing = run_dir / "config.yaml"
 
     def write_config():   # called by the engine before its first write: nothing is written before validation
+        for folder in [run_dir, *(p for p in run_dir.rglob("*") if p.is_dir())]:
+            checkpoint.clean_stale_temporaries(folder)   # left by a killed earlier process
         if not existing.is_file():
             write_atomic(existing, configs.dump(cfg))
 

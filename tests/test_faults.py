@@ -384,3 +384,35 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.json": mode, "b.pt": mode, "plain": mode}
+
+
+def test_resumed_training_removes_the_temporaries_of_a_killed_process_throughout_the_run(run_copy, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (run_copy / "detector.pt").unlink()
+    (run_copy / "checkpoints/classifier/final.pt").unlink()   # killed before the end of training
+    left = [run_copy / f"checkpoints/classifier/.step_00000006.pt.{ckpt._HOST}-{pid}.k9k9k9k9.tmp",
+            run_copy / f"scores/msp/.digits.npz.{ckpt._HOST}-{pid}.k9k9k9k9.tmp"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    assert main(train_args(run_copy.parent.parent / "runs", "--resume")) == 0
+    assert not any(p.exists() for p in left) and ckpt.load(run_copy / "detector.pt")
+
+
+def test_damaged_bench_cells_and_plot_scores_are_recomputed_not_raised(tmp_path):
+    from oodbench import bench
+
+    recorder = bench.Recorder(tmp_path)
+    material = {"cell": 1}
+    recorder.save(material, {"auroc": 0.5})
+    assert recorder.cached(material)["auroc"] == 0.5
+    path = tmp_path / "cells" / f"{recorder.key(material)}.json"
+    for text in ('{"auroc": 0.', "[1, 2]"):
+        path.write_text(text)
+        assert recorder.cached(material) is None
+    scores = tmp_path / "s.npz"
+    runs.save_npz(scores, {"msp": np.arange(3.0)})
+    assert list(bench.load_plot_scores(scores)) == ["msp"]
+    scores.write_bytes(scores.read_bytes()[:40])
+    assert bench.load_plot_scores(scores) == {}
