@@ -416,3 +416,17 @@ def test_damaged_bench_cells_and_plot_scores_are_recomputed_not_raised(tmp_path)
     assert list(bench.load_plot_scores(scores)) == ["msp"]
     scores.write_bytes(scores.read_bytes()[:40])
     assert bench.load_plot_scores(scores) == {}
+
+
+def test_device_strings_are_checked(monkeypatch):
+    from oodbench.engine import resolve_device
+
+    for bad, message in (("gpu0", "not a device"), ("meta", "auto, cpu, cuda"), ("cuda", "no CUDA GPU")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(OODBenchError, match=message):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(OODBenchError, match="only 2 CUDA GPU"):
+        resolve_device("cuda:2")
