@@ -327,14 +327,19 @@ def metric_rows(id_scores: dict, ood_scores: dict, in_spec: str, out_spec: str, 
 
 
 def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: Optional[int] = None,
-             overrides: Iterable[str] = (), device="auto", bootstrap: int = 0) -> list:
-    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run."""
+             overrides: Iterable[str] = (), device="auto", bootstrap: int = 0, tune: bool = False) -> list:
+    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run. With `tune`,
+    each method's options are first chosen on validation data (oodbench.tuning) and recorded in its rows."""
     rows = []
     in_spec = run.in_distribution()
     for method in methods:
         det = run.detector(method, overrides, device)
-        id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         extra = {}
+        if tune:
+            from oodbench import tuning
+
+            extra["tuned"] = tuning.tune(det)
+        id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
             accuracy = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
             if accuracy is not None:
