@@ -24,14 +24,14 @@ import numpy as np
 from tqdm import tqdm
 
 from oodbench import config as configs
-from oodbench import data, plots, runs
+from oodbench import data, plots, runs, tuning
 from oodbench.detectors import base as registry
 from oodbench.engine import resolve_device, show_progress
 from oodbench.errors import OODBenchError
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
-              "plots", "methods")
-ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit")
+              "plots", "methods", "tune")
+ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit", "tune")
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error")
 TABLE_METRICS = (("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"), ("fpr95", "FPR@95"),
                  ("detection_error", "DetErr"))
@@ -51,6 +51,7 @@ class Entry:
     error: str = ""             # set when the method cannot be used at all (e.g. not registered)
     model: Optional[str] = None     # a model spec: score that classifier (no training) instead of a trained run
     fit_limit: Optional[int] = None
+    tune: bool = False              # choose the method's options on validation data first (oodbench.tuning)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Bench:
     run_name: Optional[str]
     plots: bool
     entries: list = field(default_factory=list)
+    tune: bool = False
 
     def settings(self) -> dict:
         return {"name": self.name, "config": str(self.path), "preset": self.preset, "seeds": self.seeds,
@@ -101,12 +103,19 @@ def load_bench(path) -> Bench:
                   limit=_limit(raw.get("limit"), where), bootstrap=_count(raw.get("bootstrap", 0), where),
                   train_overrides=_train_overrides(raw.get("train_overrides"), where),
                   run_name=raw.get("run_name"), plots=bool(raw.get("plots", True)))
+    bench.tune = _flag(raw.get("tune", False), f"{where}: tune")
     bench.entries = [_entry(item, bench, where) for item in raw["methods"]]
     labels = [e.label for e in bench.entries]
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
         raise OODBenchError(f"{where}: method(s) {', '.join(twice)} listed twice; give one of them a `label:`")
     return bench
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise OODBenchError(f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def _check_keys(raw: dict, allowed, where: str) -> None:
@@ -174,7 +183,8 @@ def _entry(item, bench: Bench, where: str) -> Entry:
                   preset=item.get("preset", bench.preset), train_overrides=training,
                   score_overrides=[o for o in overrides if o not in training],
                   limit=_limit(item.get("limit", bench.limit), f"{where}: method {item['method']}"),
-                  model=item.get("model"), fit_limit=_limit(item.get("fit_limit"), f"{where}: fit_limit"))
+                  model=item.get("model"), fit_limit=_limit(item.get("fit_limit"), f"{where}: fit_limit"),
+                  tune=_flag(item.get("tune", bench.tune), f"{where}: method {item['method']} tune"))
     try:
         entry.kind = registry.get(entry.method).kind
     except OODBenchError as e:
@@ -374,7 +384,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         options = None   # the cell fails below with this error
     for out in outs:
         materials[out] = {"method": entry.method, "label": entry.label, "preset": entry.preset,
-                          "model": entry.model, "fit_limit": entry.fit_limit,
+                          "model": entry.model, "fit_limit": entry.fit_limit, "tune": entry.tune,
                           "train_overrides": entry.train_overrides, "score_overrides": entry.score_overrides,
                           "limit": entry.limit, "in": in_spec, "out": out, "seed": seed, "bootstrap": bench.bootstrap,
                           "run": str(run.path), "detector": digest, "options": options}
@@ -390,6 +400,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         return
     try:
         det = run.detector(entry.method, entry.score_overrides, device)
+        tuned = tuning.tune(det) if entry.tune else {}
         id_scores = run.score(entry.method, in_spec, entry.limit, entry.score_overrides, detector=det)
     except Exception as e:  # noqa: BLE001
         recorder.fail(entry, in_spec, seed, todo, e)
@@ -402,6 +413,8 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         try:
             ood_scores = run.score(entry.method, out, entry.limit, entry.score_overrides, detector=det)
             rows = runs.metric_rows(id_scores, ood_scores, in_spec, out, bench.bootstrap, renamer(entry))
+            if tuned:
+                rows = [{**r, "tuned": tuned} for r in rows]
         except Exception as e:  # noqa: BLE001
             recorder.fail(entry, in_spec, seed, [out], e)
         else:
@@ -442,7 +455,8 @@ def summarise(bench: Bench, cells: dict) -> dict:
         for (label, method, in_spec, seed), rows in by_key.items():
             mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
             per_seed.append({"method": method, "in": in_spec, "out": group, **mean, "seed": seed, "entry": label,
-                             "group": True, "sets": [r["out"] for r in rows]})
+                             "group": True, "sets": [r["out"] for r in rows],
+                             **({"tuned": rows[0]["tuned"]} if "tuned" in rows[0] else {})})
     summary = []
     keyed: dict = {}
     for row in per_seed:
@@ -455,6 +469,9 @@ def summarise(bench: Bench, cells: dict) -> dict:
             agg[m], agg[f"{m}_std"] = float(values.mean()), float(values.std())
             if all(f"{m}_ci" in r for r in rows):
                 agg[f"{m}_ci"] = [float(np.mean([r[f"{m}_ci"][i] for r in rows])) for i in (0, 1)]
+        if "tuned" in rows[0]:   # the options --tune chose (one dict, or one per seed when the seeds differ)
+            choices = [r["tuned"] for r in rows]
+            agg["tuned"] = choices[0] if all(c == choices[0] for c in choices) else choices
         if rows[0]["group"]:
             agg["sets"] = sorted({s for r in rows for s in r["sets"]}, key=bench.groups[out].index)
         summary.append(agg)
@@ -554,6 +571,12 @@ def markdown_report(bench, summary, failed, skipped, plot_note, seconds, device,
         lost = [s for s in specs if s in gone]
         notes.append(f"- Group `{group}` = plain mean of the per-set metrics of {', '.join(specs)}"
                      + (f" (not available, left out: {', '.join(lost)})" if lost else "") + ".")
+    tuned = {(r["entry"], json.dumps(r["tuned"])): r["tuned"] for r in summary if r.get("tuned")}
+    for (label, _), choice in tuned.items():
+        text = "; ".join(", ".join(f"{k}={v}" for k, v in c.items()) for c in
+                         (choice if isinstance(choice, list) else [choice]))
+        notes.append(f"- `{label}`: options chosen on validation data (--tune: ID validation split vs the "
+                     f"training split of tune.val_ood): {text}.")
     notes.append(f"- Plots: {plot_note}")
     lines += ["## Notes", ""] + notes + [""]
     for in_spec in bench.ins:

@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
     e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")
     e.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add N-resample bootstrap 95%% intervals")
+    e.add_argument("--tune", action="store_true", help="choose each post-hoc method's options from its grid on "
+                   "the ID validation split against tune.val_ood (never a test set); the choice is printed and saved")
     common(e)
 
     command("methods", "list the detectors")
@@ -153,7 +155,7 @@ def cmd_eval(a) -> None:
     runs.check_evaluation(methods, outs, a.limit, a.bootstrap)   # before a model or run is loaded
     run, overrides = runs.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
                                    a.fit_limit, a.overrides, a.data_root)
-    rows = runs.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap)
+    rows = runs.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune)
     if a.format == "json":
         print(report.json_rows(rows))
     elif a.format == "csv":
@@ -168,6 +170,9 @@ def cmd_eval(a) -> None:
         if bpd:
             print("\nmean bits per dimension (foreground model; lower = more likely): " +
                   ", ".join(f"{spec} {v:.3f}" for spec, v in bpd.items()))
+        tuned = {k: v for r in rows for k, v in (r.get("tuned") or {}).items()}
+        if tuned:
+            print("\ntuned on validation data: " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
         print(f"\nsaved: {run.path / 'metrics.json'} and metrics.csv")
 
 

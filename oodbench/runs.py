@@ -412,17 +412,25 @@ def metric_rows(id_scores: dict, ood_scores: dict, in_spec: str, out_spec: str, 
 
 
 def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: Optional[int] = None,
-             overrides: Iterable[str] = (), device="auto", bootstrap: int = 0) -> list:
-    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run.
+             overrides: Iterable[str] = (), device="auto", bootstrap: int = 0, tune: bool = False) -> list:
+    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run. With `tune`,
+    each method's options are first chosen on validation data (oodbench.tuning) and recorded in its rows.
     Every method, option, dataset spec and setting is checked before the first image is scored."""
     methods, out_specs = list(methods), list(out_specs)
     check_evaluation(methods, out_specs, limit, bootstrap)
     detectors = {method: run.detector(method, overrides, device) for method in methods}
+    for det in detectors.values() if tune else ():
+        if (det.cfg.get("tune") or {}).get("val_ood"):
+            data.check_spec(det.cfg["tune"]["val_ood"])
     rows = []
     in_spec = run.in_distribution()
     for method, det in detectors.items():
-        id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         extra = {}
+        if tune:
+            from oodbench import tuning
+
+            extra["tuned"] = tuning.tune(det)
+        id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
             accuracy = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
             if accuracy is not None:

@@ -49,7 +49,9 @@ class Detector:
     @property
     def options(self) -> dict:
         """This method's own scoring options: `cfg[<method name>]` (empty when the config has none)."""
-        return self.cfg.get(self.name, {}) or {}
+        if not isinstance(self.cfg.get(self.name), dict):
+            self.cfg[self.name] = {}
+        return self.cfg[self.name]
 
     def require_fit_data(self):
         if self.fit_data is None:

@@ -58,6 +58,12 @@ class PostHoc(ClassifierDetector):
 
     def reference_outputs(self, split: str = "train") -> dict:
         """Outputs and labels of the ID `split` ("train" or "val"), as float32 tensors on the device (cached)."""
+        held = self.__dict__.setdefault("_reference", {})   # kept across refits (tuning refits many times)
+        if split not in held:
+            held[split] = self._load_reference(split)
+        return held[split]
+
+    def _load_reference(self, split: str) -> dict:
         train, val = self.require_fit_data().split()
         imageset = {"train": train, "val": val}[split]
         name, key = f"{split}_outputs.npz", self.cache_key(split, imageset.fingerprint)

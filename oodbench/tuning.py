@@ -1,0 +1,63 @@
+"""`--tune`: choose a post-hoc method's options on validation data, never on a test set.
+
+The grid is the method's `sweep` (OpenOOD v1.5's `postprocessor_sweep`). Each grid point is scored on the ID
+validation split against the *training* split of a validation OOD set (`tune.val_ood`, `tune.val_size` images of
+each), and the point with the highest AUROC wins (the first one on ties). The model runs over the two validation sets
+once; every grid point (skipping those the data cannot take, such as knn.k above the training set size)
+refits the method's statistics from the cached training outputs and scores the stored
+features/logits, so a sweep costs little more than one evaluation. The choice is kept in `<run>/cache/tuning.json`.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from oodbench import metrics
+from oodbench.detectors.posthoc import PostHoc, outputs_of
+from oodbench.errors import OODBenchError
+
+
+def tune(det) -> dict:
+    """Set `det`'s options to the best grid point; returns {"<method>.<option>": value, ...} ({} if no grid)."""
+    grid = dict(getattr(det, "sweep", {}) or {})
+    if not isinstance(det, PostHoc) or not grid:
+        return {}
+    settings = det.cfg.get("tune") or {}
+    val_ood, val_size = settings.get("val_ood"), int(settings.get("val_size", 1000))
+    if not val_ood or val_size <= 0:
+        raise OODBenchError("--tune needs tune.val_ood (a validation OOD set; its training split is used) and a "
+                            "positive tune.val_size")
+    fit = det.require_fit_data()
+    train, val = fit.split()
+    options = det.cfg.setdefault(det.name, {})
+    fixed = {k: v for k, v in options.items() if k not in grid}
+    key = det.cache_key("tune", det.name, grid, fixed, val.fingerprint, val_ood, val_size)
+    saved = det.cache.load_json("tuning.json") if det.cache is not None else {}
+    choice = saved.get(key)
+    if not (isinstance(choice, dict) and set(choice.get("chosen", {})) == set(grid)):
+        ood = fit.load(val_ood, like=train.shape).head(val_size)
+        sets = [_tensors(outputs_of(det.outputs, s, det.name), det.device) for s in (val.head(val_size), ood)]
+        best = None
+        for point in itertools.product(*grid.values()):
+            options.update(zip(grid, point))
+            det.refit()
+            try:
+                id_scores, ood_scores = (det.score_fitted(out).cpu().numpy() for out in sets)
+            except OODBenchError:   # a point this data cannot take (e.g. knn.k above the training set size)
+                continue
+            auroc = metrics.evaluate(id_scores, ood_scores)["auroc"]
+            if best is None or auroc > best[0]:
+                best = (auroc, dict(zip(grid, point)))
+        if best is None:
+            raise OODBenchError(f"--tune: no grid point of {det.name} ({grid}) can be scored on this data")
+        choice = {"chosen": best[1], "val_auroc": best[0], "val_ood": val_ood, "val_size": val_size}
+        if det.cache is not None:
+            det.cache.save_json("tuning.json", {**saved, key: choice})
+    options.update(choice["chosen"])
+    det.refit()
+    return {f"{det.name}.{k}": v for k, v in choice["chosen"].items()}
+
+
+def _tensors(arrays: dict, device) -> dict:
+    return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}

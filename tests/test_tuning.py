@@ -1,0 +1,128 @@
+"""--tune: the options chosen are the grid point with the best validation AUROC, found with one pass of the model
+over the validation sets, never on test data; recorded by eval and by the bench."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from oodbench import metrics, runs, tuning
+from oodbench.config import load_config
+from oodbench.data import ImageSet
+from oodbench.detectors import get
+from oodbench.detectors.posthoc import PostHoc
+from oodbench.errors import OODBenchError
+from oodbench.models import wrap
+from test_posthoc import SmallNet, images
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class FitData:
+    def __init__(self):
+        g = torch.Generator().manual_seed(5)
+        self.train = ImageSet(images(300, 1), torch.randint(0, 5, (300,), generator=g), "train")
+        self.val = ImageSet(images(120, 2), torch.randint(0, 5, (120,), generator=g), "val")
+        self.ood = ImageSet(255 - images(120, 4), None, "ood")
+        self.loaded = []
+
+    def split(self):
+        return self.train, self.val
+
+    def load(self, spec, like):
+        self.loaded.append(spec)
+        return self.ood
+
+
+def detector(name, **options):
+    torch.manual_seed(0)
+    cfg = load_config("classifier")
+    cfg["tune"].update(val_ood="some_val_ood", val_size=100)
+    det = get(name)(cfg, "cpu")
+    det.options.update(options)
+    det.use_model(wrap(SmallNet(), mean=[0.5] * 3, std=[0.25] * 3))
+    det.fit_data = FitData()
+    return det
+
+
+@pytest.mark.parametrize("name", ["react", "gen", "knn", "vim"])
+def test_tune_picks_the_best_validation_auroc_with_one_model_pass(name):
+    det = detector(name)
+    calls = []
+    det.net.register_forward_hook(lambda _m, inputs, _out: calls.append(len(inputs[0])))
+    chosen = tuning.tune(det)
+    fit = det.fit_data
+    assert fit.loaded == ["some_val_ood"]                            # FitData.load: the OOD set's *train* split
+    assert sum(calls) == 2 * 100 + (0 if det.fit_on is None else len(fit.train))   # once per set, for every point
+    brute = {}
+    for point in __import__("itertools").product(*det.sweep.values()):
+        other = detector(name, **dict(zip(det.sweep, point)))
+        try:
+            brute[point] = metrics.evaluate(other.score(fit.val.images[:100]).numpy(),
+                                            other.score(fit.ood.images[:100]).numpy())["auroc"]
+        except OODBenchError:
+            continue
+    best = max(brute.values())
+    first_best = next(p for p, v in brute.items() if v == best)
+    assert chosen == {f"{name}.{k}": v for k, v in zip(det.sweep, first_best)}
+    assert all(det.options[k] == v for k, v in zip(det.sweep, first_best))
+
+
+def test_tune_without_a_grid_changes_nothing():
+    det = detector("entropy")
+    assert tuning.tune(det) == {} and det.fit_data.loaded == []
+
+
+@pytest.fixture
+def run(tmp_path):
+    folder = tmp_path / "classifier-fashion_mnist-s0"
+    shutil.copytree(FIXTURES / "tiny_run", folder)
+    return folder
+
+
+def test_eval_tune_prints_records_and_caches_the_choice(run, capsys, monkeypatch):
+    from oodbench.cli import main
+
+    args = ["eval", "--run", str(run), "--method", "react,dice,entropy", "--out", "noise:gaussian", "--limit", "60",
+            "--tune", "--set", "tune.val_size=60", "--set", "tune.val_ood=digits"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "tuned on validation data: react.percentile=" in out and "dice.p=90" in out
+    rows = json.loads((run / "metrics.json").read_text())
+    react = next(r for r in rows if r["method"] == "react")
+    assert set(react["tuned"]) == {"react.percentile"}
+    assert next(r for r in rows if r["method"] == "entropy")["tuned"] == {}      # no grid: nothing chosen
+    assert "tuned" in (run / "metrics.csv").read_text().splitlines()[0]
+    calls = []
+    real = PostHoc.outputs
+    monkeypatch.setattr(PostHoc, "outputs", lambda self, x: calls.append(len(x)) or real(self, x))
+    assert main(args) == 0                                                 # the choice and the scores are cached
+    assert calls == [] and capsys.readouterr().out.count("react.percentile=" + str(react["tuned"]["react.percentile"]))
+
+
+def test_bench_tune_records_the_choice_in_results_and_report(tmp_path):
+    from oodbench import bench
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(f"""name: tuned
+report: {tmp_path / 'report'}
+in: fashion_mnist
+out: [noise:gaussian]
+limit: 60
+plots: false
+methods:
+  - {{method: react, model: "torchvision:resnet18:none", fit_limit: 100, tune: true,
+     overrides: [tune.val_size=40, tune.val_ood=digits]}}
+  - {{method: energy, model: "torchvision:resnet18:none", fit_limit: 100}}
+""")
+    folder = bench.run_bench(config, runs_dir=tmp_path / "runs", device="cpu")
+    results = json.loads((folder / "results.json").read_text())
+    react = next(r for r in results["summary"] if r["entry"] == "react")
+    assert set(react["tuned"]) == {"react.percentile"} and react["tuned"]["react.percentile"] in (85, 90, 95, 99)
+    assert "tuned" not in next(r for r in results["summary"] if r["entry"] == "energy")
+    assert f"react.percentile={react['tuned']['react.percentile']}" in (folder / "report.md").read_text()
+    assert "tuned" in (folder / "results.csv").read_text().splitlines()[0]
+    with pytest.raises(OODBenchError, match="tune must be true or false"):
+        config.write_text(config.read_text().replace("tune: true", "tune: 3"))
+        bench.load_bench(config)
