@@ -122,9 +122,9 @@ class Run:
         if cached is not None:
             return cached
         arrays = score_set(det, imageset, batch_size)
-        for row, values in arrays.items():
+        for row, values in ((r, v) for r, v in arrays.items() if not r.startswith("_")):
             bad = int(np.size(values) - np.isfinite(values).sum())
-            if bad and not row.startswith("_"):
+            if bad:
                 raise OODBenchError(f"{method} gave {bad} NaN or infinite score(s) of {len(values)} on {spec} "
                                     f"(row {row}); nothing was saved. Is the run's training finished and sound?")
         if distributed.is_main():
@@ -261,8 +261,8 @@ def read_meta(path: Path) -> dict:
         return {}
     try:
         meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        meta = e
+    except (ValueError, UnicodeDecodeError):
+        meta = None
     if not isinstance(meta, dict):
         raise OODBenchError(f"{path} is corrupt (not a JSON mapping); the `oodbench train` command that made this "
                             f"run rewrites it")
@@ -380,7 +380,7 @@ def finished(run_dir: Path) -> bool:
         checkpoint.load(run_dir / "detector.pt")
         read_meta(run_dir / "meta.json")
     except OODBenchError as e:
-        print(f"oodbench: warning: {(str(e).split(';') or [''])[0]}; refitting the detector from the run's "
+        print(f"oodbench: warning: {str(e).split(';')[0]}; refitting the detector from the run's "
               f"checkpoints", file=sys.stderr)
         return False
     return True

@@ -104,6 +104,7 @@ def test_unlabelled_folder_as_in_writes_nothing_and_the_fixed_command_runs(tmp_p
     (["--set", "oe.weight=2"], "training setting"),
     (["--set", "energy.temperature=[1,"], "not a valid YAML value"),
     (["--device", "cuda:x"], "--device"),
+    (["--tune", "--set", "tune.val_ood=nosuchset"], "unknown dataset 'nosuchset'"),
 ])
 def test_bad_eval_input_fails_before_anything_is_scored(trained, extra, message, capsys, monkeypatch):
     scored = []
@@ -367,10 +368,15 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path
     assert killed.returncode == 9
     temporaries = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(temporaries) == 1 and ckpt.load(path)["v"] == 1
+    ckpt.save_atomic({"v": 3}, tmp_path / "step_00000003.pt")
+    assert temporaries[0].exists()                        # within the grace period: perhaps a live writer elsewhere
     live = tmp_path / f".other.pt.{ckpt._HOST}-{os.getpid()}.abcd1234.tmp"   # a writer still at work: kept
     live.write_bytes(b"partial")
-    ckpt.save_atomic({"v": 3}, tmp_path / "step_00000004.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, path.name, "step_00000004.pt"])
+    for p in (live, temporaries[0]):
+        os.utime(p, (p.stat().st_mtime - 2 * ckpt.GRACE_S,) * 2)
+    ckpt.save_atomic({"v": 4}, tmp_path / "step_00000004.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, path.name, "step_00000003.pt",
+                                                                 "step_00000004.pt"])
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -396,6 +402,7 @@ def test_resumed_training_removes_the_temporaries_of_a_killed_process_throughout
     for p in left:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half")
+        os.utime(p, (p.stat().st_mtime - 2 * ckpt.GRACE_S,) * 2)
     assert main(train_args(run_copy.parent.parent / "runs", "--resume")) == 0
     assert not any(p.exists() for p in left) and ckpt.load(run_copy / "detector.pt")
 

@@ -26,6 +26,7 @@ _DIGEST_LEN = 64
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 _TEMP = re.compile(r"^\..+?\.(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
 STALE_AGE_S = 24 * 3600   # a temporary of another host (or of an old oodbench) older than this is stale
+GRACE_S = 60              # a dead writer's temporary is left alone this long (a pid of another pid namespace)
 
 
 @contextlib.contextmanager
@@ -57,8 +58,8 @@ def _umask() -> int:
 
 
 def clean_stale_temporaries(folder: Path) -> list:
-    """Remove the temporaries of `atomic_file` in `folder` whose writer is gone: a dead process of this host, or
-    older than STALE_AGE_S. Returns the removed paths."""
+    """Remove the temporaries of `atomic_file` in `folder` whose writer is gone: a dead process of this host (and
+    untouched for GRACE_S), or older than STALE_AGE_S. Returns the removed paths."""
     removed = []
     for p in Path(folder).glob(".*.tmp"):
         m = _TEMP.match(p.name)
@@ -66,7 +67,8 @@ def clean_stale_temporaries(folder: Path) -> list:
             continue
         try:
             own_host = m["host"] == _HOST and m["pid"] is not None
-            if (own_host and not _alive(int(m["pid"]))) or time.time() - p.stat().st_mtime > STALE_AGE_S:
+            age = time.time() - p.stat().st_mtime
+            if (own_host and age > GRACE_S and not _alive(int(m["pid"]))) or age > STALE_AGE_S:
                 p.unlink()
                 removed.append(p)
         except FileNotFoundError:   # another process cleaned it first
