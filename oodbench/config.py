@@ -27,6 +27,21 @@ TRAINING_OPTIONS = (
 )
 
 
+# Options whose value is a dataset spec (`{in}` stands for data.in): checked before any work starts.
+DATASET_OPTIONS = ("oe.outliers", "llr.val_ood", "gradlayer.val_ood", "tune.val_ood")
+
+
+def dataset_options(cfg: dict) -> dict:
+    """{dotted key: dataset spec} of the DATASET_OPTIONS that `cfg` sets (not null)."""
+    found = {}
+    for key in DATASET_OPTIONS:
+        section, name = key.split(".")
+        value = (cfg.get(section) or {}).get(name)
+        if value:
+            found[key] = str(value).replace("{in}", str((cfg.get("data") or {}).get("in", "")))
+    return found
+
+
 def is_training_option(key: str) -> bool:
     """Whether the dotted config key `key` is a training option (see TRAINING_OPTIONS)."""
     return any(key == t or key.startswith(t + ".") for t in TRAINING_OPTIONS)

@@ -370,6 +370,16 @@ def check_training_config(cfg: dict) -> None:
     fraction = cfg["data"].get("val_fraction")
     if fraction is not None and not 0 <= fraction < 1:
         raise OODBenchError(f"data.val_fraction must be in [0, 1), got {fraction!r}")
+    check_dataset_options(cfg)
+
+
+def check_dataset_options(cfg: dict) -> None:
+    """The dataset specs named by options (config.DATASET_OPTIONS), checked as --out specs are."""
+    for key, spec in configs.dataset_options(cfg).items():
+        try:
+            data.check_spec(spec)
+        except OODBenchError as e:
+            raise OODBenchError(f"{key}: {e}") from None
 
 
 def finished(run_dir: Path) -> bool:
@@ -419,9 +429,8 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
     methods, out_specs = list(methods), list(out_specs)
     check_evaluation(methods, out_specs, limit, bootstrap)
     detectors = {method: run.detector(method, overrides, device) for method in methods}
-    for det in detectors.values() if tune else ():
-        if (det.cfg.get("tune") or {}).get("val_ood"):
-            data.check_spec(det.cfg["tune"]["val_ood"])
+    for det in detectors.values():
+        check_dataset_options(det.cfg)
     rows = []
     in_spec = run.in_distribution()
     for method, det in detectors.items():

@@ -69,6 +69,7 @@ def eval_args(run, *extra):
     (["--set", "train.steps=-5"], "train.steps"),
     (["--set", "train.batch_size=0"], "train.batch_size"),
     (["--set", "train.optimizer=lbfgs"], "train.optimizer"),
+    (["--set", "oe.outliers=nosuchset"], "oe.outliers: unknown dataset 'nosuchset'"),
 ])
 def test_bad_training_input_is_one_line_and_writes_nothing(extra, message, tmp_path, capsys):
     assert message in fails(capsys, train_args(tmp_path / "runs", *extra))
@@ -104,7 +105,8 @@ def test_unlabelled_folder_as_in_writes_nothing_and_the_fixed_command_runs(tmp_p
     (["--set", "oe.weight=2"], "training setting"),
     (["--set", "energy.temperature=[1,"], "not a valid YAML value"),
     (["--device", "cuda:x"], "--device"),
-    (["--tune", "--set", "tune.val_ood=nosuchset"], "unknown dataset 'nosuchset'"),
+    (["--tune", "--set", "tune.val_ood=nosuchset"], "tune.val_ood: unknown dataset 'nosuchset'"),
+    (["--method", "gradlayer", "--set", "gradlayer.val_ood=resize:bogus:digits"], "gradlayer.val_ood: unknown resize"),
 ])
 def test_bad_eval_input_fails_before_anything_is_scored(trained, extra, message, capsys, monkeypatch):
     scored = []
