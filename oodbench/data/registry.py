@@ -72,7 +72,8 @@ def check_spec(spec: str) -> str:
     head, _, rest = spec.partition(":")
     if head in ("folder", "npz"):
         if not rest:
-            raise OODBenchError(f"{head}: needs a path, e.g. {head}:/data/my_images" + (".npz" if head == "npz" else ""))
+            example = "/data/my_images.npz" if head == "npz" else "/data/my_images"
+            raise OODBenchError(f"{head}: needs a path, e.g. {head}:{example}")
         if not Path(rest).expanduser().exists():
             raise OODBenchError(f"folder {rest} does not exist; give an existing directory of images"
                                 if head == "folder" else f"npz file {rest} does not exist")
