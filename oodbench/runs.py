@@ -252,6 +252,9 @@ def score_set(det, imageset, batch_size: int = 256) -> dict:
     """Run `det.score_rows` over a set in batches (sharded across ranks under torchrun) → numpy arrays."""
     world = distributed.world_size()
     part = imageset.subset(distributed.shard(len(imageset), distributed.rank(), world)) if world > 1 else imageset
+    if hasattr(det, "score_imageset"):   # post-hoc methods: one network pass per set, shared between methods
+        arrays = {k: v.detach().float().cpu().numpy() for k, v in det.score_imageset(part, batch_size).items()}
+        return distributed.gather_concat(arrays, world)
     chunks: dict = {}
     total = -(-len(part) // batch_size)
     for x, _ in tqdm(part.batches(batch_size), total=total, desc=f"score {imageset.name}", leave=False,
