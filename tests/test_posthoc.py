@@ -262,3 +262,21 @@ def test_methods_share_one_network_pass_per_set(setup):
             np.testing.assert_allclose(scores[name], det.score(setup["x"]).numpy(), rtol=1e-5, atol=1e-5)
     finally:
         hook.remove()
+
+
+def test_the_suite_scores_a_torchvision_model_from_the_cli(tmp_path, capsys):
+    import json
+
+    from oodbench.cli import main
+
+    methods = "vim,react,ash_s,dice,gen,scale"
+    assert main(["eval", "--model", "torchvision:resnet18:none", "--method", methods, "--in", "fashion_mnist",
+                 "--out", "noise:gaussian", "--fit-limit", "1000", "--limit", "300", "--format", "json",
+                 "--runs-dir", str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == methods.split(",")
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+    assert main(["methods"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert set(methods.split(",")) | {"entropy", "tempscale", "klm", "residual", "rmds", "she", "nnguide", "fdbd",
+                                      "nci", "ash_p", "ash_b"} <= listed
