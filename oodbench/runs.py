@@ -71,8 +71,13 @@ class Run:
             raise OODBenchError(f"{self.path} has no fitted detector yet (training unfinished?); run "
                                 f"`oodbench train ... --resume` to finish it")
         cfg = self.scoring_config(overrides)
-        det = cls(cfg, setup_device(device))
-        det.load_state_dict(checkpoint.load(self.path / "detector.pt", det.device))
+        trainer = registry.trainer_for(cls)(cfg, setup_device(device))
+        trainer.load_state_dict(checkpoint.load(self.path / "detector.pt", trainer.device))
+        if registry.trainer_for(cls) is not cls:   # a post-hoc method: it scores the run's trained classifier
+            det = cls(cfg, trainer.device)
+            det.use_model(trainer.model())
+        else:
+            det = trainer
         return self.bind(det, file_digest(self.path / "detector.pt"))
 
     def bind(self, det, cache_tag: str):
@@ -293,7 +298,7 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
             return Run(run_dir)
     elif engine.is_main:
         write_atomic(existing, configs.dump(cfg))
-    det = cls(cfg, engine.device)
+    det = registry.trainer_for(cls)(cfg, engine.device)
     det.fit(train_set, val_set, engine)
     if engine.is_main:
         meta = {"kind": cls.kind, "method": method, "in": cfg["data"]["in"], "shape": list(train_set.shape),
