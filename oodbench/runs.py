@@ -157,9 +157,14 @@ class ModelRun(Run):
         self.model, self.kind = model, "classifier"
         label = label or model.name
         self.path = runs_root(runs_dir) / f"model-{safe_name(label)}-{safe_name(in_spec)}"
-        shape = data.load(in_spec, split="test", root=data_root).shape   # checks the set before anything is written
+        self._in_test = data.load(in_spec, split="test", root=data_root)   # checks the set before anything is written
         self.config = {"seed": seed, "data": {"in": in_spec, "root": data_root, "limit": fit_limit}}
-        self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(shape)}
+        self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(self._in_test.shape)}
+
+    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
+        if spec == self.in_distribution() and split == "test":   # loaded once, in __init__
+            return self._in_test.head(limit).to(device)
+        return super().load_set(spec, split, limit, device)
 
     @property
     def trained(self) -> bool:
