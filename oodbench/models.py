@@ -219,7 +219,7 @@ def _from_run(rest: str, spec: str, seed: int):
     path = Path(rest)
     if not (path / "config.yaml").is_file() or not (path / "detector.pt").is_file():
         raise OODBenchError(f"{spec}: {path} is not a trained run folder (needs config.yaml and detector.pt)")
-    own = Run(path).detector("msp", device="cpu").model   # the run's classifier, loaded as its methods load it
+    own = Run(path).detector("msp", device="cpu").model   # the run's trained classifier, as its methods score it
     return own.net, {"mean": own.mean, "std": own.std, "channels": own.channels, "head": "head"}
 
 

@@ -73,13 +73,18 @@ class Run:
             raise OODBenchError(f"{self.path} has no fitted detector yet (training unfinished?); run "
                                 f"`oodbench train ... --resume` to finish it")
         cfg = self.scoring_config(overrides)
-        det = cls(cfg, setup_device(device))
+        trainer = registry.trainer_for(cls)(cfg, setup_device(device))
         try:
-            state = checkpoint.load(self.path / "detector.pt", det.device)
+            state = checkpoint.load(self.path / "detector.pt", trainer.device)
         except OODBenchError as e:
             raise OODBenchError(f"{self.path / 'detector.pt'} is corrupt or truncated (it does not verify); the "
                                 f"`oodbench train` command that made this run refits it from its checkpoints") from e
-        det.load_state_dict(state)
+        trainer.load_state_dict(state)
+        if registry.trainer_for(cls) is not cls:   # a post-hoc method: it scores the run's trained classifier
+            det = cls(cfg, trainer.device)
+            det.use_model(trainer.model())
+        else:
+            det = trainer
         return self.bind(det, file_digest(self.path / "detector.pt"))
 
     def bind(self, det, cache_tag: str):
@@ -163,9 +168,14 @@ class ModelRun(Run):
         self.model, self.kind = model, "classifier"
         label = label or model.name
         self.path = runs_root(runs_dir) / f"model-{safe_name(label)}-{safe_name(in_spec)}"
-        shape = data.load(in_spec, split="test", root=data_root).shape   # checks the set before anything is written
+        self._in_test = data.load(in_spec, split="test", root=data_root)   # checks the set before anything is written
         self.config = {"seed": seed, "data": {"in": in_spec, "root": data_root, "limit": fit_limit}}
-        self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(shape)}
+        self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(self._in_test.shape)}
+
+    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
+        if spec == self.in_distribution() and split == "test":   # loaded once, in __init__
+            return self._in_test.head(limit).to(device)
+        return super().load_set(spec, split, limit, device)
 
     @property
     def trained(self) -> bool:
@@ -306,6 +316,9 @@ def score_set(det, imageset, batch_size: int = 256) -> dict:
     """Run `det.score_rows` over a set in batches (sharded across ranks under torchrun) → numpy arrays."""
     world = distributed.world_size()
     part = imageset.subset(distributed.shard(len(imageset), distributed.rank(), world)) if world > 1 else imageset
+    if hasattr(det, "score_imageset"):   # post-hoc methods: one network pass per set, shared between methods
+        arrays = {k: v.detach().float().cpu().numpy() for k, v in det.score_imageset(part, batch_size).items()}
+        return distributed.gather_concat(arrays, world)
     chunks: dict = {}
     total = -(-len(part) // batch_size)
     for x, _ in tqdm(part.batches(batch_size), total=total, desc=f"score {imageset.name}", leave=False,
@@ -350,7 +363,7 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
                                 f"its own --run-name, or delete that folder to retrain")
         if finished(run_dir):
             return Run(run_dir)
-    det = cls(cfg, engine.device)
+    det = registry.trainer_for(cls)(cfg, engine.device)
     det.fit(train_set, val_set, engine)
     if engine.is_main:
         engine.begin()   # a detector that trained no network here (oe.from_run) still gets its config

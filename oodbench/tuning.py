@@ -1,6 +1,7 @@
 """`--tune`: choose a post-hoc method's options on validation data, never on a test set.
 
-The grid is the method's `sweep` (OpenOOD v1.5's `postprocessor_sweep`). Each grid point is scored on the ID
+The grid is the method's `sweep` (OpenOOD v1.5's `postprocessor_sweep`); `tune.grid` replaces it per option, e.g.
+`--set 'tune.grid={react.percentile: [80, 90, 95]}'`. Each grid point is scored on the ID
 validation split against the *training* split of a validation OOD set (`tune.val_ood`, `tune.val_size` images of
 each), and the point with the highest AUROC wins (the first one on ties). The model runs over the two validation sets
 once; every grid point (skipping those the data cannot take, such as knn.k above the training set size)
@@ -20,10 +21,10 @@ from oodbench.errors import OODBenchError
 
 def tune(det) -> dict:
     """Set `det`'s options to the best grid point; returns {"<method>.<option>": value, ...} ({} if no grid)."""
-    grid = dict(getattr(det, "sweep", {}) or {})
+    settings = det.cfg.get("tune") or {}
+    grid = {**(getattr(det, "sweep", {}) or {}), **_own_grid(det, settings.get("grid") or {})}
     if not isinstance(det, PostHoc) or not grid:
         return {}
-    settings = det.cfg.get("tune") or {}
     val_ood, val_size = settings.get("val_ood"), int(settings.get("val_size", 1000))
     if not val_ood or val_size <= 0:
         raise OODBenchError("--tune needs tune.val_ood (a validation OOD set; its training split is used) and a "
@@ -57,6 +58,32 @@ def tune(det) -> dict:
     options.update(choice["chosen"])
     det.refit()
     return {f"{det.name}.{k}": v for k, v in choice["chosen"].items()}
+
+
+def _own_grid(det, grid: dict) -> dict:
+    """This method's part of `tune.grid` ({"react.percentile": [80, 90], ...} replaces the shipped values)."""
+    if not isinstance(grid, dict):
+        raise OODBenchError(f"tune.grid must map METHOD.OPTION to a list of values, got {grid!r}")
+    own = {}
+    for name, values in _flat(grid).items():
+        method, _, option = str(name).partition(".")
+        if method != det.name:
+            continue
+        if not option or not isinstance(values, list) or not values:
+            raise OODBenchError(f"tune.grid: {name!r} must be METHOD.OPTION with a non-empty list of values")
+        own[option] = values
+    return own
+
+
+def _flat(grid: dict, prefix: str = "") -> dict:
+    """{"react": {"percentile": [...]}} (from --set tune.grid.react.percentile=...) → {"react.percentile": [...]}."""
+    flat = {}
+    for key, value in grid.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _tensors(arrays: dict, device) -> dict:

@@ -206,12 +206,15 @@ from oodbench.config import load_config  # noqa: E402
 
 def _detector(method, *overrides, seed=3):
     """A fitted-looking detector: the quick config with a small CNN on 1x8x8 images, weights from a seeded toy net."""
-    from oodbench.detectors.base import get
+    from oodbench.detectors.base import get, trainer_for
 
     cfg = load_config("classifier", "quick", ["model.width=8", *overrides])
     det = get(method)(cfg, "cpu")
     net = _net("small_cnn", 1, {"width": 8}, seed=seed, num_classes=2)
-    det.load_state_dict({"shape": [1, 8, 8], "num_classes": 2, "mean": [0.3], "std": [0.2], "net": net.state_dict()})
+    trainer = trainer_for(type(det))(cfg, "cpu")   # the run's classifier, as Run.detector hands it over
+    trainer.load_state_dict({"shape": [1, 8, 8], "num_classes": 2, "mean": [0.3], "std": [0.2],
+                             "net": net.state_dict()})
+    det.use_model(trainer.model())
     return det
 
 
@@ -258,8 +261,8 @@ class FakeFitData:
         return self.ood
 
 
-def test_gradlayer_chooses_on_validation_train_split_and_keeps_the_choice():
-    """The layer is the best-AUROC one on (ID validation, train split of val_ood); the choice survives the state."""
+def test_gradlayer_chooses_on_validation_train_split_and_chooses_again_for_another_pair():
+    """The layer is the best-AUROC one on (ID validation, train split of val_ood); another pair chooses again."""
     det = _detector("gradlayer", "gradlayer.val_ood=noise:uniform", "gradlayer.val_size=40")
     val, noise = _toy_sets(n=40, n_out=40, seed=5)
     det.fit_data = FakeFitData(val, noise)
@@ -268,15 +271,11 @@ def test_gradlayer_chooses_on_validation_train_split_and_keeps_the_choice():
     best, aurocs = G.select_layer(G.per_layer_grad_norms(det.net, det.prepare(val.images)),
                                   G.per_layer_grad_norms(det.net, det.prepare(noise.images)))
     assert best_row == det.chosen_layer == best and det.layer_aurocs == pytest.approx(aurocs)
-    again = _detector("gradlayer", "gradlayer.val_ood=noise:uniform", "gradlayer.val_size=40")
-    again.load_state_dict(det.state_dict())
-    assert again.layer() == best                      # no fit data needed: the choice came with the state
-    other = _detector("gradlayer", "gradlayer.val_ood=noise:gaussian", "gradlayer.val_size=40")
-    other.load_state_dict(det.state_dict())          # --set gradlayer.val_ood=... at eval time: chosen again
-    other.fit_data = FakeFitData(val, noise)
-    other.layer()
-    assert other.fit_data.asked == [("noise:gaussian", (1, 8, 8))]
-    assert other.state_dict()["gradlayer"]["chosen_on"] == {"val_ood": "noise:gaussian", "val_size": 40}
+    assert det.layer() == best and det.fit_data.splits == 1        # chosen once per detector
+    det.options["val_ood"] = "noise:gaussian"                      # --set gradlayer.val_ood=... at eval time
+    det.layer()
+    assert det.fit_data.asked[-1] == ("noise:gaussian", (1, 8, 8))
+    assert det.chosen_on == {"val_ood": "noise:gaussian", "val_size": 40}
     with pytest.raises(OODBenchError, match="fits statistics on the in-distribution training split"):
         _detector("gradlayer", "gradlayer.val_size=40").layer()     # alone, without the workflow's data
 

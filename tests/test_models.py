@@ -301,3 +301,14 @@ def test_cli_score_with_a_model_writes_its_score_file(tmp_path, capsys):
     with np.load(path) as f:
         assert f["energy"].shape == (20,) and np.isfinite(f["energy"]).all()
     assert "20 images; rows energy" in capsys.readouterr().out
+
+
+def test_a_model_run_loads_its_in_distribution_test_set_once(tmp_path, monkeypatch):
+    from oodbench import data, runs
+
+    loads = []
+    real = data.load
+    monkeypatch.setattr(data, "load", lambda spec, **kw: loads.append((spec, kw.get("split"))) or real(spec, **kw))
+    run = runs.ModelRun(oodbench.load_model("torchvision:resnet18:none"), "digits", fit_limit=50, runs_dir=tmp_path)
+    rows = runs.evaluate(run, ["msp"], ["noise:gaussian"], limit=20, device="cpu")
+    assert loads.count(("digits", "test")) == 1 and rows[0]["in"] == "digits"

@@ -238,3 +238,45 @@ def test_shaping_keeps_the_top_activations(setup):
     det.options["percentile"] = 75
     f = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.0, 6.0, 5.0]])
     assert torch.equal(det.shaped(f), torch.tensor([[0.0, 0, 0, 0, 0, 0, 6.0, 5.0]]))
+
+
+def test_methods_share_one_network_pass_per_set(setup):
+    from oodbench.detectors.posthoc import SET_OUTPUTS
+    from oodbench.runs import score_set
+
+    SET_OUTPUTS.items.clear()
+    calls = []
+    hook = setup["model"].net.register_forward_hook(lambda _m, inputs, _out: calls.append(len(inputs[0])))
+    try:
+        test = ImageSet(setup["x"], None, "test")
+        dets = {}
+        for name in ("vim", "react", "knn", "rmds"):
+            dets[name] = get(name)(load_config("classifier"), "cpu")
+            dets[name].use_model(setup["model"])
+            dets[name].fit_data = setup["fit"]
+            dets[name].stats = dets[name].fit_outputs(dets[name].reference_outputs())   # fitted before counting
+        calls.clear()
+        scores = {name: score_set(det, test, batch_size=32)[name] for name, det in dets.items()}
+        assert sum(calls) == len(test)                                  # one pass over the set for all four
+        for name, det in dets.items():                                  # the same scores as batch by batch
+            np.testing.assert_allclose(scores[name], det.score(setup["x"]).numpy(), rtol=1e-5, atol=1e-5)
+    finally:
+        hook.remove()
+
+
+def test_the_suite_scores_a_torchvision_model_from_the_cli(tmp_path, capsys):
+    import json
+
+    from oodbench.cli import main
+
+    methods = "vim,react,ash_s,dice,gen,scale"
+    assert main(["eval", "--model", "torchvision:resnet18:none", "--method", methods, "--in", "fashion_mnist",
+                 "--out", "noise:gaussian", "--fit-limit", "1000", "--limit", "300", "--format", "json",
+                 "--runs-dir", str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == methods.split(",")
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+    assert main(["methods"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert set(methods.split(",")) | {"entropy", "tempscale", "klm", "residual", "rmds", "she", "nnguide", "fdbd",
+                                      "nci", "ash_p", "ash_b"} <= listed

@@ -126,3 +126,22 @@ methods:
     with pytest.raises(OODBenchError, match="tune must be true or false"):
         config.write_text(config.read_text().replace("tune: true", "tune: 3"))
         bench.load_bench(config)
+
+
+def test_tune_grid_replaces_the_shipped_values_and_is_checked():
+    det = detector("react")
+    det.cfg["tune"]["grid"] = {"react.percentile": [50, 99], "gen.gamma": [3]}
+    assert tuning.tune(det)["react.percentile"] in (50, 99)
+    det.cfg["tune"]["grid"] = {"react.percentile": 90}
+    with pytest.raises(OODBenchError, match="non-empty list"):
+        tuning.tune(det)
+
+
+def test_tune_grid_from_the_command_line_in_either_form():
+    from oodbench.config import apply_override
+
+    for item in ("tune.grid={react.percentile: [50, 99]}", "tune.grid.react.percentile=[50,99]"):
+        det = detector("react")
+        schema = load_config("classifier")
+        apply_override(det.cfg, item, schema)
+        assert tuning.tune(det)["react.percentile"] in (50, 99)

@@ -1,5 +1,5 @@
 """Detector registry: importing a module here registers its methods (one line per detector module)."""
-from oodbench.detectors.base import REGISTRY, Detector, get, register  # noqa: F401
+from oodbench.detectors.base import REGISTRY, TRAINERS, Detector, get, register, trainer_for  # noqa: F401
 from oodbench.detectors import classifier  # noqa: F401,E402  msp, maxlogit, energy, odin
 from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, knn
 from oodbench.detectors import logit_scores  # noqa: F401,E402  entropy, gen, tempscale, klm

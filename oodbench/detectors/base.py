@@ -3,8 +3,9 @@
 Every detector returns OOD scores with **higher = more out-of-distribution**; a method whose own score is
 "higher = in-distribution" negates it once, inside its `score`.
 
-Methods of one *kind* share one trained run: msp, maxlogit, energy, odin, gradnorm and gradlayer all score the
-same classifier (kind "classifier"), so it is trained once. The run directory is `runs/<kind>-<in>-s<seed>/` and
+Methods of one *kind* share one trained run: every post-hoc method (msp, energy, knn, vim, gradnorm, ...) scores the
+same classifier (kind "classifier"), trained once by that kind's trainer (`register_trainer`; the methods themselves
+train nothing). The run directory is `runs/<kind>-<in>-s<seed>/` and
 its config comes from `configs/<kind>.yaml`. A method's variants (MSMA's gmm/knn/flow, LLR vs plain likelihood, AMP's
 score types) are rows of one `score_rows` call, not separate trainings.
 """
@@ -94,6 +95,25 @@ def register(name: str) -> Callable[[type], type]:
         return cls
 
     return wrap
+
+
+TRAINERS: Dict[str, type] = {}
+
+
+def register_trainer(kind: str) -> Callable[[type], type]:
+    """Class decorator for what trains the shared run of a kind whose methods train nothing themselves (the
+    classifier that the post-hoc methods score)."""
+
+    def wrap(cls: type) -> type:
+        TRAINERS[kind] = cls
+        return cls
+
+    return wrap
+
+
+def trainer_for(cls: type) -> type:
+    """The class whose `fit` trains the run that method class `cls` scores: its kind's trainer, or `cls` itself."""
+    return TRAINERS.get(cls.kind, cls)
 
 
 def get(name: str) -> type:

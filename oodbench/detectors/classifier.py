@@ -1,7 +1,9 @@
-"""One trained classifier, scored by the classic baselines: MSP, MaxLogit, Energy, ODIN.
+"""The classifier of kind "classifier": its trainer, the post-hoc base, and the classic baselines MSP, MaxLogit,
+Energy, ODIN.
 
-`ClassifierDetector` trains the classifier (kind "classifier", trained once per run); every method of this kind
-(including gradnorm/gradlayer in gradients.py) subclasses it and only implements `score`.
+`ClassifierTrainer` trains a run's classifier once; every post-hoc method (here, in gradients.py, features.py,
+posthoc.py and the modules built on it) subclasses `ClassifierDetector`, which scores a ClassifierModel and never
+trains.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from oodbench import data
 from oodbench.data import transforms
 from oodbench.data.transforms import augment
-from oodbench.detectors.base import Detector, register
+from oodbench.detectors.base import Detector, register, register_trainer
 from oodbench.detectors.outlier_exposure import bce_onehot_loss, finetune_with_outliers
 from oodbench.engine import TrainSpec, checkpoint
 from oodbench.errors import OODBenchError
@@ -29,18 +31,15 @@ def classification_loss(kind: str):
     raise OODBenchError(f"unknown train.loss {kind!r}; use ce or bce")
 
 
-class ClassifierDetector(Detector):
-    """Trains a classifier in `fit`; holds it as `self.net` (eval mode) with its input normalisation."""
+@register_trainer("classifier")
+class ClassifierTrainer(Detector):
+    """Trains the run's classifier (kind "classifier"); `model()` is what every post-hoc method of the run scores.
+
+    It is not a method: `oodbench train --method msp` (or any classifier method) trains it, and its state is the
+    run's detector.pt.
+    """
 
     kind = "classifier"
-
-    def __init__(self, cfg: dict | None = None, device="cpu"):
-        """`cfg` defaults to configs/classifier.yaml, so that `get("energy")()` scores tensors on its own."""
-        if cfg is None:
-            from oodbench.config import load_config
-
-            cfg = load_config(self.kind)
-        super().__init__(cfg, device)
 
     def fit(self, train, val, engine) -> None:
         tc = self.cfg["train"]
@@ -68,18 +67,13 @@ class ClassifierDetector(Detector):
                                  like=train.shape)
             self.net = finetune_with_outliers(engine, self.net, prepare, train, outliers, self.cfg)
         self.net.eval()
-        self.use_model(self._own_model())
 
-    def _own_model(self):
+    def model(self):
+        """The trained classifier with its input normalisation, as a ClassifierModel."""
         from oodbench.models import ClassifierModel
 
         return ClassifierModel(self.net, self.mean, self.std, channels=self.shape[0], head=self.net.head,
                                name="run")
-
-    def use_model(self, model) -> None:
-        """Score `model` (a ClassifierModel: network, preprocessing, features/head split)."""
-        self.model, self.net, self.mean, self.std = model, model.net, model.mean, model.std
-        self.num_classes = model.num_classes
 
     def build(self):
         mc = self.cfg["model"]
@@ -87,8 +81,47 @@ class ClassifierDetector(Detector):
                                 width=mc["width"]).to(self.device)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 batch → the run's own classifier input (training; the model layer does the same at scoring)."""
+        """uint8 batch → the classifier's training input (the model layer does the same at scoring)."""
         return transforms.normalize(transforms.to_unit(x), self.mean, self.std)
+
+    def state_dict(self) -> dict:
+        return {"shape": self.shape, "num_classes": self.num_classes, "mean": self.mean, "std": self.std,
+                "net": self.net.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shape, self.num_classes = list(state["shape"]), int(state["num_classes"])
+        self.mean, self.std = list(state["mean"]), list(state["std"])
+        self.net = self.build()
+        self.net.load_state_dict(state["net"])
+        self.net.eval()
+
+
+class ClassifierDetector(Detector):
+    """A post-hoc method: scores a ClassifierModel (`use_model`) and trains nothing.
+
+    The model comes from a run (its ClassifierTrainer), from `--model SPEC` or from `oodbench.wrap`. Data to fit
+    statistics on comes from the workflow (`fit_data`), never from files the method reads itself.
+    """
+
+    kind = "classifier"
+    model = None
+
+    def __init__(self, cfg: dict | None = None, device="cpu"):
+        """`cfg` defaults to configs/classifier.yaml, so that `get("energy")()` scores tensors on its own."""
+        if cfg is None:
+            from oodbench.config import load_config
+
+            cfg = load_config(self.kind)
+        super().__init__(cfg, device)
+
+    def fit(self, train, val, engine) -> None:
+        raise OODBenchError(f"{self.name} is a post-hoc method: it trains nothing (the run's classifier is trained "
+                            f"by `oodbench train`, or give a model with --model)")
+
+    def use_model(self, model) -> None:
+        """Score `model` (a ClassifierModel: network, preprocessing, features/head split)."""
+        self.model, self.net, self.mean, self.std = model, model.net, model.mean, model.std
+        self.num_classes = model.num_classes
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch → normalised float input of the scored model."""
@@ -105,18 +138,6 @@ class ClassifierDetector(Detector):
             return None
         correct = sum((self.logits(x).argmax(1) == y).sum().item() for x, y in imageset.batches(batch_size))
         return correct / max(1, len(imageset))
-
-    def state_dict(self) -> dict:
-        return {"shape": self.shape, "num_classes": self.num_classes, "mean": self.mean, "std": self.std,
-                "net": self.net.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shape, self.num_classes = list(state["shape"]), int(state["num_classes"])
-        self.mean, self.std = list(state["mean"]), list(state["std"])
-        self.net = self.build()
-        self.net.load_state_dict(state["net"])
-        self.net.eval()
-        self.use_model(self._own_model())
 
 
 @register("msp")

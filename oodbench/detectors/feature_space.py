@@ -119,13 +119,11 @@ class NNGuide(PostHoc):
         return -(guidance * energy(out["logits"]))
 
 
-def chunked_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 16384) -> torch.Tensor:
-    """The k largest inner products of each query with the bank rows (B, k), descending; bank in chunks."""
-    best = queries.new_full((len(queries), 0), float("-inf"))
-    for start in range(0, len(bank), chunk):
-        sims = queries @ bank[start:start + chunk].T
-        best = torch.cat([best, sims], 1).topk(min(k, best.shape[1] + sims.shape[1]), dim=1).values
-    return best
+def chunked_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, budget: int = 1 << 25) -> torch.Tensor:
+    """The k largest inner products of each query with the bank rows (B, k), descending. Queries go in chunks of at
+    most `budget` similarities (128 MiB of float32), so memory stays bounded for any bank size."""
+    step = max(1, budget // max(1, len(bank)))
+    return torch.cat([(queries[i:i + step] @ bank.T).topk(k, dim=1).values for i in range(0, len(queries), step)])
 
 
 @register("fdbd")

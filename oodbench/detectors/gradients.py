@@ -215,7 +215,7 @@ def layer_norms_per_sample(net, x: torch.Tensor, names) -> Dict[str, torch.Tenso
             rows[name].append(params[name].grad.norm())
     return {name: torch.stack(v) for name, v in rows.items()}
 
-# Detectors: both score the classifier run that ClassifierDetector trains (no second training).
+# Detectors: post-hoc methods on the classifier (a run's, or any model); they train nothing.
 
 from oodbench.detectors.base import register  # noqa: E402
 from oodbench.detectors.classifier import ClassifierDetector  # noqa: E402
@@ -241,7 +241,7 @@ class GradLayer(ClassifierDetector):
     The layer is `gradlayer.layer`, or with `auto` the one with the best AUROC between the in-distribution validation
     split and the train split of `gradlayer.val_ood`, both given by the workflow (`fit_data`: the validation split is
     re-derived as training made it, from `data.in`, `data.limit`, `data.val_fraction` and `seed`). It is chosen on
-    first use; a state from an older run that holds a choice keeps it.
+    first use.
     The choice records its validation pair (`val_ood`, `val_size`); scoring with another pair (`--set` at eval time)
     chooses again. Choices are kept in the workflow's cache (<run>/cache/gradlayer_choice.json).
     """
@@ -309,16 +309,6 @@ class GradLayer(ClassifierDetector):
     def _set_norms(self, imageset, batch_size: int = 512) -> Dict[str, torch.Tensor]:
         parts = [self.layer_norms(x.to(self.device)) for x, _ in imageset.batches(batch_size)]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "gradlayer": {"layer": self.chosen_layer, "aurocs": dict(self.layer_aurocs),
-                                                      "chosen_on": dict(self.chosen_on or {})}}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        chosen = state.get("gradlayer", {})
-        self.chosen_layer, self.layer_aurocs = chosen.get("layer", ""), dict(chosen.get("aurocs", {}))
-        self.chosen_on = dict(chosen["chosen_on"]) if chosen.get("chosen_on") else None
 
 
 def _sample(imageset, n: int, seed: int):

@@ -12,12 +12,16 @@ names the options `--tune` may choose, with OpenOOD v1.5's `postprocessor_sweep`
 """
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from typing import Dict, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from oodbench.detectors.classifier import ClassifierDetector
+from oodbench.engine import show_progress
 from oodbench.errors import OODBenchError
 
 
@@ -45,6 +49,18 @@ class PostHoc(ClassifierDetector):
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.score_fitted(self.outputs(x))
+
+    def score_imageset(self, imageset, batch_size: int = 500) -> dict:
+        """{name: (N,) scores} of a whole set. The model's outputs on it are shared by every post-hoc method of
+        this process (SET_OUTPUTS), so scoring 20 methods on one set runs the network over it once."""
+        outputs = type(self).outputs
+        key = (self.cache_tag or self.model.digest, imageset.fingerprint, len(imageset), outputs.__qualname__)
+        arrays = SET_OUTPUTS.get(key)
+        if arrays is None:
+            arrays = outputs_of(lambda x: outputs(self, x), imageset, self.name, batch_size)
+            SET_OUTPUTS.put(key, arrays)
+        out = {k: torch.as_tensor(v, device=self.device) for k, v in arrays.items()}
+        return {self.name: self.score_fitted(out)}
 
     def score_fitted(self, out: dict) -> torch.Tensor:
         """Scores of precomputed outputs, fitting the statistics first if they are not fitted yet."""
@@ -90,10 +106,36 @@ class PostHoc(ClassifierDetector):
         return features @ weight.T + bias
 
 
+class OutputMemo:
+    """A small in-process store of per-set model outputs, least recently used dropped first past `budget` bytes
+    ($OODBENCH_OUTPUT_MEMO_MB, default 2048)."""
+
+    def __init__(self):
+        self.items: "OrderedDict[tuple, dict]" = OrderedDict()
+
+    def budget(self) -> int:
+        return int(float(os.environ.get("OODBENCH_OUTPUT_MEMO_MB", 2048)) * 2 ** 20)
+
+    def get(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+        return self.items.get(key)
+
+    def put(self, key, arrays: dict) -> None:
+        self.items[key] = arrays
+        while self.items and sum(v.nbytes for a in self.items.values() for v in a.values()) > self.budget():
+            self.items.popitem(last=False)
+
+
+SET_OUTPUTS = OutputMemo()
+
+
 def outputs_of(outputs, imageset, name: str, batch_size: int = 500) -> dict:
     """`outputs(x)` (a dict of tensors per uint8 batch) over a whole set → {key: numpy float32 array}."""
     chunks: dict = {}
-    for x, _ in imageset.batches(batch_size):
+    total = -(-len(imageset) // batch_size)
+    for x, _ in tqdm(imageset.batches(batch_size), total=total, desc=f"{name}: outputs on {imageset.name}",
+                     leave=False, disable=show_progress(), dynamic_ncols=True):
         for k, v in outputs(x).items():
             chunks.setdefault(k, []).append(v.float().cpu().numpy())
     if not chunks:
