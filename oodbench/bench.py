@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from oodbench import config as configs
-from oodbench import data, plots, runs
+from oodbench import data, plots, progress, protocols, runs
 from oodbench.detectors import base as registry
-from oodbench.engine import resolve_device, show_progress
+from oodbench.engine import resolve_device
 from oodbench.errors import OODBenchError
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
@@ -76,12 +75,9 @@ class Bench:
                 "methods": [e.label for e in self.entries]}
 
 
-def load_bench(path) -> Bench:
-    """Read and check a bench YAML (unknown keys are errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OODBenchError(f"bench config {path} not found; the shipped ones are in configs/bench/ "
-                            f"(e.g. oodbench bench configs/bench/quick.yaml)")
+def load_bench(config) -> Bench:
+    """Read and check a bench YAML, given by path or shipped protocol name (unknown keys are errors)."""
+    path = protocols.bench_path(config)
     raw = configs.read_yaml(path)
     where = f"bench config {path}"
     _check_keys(raw, BENCH_KEYS, where)
@@ -269,10 +265,6 @@ def describe_error(error: BaseException) -> str:
     return text if isinstance(error, OODBenchError) else f"{type(error).__name__}: {text}"
 
 
-def progress(iterable=None, **kw):
-    return tqdm(iterable, disable=show_progress(), dynamic_ncols=True, **kw)
-
-
 # ---------------------------------------------------------------------------------------------------- stages
 def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=None) -> Path:
     """Run the grid of `config_path` and write the report; returns the report folder."""
@@ -295,7 +287,7 @@ def check_data(bench: Bench, data_root) -> dict:
     """{spec: why it cannot be used} for every in/out spec whose test split cannot be loaded."""
     missing = {}
     specs = bench.ins + [s for s in bench.outs if s not in bench.ins]
-    for spec in progress(specs, desc="bench: check data", unit="set"):
+    for spec in progress.bar(specs, desc="bench: check data", unit="set"):
         try:
             data.load(spec, split="test", root=data_root)
         except OODBenchError as e:
@@ -313,7 +305,7 @@ def train_stage(bench: Bench, missing: dict, runs_dir, data_root, device, record
             for seed in bench.seeds:
                 jobs.setdefault(run_job(bench, entry, in_spec, seed), entry.method)
     trained = {}
-    bar = progress(jobs.items(), desc="bench: train", unit="run", total=len(jobs))
+    bar = progress.bar(jobs.items(), desc="bench: train", unit="run", total=len(jobs))
     for job, method in bar:
         bar.set_postfix_str(job.describe())
         try:
@@ -342,7 +334,7 @@ def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Re
     """Score and evaluate every cell, reusing cached cells and the runs' score caches."""
     outs = [s for s in bench.outs if s not in missing]
     units = [(e, i, s) for e in bench.entries for i in bench.ins if i not in missing for s in bench.seeds]
-    bar = progress(total=len(units) * (1 + len(outs)), desc="bench: score", unit="set")
+    bar = progress.bar(total=len(units) * (1 + len(outs)), desc="bench: score", unit="set")
     digests: dict = {}
     for entry, in_spec, seed in units:
         bar.set_postfix_str(f"{entry.label} on {in_spec}, seed {seed}")
@@ -634,7 +626,7 @@ def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
         jobs += [("roc", in_spec, o) for o in outs]
         jobs += [("hist", in_spec, e) for e in bench.entries]
     written = 0
-    for what, in_spec, arg in progress(jobs, desc="bench: plots", unit="plot"):
+    for what, in_spec, arg in progress.bar(jobs, desc="bench: plots", unit="plot"):
         tag = runs.safe_name(in_spec)
         if what == "heatmap":
             written += heatmap(bench, summary["summary"], in_spec, plot_dir / f"heatmap_auroc_{tag}.png")

@@ -14,7 +14,7 @@ import yaml
 
 from oodbench.errors import OODBenchError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # package data (pyproject.toml), found from any directory
 
 
 def config_path(kind: str) -> Path:
