@@ -9,6 +9,7 @@ docs/bench.md.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -226,6 +227,16 @@ class Recorder:
         self.folder = folder
         self.cells: dict = {}
         self.errors: list = []
+        self.computed = self.from_cache = 0     # cells scored in this bench / read from `cells/`
+        self.seconds: dict = {}                 # wall seconds per stage, run training and method scoring
+
+    @contextlib.contextmanager
+    def timed(self, what: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[what] = self.seconds.get(what, 0.0) + time.time() - start
 
     @staticmethod
     def key(material: dict) -> str:
@@ -243,6 +254,7 @@ class Recorder:
 
     def save(self, material: dict, record: dict) -> None:
         record = {**record, "material": material}
+        self.computed += 1
         runs.write_atomic(self.folder / "cells" / f"{self.key(material)}.json",
                           json.dumps(record, indent=1, default=str) + "\n")
 
@@ -274,13 +286,37 @@ def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=Non
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     recorder = Recorder(folder)
-    missing = check_data(bench, data_root)
-    trained = train_stage(bench, missing, runs_dir, data_root, device, recorder)
-    score_stage(bench, missing, trained, device, recorder, folder, runs_dir, data_root)
+    with recorder.timed("stage: check data"):
+        missing = check_data(bench, data_root)
+    with recorder.timed("stage: train"):
+        trained = train_stage(bench, missing, runs_dir, data_root, device, recorder)
+    with recorder.timed("stage: score"):
+        score_stage(bench, missing, trained, device, recorder, folder, runs_dir, data_root)
     summary = summarise(bench, recorder.cells)
-    plot_note = make_plots(bench, recorder.cells, summary, folder) if bench.plots else "plots are off (plots: false)"
-    write_report(bench, folder, recorder, summary, missing, plot_note, time.time() - started, device)
+    with recorder.timed("stage: plots"):
+        plot_note = make_plots(bench, recorder.cells, summary, folder) if bench.plots else \
+            "plots are off (plots: false)"
+    write_report(bench, folder, recorder, summary, missing, plot_note, timing(time.time() - started, trained,
+                                                                              recorder), device)
     return folder
+
+
+def timing(seconds: float, trained: dict, recorder: "Recorder") -> dict:
+    """How long this bench took and how much of it was new work (runs trained or reused, cells computed or cached),
+    with the seconds of each stage, each run's training and each method's scoring."""
+    reused = sum(isinstance(r, runs.Run) and r.reused for r in trained.values())
+    return {"seconds": round(seconds, 1), "runs_trained": sum(isinstance(r, runs.Run) for r in trained.values())
+            - reused, "runs_reused": reused, "cells_computed": recorder.computed, "cells_cached": recorder.from_cache,
+            "parts": {k: round(v, 1) for k, v in recorder.seconds.items()}}
+
+
+def describe_timing(t: dict) -> str:
+    took = f"took {t['seconds'] / 60:.1f} min"
+    if not (t["runs_trained"] or t["cells_computed"]):
+        return took + " (everything from cache: the runs and cells of an earlier bench; that bench's time is not " \
+                      "this one)"
+    return took + (f" ({t['runs_trained']} run(s) trained, {t['runs_reused']} reused; {t['cells_computed']} cell(s) "
+                   f"computed, {t['cells_cached']} from cache)")
 
 
 def check_data(bench: Bench, data_root) -> dict:
@@ -309,8 +345,9 @@ def train_stage(bench: Bench, missing: dict, runs_dir, data_root, device, record
     for job, method in bar:
         bar.set_postfix_str(job.describe())
         try:
-            trained[job] = runs.train(method, job.in_spec, job.preset, list(job.overrides), job.seed, runs_dir,
-                                      job.run_name, data_root, device, resume=True)
+            with recorder.timed(f"train: {job.describe()}"):
+                trained[job] = runs.train(method, job.in_spec, job.preset, list(job.overrides), job.seed, runs_dir,
+                                          job.run_name, data_root, device, resume=True)
         except Exception as e:  # noqa: BLE001 - a failed training is a failed cell, reported in the table
             trained[job] = f"training {job.describe()} failed: {describe_error(e)}"
             recorder.errors.append(f"train {job.describe()}\n" + "".join(traceback.format_exception(
@@ -350,7 +387,8 @@ def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Re
             continue
         if run.path not in digests:
             digests[run.path] = run.model.digest if entry.model else runs.file_digest(run.path / "detector.pt")
-        score_unit(bench, entry, in_spec, seed, outs, run, digests[run.path], device, recorder, folder, bar)
+        with recorder.timed(f"score: {entry.label} on {in_spec}, seed {seed}"):
+            score_unit(bench, entry, in_spec, seed, outs, run, digests[run.path], device, recorder, folder, bar)
     bar.close()
 
 
@@ -373,6 +411,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         if record is None or needs_plot_scores:
             todo.append(out)
         else:
+            recorder.from_cache += 1
             recorder.put(entry, in_spec, seed, out, record)
     bar.update(1 + len(outs) - len(todo))
     if not todo:
@@ -386,6 +425,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         return
     if seed == bench.seeds[0]:
         save_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec), id_scores)
+    notes = row_notes(entry, det, id_scores)
     for out in todo:
         bar.set_postfix_str(f"{entry.label}: {in_spec} → {out}, seed {seed}")
         try:
@@ -395,12 +435,45 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
             recorder.fail(entry, in_spec, seed, [out], e)
         else:
             record = {"status": "ok", "rows": rows, "run": str(run.path), "n_in": len_scores(id_scores),
-                      "n_out": len_scores(ood_scores)}
+                      "n_out": len_scores(ood_scores), "notes": notes}
             recorder.save(materials[out], record)
             recorder.put(entry, in_spec, seed, out, record)
             if seed == bench.seeds[0]:
                 save_plot_scores(plot_scores_path(folder, entry, in_spec, out), ood_scores)
         bar.update(1)
+
+
+def row_notes(entry: Entry, det, id_scores: dict) -> dict:
+    """Caveats the report shows beside a method's rows, {row: [note]}: which layer plain `gradlayer` is, and a DDPM
+    score made without LPIPS."""
+    notes = {}
+    if entry.method == "gradlayer" and "gradlayer" in id_scores:
+        layer = next((k.split("/", 1)[1] for k in id_scores if k.startswith("gradlayer/")
+                      and np.array_equal(id_scores[k], id_scores["gradlayer"])), "?")
+        how = "gradlayer.layer" if det.options.get("layer") != "auto" else \
+            f"chosen on validation vs {det.options.get('val_ood')}"
+        notes["gradlayer"] = [f"layer {layer} ({how})"]
+    if entry.method == "ddpm" and "_lpips" not in id_scores and det.options.get("metrics", "auto") == "auto":
+        for row in (k for k in id_scores if k.startswith("ddpm-")):
+            notes[row] = ["without LPIPS (its weights were not found): reconstruction MSE only; see docs/ddpm.md"]
+    return {renamer(entry)(row): texts for row, texts in notes.items()}
+
+
+def report_notes(bench: Bench, cells: dict, summary: list) -> list:
+    """[{method, in, note}]: the cells' row notes, and every OOD set a row scores below chance (AUROC < 50%)."""
+    found: dict = {}
+    for (label, in_spec, seed, out), record in cells.items():
+        for row, texts in (record.get("notes") or {}).items():
+            kept = found.setdefault((row, in_spec), [])
+            kept += [t for t in texts if t not in kept]
+    below: dict = {}
+    for r in summary:
+        if not r["group"] and r["auroc"] < 0.5:
+            below.setdefault((r["method"], r["in"]), []).append(f"{r['out']} {100 * r['auroc']:.1f}")
+    for key, sets in below.items():
+        found.setdefault(key, []).append(f"below chance on {', '.join(sets)}: it ranks these sets as more "
+                                         f"in-distribution than the ID test set")
+    return [{"method": row, "in": in_spec, "note": "; ".join(texts)} for (row, in_spec), texts in found.items()]
 
 
 def len_scores(arrays: dict) -> int:
@@ -469,7 +542,7 @@ def collapse(failed: list) -> list:
     return list(merged.values())
 
 
-def write_report(bench, folder, recorder, summary, missing, plot_note, seconds, device) -> None:
+def write_report(bench, folder, recorder, summary, missing, plot_note, took: dict, device) -> None:
     from oodbench import report
 
     failed = failures(bench, recorder.cells)
@@ -477,8 +550,9 @@ def write_report(bench, folder, recorder, summary, missing, plot_note, seconds, 
     public = [{k: v for k, v in r.items() if k != "group"} | {"kind": "group" if r["group"] else "set"}
               for r in summary["summary"]]
     per_seed = [{k: v for k, v in r.items() if k not in ("group",)} for r in summary["per_seed"] if not r["group"]]
-    results = {"settings": bench.settings(), "summary": public, "per_seed": per_seed, "failed": failed,
-               "skipped": skipped}
+    notes = report_notes(bench, recorder.cells, summary["summary"])
+    results = {"settings": bench.settings(), "timing": {**took, "device": str(device)}, "summary": public,
+               "per_seed": per_seed, "notes": notes, "failed": failed, "skipped": skipped}
     runs.write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
     runs.write_atomic(folder / "results.csv", report.csv_rows(csv_ready(public, failed)))
     runs.write_atomic(folder / "results_per_seed.csv", report.csv_rows(csv_ready(per_seed, [])))
@@ -486,7 +560,7 @@ def write_report(bench, folder, recorder, summary, missing, plot_note, seconds, 
         runs.write_atomic(folder / "errors.log", "\n\n".join(recorder.errors) + "\n")
     elif (folder / "errors.log").is_file():
         (folder / "errors.log").unlink()
-    text = markdown_report(bench, summary["summary"], failed, skipped, plot_note, seconds, device, folder)
+    text = markdown_report(bench, summary["summary"], failed, skipped, plot_note, took, device, folder, notes)
     runs.write_atomic(folder / "report.md", text)
 
 
@@ -514,13 +588,12 @@ def pct(row: dict, metric: str, n_seeds: int) -> str:
     return value + (f" ± {100 * row[metric + '_std']:.2f}" if n_seeds > 1 else "")
 
 
-def markdown_report(bench, summary, failed, skipped, plot_note, seconds, device, folder) -> str:
+def markdown_report(bench, summary, failed, skipped, plot_note, took, device, folder, row_notes=()) -> str:
     n_seeds = len(bench.seeds)
     lines = [f"# Benchmark report: {bench.name}", "",
              f"Config `{bench.path}`; {len(bench.entries)} method entries × {len(bench.ins)} in-distribution "
              f"set(s) × {len(bench.outs)} OOD set(s) × seeds {bench.seeds}; preset `{bench.preset}`; "
-             f"test-set limit {bench.limit or 'none'}; device {device}; took {seconds / 60:.1f} min "
-             f"(cached cells are reused).", "",
+             f"test-set limit {bench.limit or 'none'}; device {device}; {describe_timing(took)}.", "",
              "Metrics in percent (higher = better, except FPR@95 and DetErr). OOD is the positive class; "
              "FPR@95 is the classic definition (OOD accepted at 95% ID TPR); see docs/metrics.md."
              + (f" Values are mean ± std over {n_seeds} seeds (numpy std, ddof=0)." if n_seeds > 1 else "")
@@ -546,7 +619,8 @@ def markdown_report(bench, summary, failed, skipped, plot_note, seconds, device,
     notes.append(f"- Plots: {plot_note}")
     lines += ["## Notes", ""] + notes + [""]
     for in_spec in bench.ins:
-        lines += in_section(bench, in_spec, summary, failed, foot, skipped, folder)
+        lines += in_section(bench, in_spec, summary, failed, foot, skipped, folder,
+                            {n["method"]: n["note"] for n in row_notes if n["in"] == in_spec})
     if failed:
         lines += ["## Failures", ""]
         for i, f in enumerate(notes_failed):
@@ -565,7 +639,8 @@ def entry_rows(bench: Bench, summary: list, in_spec: str) -> list:
     return pairs
 
 
-def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
+def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: dict) -> list:
+    """The tables of one ID set; a `note` column holds the caveats of the rows that have one."""
     n_seeds = len(bench.seeds)
     if in_spec in {s["dataset"] for s in skipped}:
         return [f"## {in_spec} (in-distribution)", "", "Skipped: the dataset is not available (see Notes).", ""]
@@ -574,8 +649,8 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
     index = {(r["entry"], r["method"], r["out"]): r for r in summary if r["in"] == in_spec}
     lines = [f"## {in_spec} (in-distribution)", ""]
     for metric, title in (("auroc", "AUROC"), ("fpr95", "FPR@95")):
-        lines += [f"### {title} (%)", "", "| method | " + " | ".join(columns) + " |",
-                  "|---|" + "---|" * len(columns)]
+        lines += [f"### {title} (%)", "", "| method | " + " | ".join(columns) + (" | note |" if notes else " |"),
+                  "|---|" + "---|" * (len(columns) + bool(notes))]
         for label, name in entry_rows(bench, summary, in_spec):
             cells = []
             for col in columns:
@@ -587,7 +662,7 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
                 elif row and len(row["seeds"]) < n_seeds:
                     cell += f" (seeds {row['seeds']})"
                 cells.append(cell)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(cells + ([notes.get(name, "")] if notes else [])) + " |")
         lines.append("")
     lines += ["### All metrics (%)", "",
               "| method | out | " + " | ".join(t for _, t in TABLE_METRICS) + (" | AUROC 95% CI" if bench.bootstrap
