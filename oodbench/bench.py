@@ -73,7 +73,8 @@ class Bench:
         return {"name": self.name, "config": str(self.path), "preset": self.preset, "seeds": self.seeds,
                 "in": self.ins, "out": self.outs, "groups": self.groups, "limit": self.limit,
                 "bootstrap": self.bootstrap, "train_overrides": self.train_overrides, "run_name": self.run_name,
-                "methods": [e.label for e in self.entries]}
+                "methods": [e.label for e in self.entries],
+                "limits": {e.label: e.limit for e in self.entries if e.limit != self.limit}}
 
 
 def load_bench(config) -> Bench:
@@ -305,7 +306,8 @@ def timing(seconds: float, trained: dict, recorder: "Recorder") -> dict:
     """How long this bench took and how much of it was new work (runs trained or reused, cells computed or cached),
     with the seconds of each stage, each run's training and each method's scoring."""
     reused = sum(isinstance(r, runs.Run) and r.reused for r in trained.values())
-    return {"seconds": round(seconds, 1), "runs_trained": sum(isinstance(r, runs.Run) for r in trained.values())
+    return {"finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "seconds": round(seconds, 1), "runs_trained": sum(isinstance(r, runs.Run) for r in trained.values())
             - reused, "runs_reused": reused, "cells_computed": recorder.computed, "cells_cached": recorder.from_cache,
             "parts": {k: round(v, 1) for k, v in recorder.seconds.items()}}
 
