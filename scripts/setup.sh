@@ -10,7 +10,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "setup: installing the Fashion-MNIST Debian package (dataset-fashion-mnist)" >&2
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-    || echo "setup: could not install dataset-fashion-mnist; put Fashion-MNIST under ./data (see data/README.md)" >&2
+    || echo "setup: could not install dataset-fashion-mnist; put Fashion-MNIST under the data root ($OODBENCH_DATA, else ~/.cache/oodbench/data; see data/README.md)" >&2
 fi
 
 if [ ! -x .venv/bin/python ]; then
