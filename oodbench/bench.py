@@ -455,7 +455,7 @@ def row_notes(entry: Entry, det, id_scores: dict) -> dict:
         how = "gradlayer.layer" if det.options.get("layer") != "auto" else \
             f"chosen on validation vs {det.options.get('val_ood')}"
         notes["gradlayer"] = [f"layer {layer} ({how})"]
-    if entry.method == "ddpm" and "_lpips" not in id_scores and det.options.get("metrics", "auto") == "auto":
+    if entry.method == "ddpm" and "_lpips" not in id_scores and (det.options.get("metrics") or "auto") == "auto":
         for row in (k for k in id_scores if k.startswith("ddpm-")):
             notes[row] = ["without LPIPS (its weights were not found): reconstruction MSE only; see docs/ddpm.md"]
     return {renamer(entry)(row): texts for row, texts in notes.items()}

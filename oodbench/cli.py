@@ -44,10 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "for images. Scores: higher = more out-of-distribution.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from oodbench import protocols
 
     def command(name, help_text):
-        from oodbench import protocols
-
         epilog = EPILOGS.get(name, "").replace("{protocols}", ", ".join(protocols.names())) or None
         return sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = command("data", "datasets: where they are found, checks, derived benchmarks")
     d.add_argument("action", choices=("list", "check", "make-resize-benchmark"),
-                   help="list: every named set, found or how to get it; check SPEC: load its splits (exit 1 when "
+                   help="list: every named set, found or how to get it; check SPEC: load its splits (exit 2 when "
                    "one is missing); make-resize-benchmark: write resized PNG folders")
     d.add_argument("spec", nargs="?", help="dataset spec (for check), e.g. vflip:fashion_mnist")
     d.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)

@@ -17,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
-  echo "setup: installing $TORCH_SPEC into .venv (about a minute)" >&2
+  echo "setup: installing $TORCH_SPEC into .venv (the default is the CUDA build: about 3 minutes, 5.8 GB; see README for the CPU one)" >&2
   .venv/bin/pip install -q $TORCH_SPEC
 fi
 if ! .venv/bin/python -c "import oodbench, pytest, timm, matplotlib, sklearn, scipy, yaml, tqdm" 2>/dev/null; then
