@@ -315,8 +315,8 @@ def timing(seconds: float, trained: dict, recorder: "Recorder") -> dict:
 def describe_timing(t: dict) -> str:
     took = f"took {t['seconds'] / 60:.1f} min"
     if not (t["runs_trained"] or t["cells_computed"]):
-        return took + " (everything from cache: the runs and cells of an earlier bench; that bench's time is not " \
-                      "this one)"
+        return took + " (everything from cache: the runs and cells of an earlier bench were reused; a from-scratch " \
+                      "run takes longer)"
     return took + (f" ({t['runs_trained']} run(s) trained, {t['runs_reused']} reused; {t['cells_computed']} cell(s) "
                    f"computed, {t['cells_cached']} from cache)")
 
@@ -461,6 +461,9 @@ def row_notes(entry: Entry, det, id_scores: dict) -> dict:
     return {renamer(entry)(row): texts for row, texts in notes.items()}
 
 
+BELOW_CHANCE = "below chance on"   # a note's start; the report's Notes say what it means
+
+
 def report_notes(bench: Bench, cells: dict, summary: list) -> list:
     """[{method, in, note}]: the cells' row notes, and every OOD set a row scores below chance (AUROC < 50%)."""
     found: dict = {}
@@ -473,8 +476,7 @@ def report_notes(bench: Bench, cells: dict, summary: list) -> list:
         if not r["group"] and r["auroc"] < 0.5:
             below.setdefault((r["method"], r["in"]), []).append(f"{r['out']} {100 * r['auroc']:.1f}")
     for key, sets in below.items():
-        found.setdefault(key, []).append(f"below chance on {', '.join(sets)}: it ranks these sets as more "
-                                         f"in-distribution than the ID test set")
+        found.setdefault(key, []).append(f"{BELOW_CHANCE} {', '.join(sets)}")
     return [{"method": row, "in": in_spec, "note": "; ".join(texts)} for (row, in_spec), texts in found.items()]
 
 
@@ -590,7 +592,7 @@ def pct(row: dict, metric: str, n_seeds: int) -> str:
     return value + (f" ± {100 * row[metric + '_std']:.2f}" if n_seeds > 1 else "")
 
 
-def markdown_report(bench, summary, failed, skipped, plot_note, took, device, folder, row_notes=()) -> str:
+def markdown_report(bench, summary, failed, skipped, plot_note, took, device, folder, caveats=()) -> str:
     n_seeds = len(bench.seeds)
     lines = [f"# Benchmark report: {bench.name}", "",
              f"Config `{bench.path}`; {len(bench.entries)} method entries × {len(bench.ins)} in-distribution "
@@ -618,11 +620,14 @@ def markdown_report(bench, summary, failed, skipped, plot_note, took, device, fo
         lost = [s for s in specs if s in gone]
         notes.append(f"- Group `{group}` = plain mean of the per-set metrics of {', '.join(specs)}"
                      + (f" (not available, left out: {', '.join(lost)})" if lost else "") + ".")
+    if any(BELOW_CHANCE in n["note"] for n in caveats):
+        notes.append(f"- A note `{BELOW_CHANCE} SET AUROC` marks a row that ranks that OOD set as more "
+                     f"in-distribution than the ID test set (AUROC < 50%).")
     notes.append(f"- Plots: {plot_note}")
     lines += ["## Notes", ""] + notes + [""]
     for in_spec in bench.ins:
         lines += in_section(bench, in_spec, summary, failed, foot, skipped, folder,
-                            {n["method"]: n["note"] for n in row_notes if n["in"] == in_spec})
+                            {n["method"]: n["note"] for n in caveats if n["in"] == in_spec})
     if failed:
         lines += ["## Failures", ""]
         for i, f in enumerate(notes_failed):
