@@ -9,6 +9,7 @@ docs/bench.md.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -21,12 +22,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from oodbench import config as configs
-from oodbench import data, plots, runs, tuning
+from oodbench import data, plots, progress, protocols, runs, tuning
 from oodbench.detectors import base as registry
-from oodbench.engine import resolve_device, show_progress
+from oodbench.engine import resolve_device
 from oodbench.errors import OODBenchError
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
@@ -76,15 +76,13 @@ class Bench:
         return {"name": self.name, "config": str(self.path), "preset": self.preset, "seeds": self.seeds,
                 "in": self.ins, "out": self.outs, "groups": self.groups, "limit": self.limit,
                 "bootstrap": self.bootstrap, "train_overrides": self.train_overrides, "run_name": self.run_name,
-                "methods": [e.label for e in self.entries]}
+                "methods": [e.label for e in self.entries],
+                "limits": {e.label: e.limit for e in self.entries if e.limit != self.limit}}
 
 
-def load_bench(path) -> Bench:
-    """Read and check a bench YAML (unknown keys are errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OODBenchError(f"bench config {path} not found; the shipped ones are in configs/bench/ "
-                            f"(e.g. oodbench bench configs/bench/quick.yaml)")
+def load_bench(config) -> Bench:
+    """Read and check a bench YAML, given by path or shipped protocol name (unknown keys are errors)."""
+    path = protocols.bench_path(config)
     raw = configs.read_yaml(path)
     where = f"bench config {path}"
     _check_keys(raw, BENCH_KEYS, where)
@@ -241,6 +239,16 @@ class Recorder:
         self.folder = folder
         self.cells: dict = {}
         self.errors: list = []
+        self.computed = self.from_cache = 0     # cells scored in this bench / read from `cells/`
+        self.seconds: dict = {}                 # wall seconds per stage, run training and method scoring
+
+    @contextlib.contextmanager
+    def timed(self, what: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[what] = self.seconds.get(what, 0.0) + time.time() - start
 
     @staticmethod
     def key(material: dict) -> str:
@@ -260,6 +268,7 @@ class Recorder:
 
     def save(self, material: dict, record: dict) -> None:
         record = {**record, "material": material}
+        self.computed += 1
         runs.write_atomic(self.folder / "cells" / f"{self.key(material)}.json",
                           json.dumps(record, indent=1, default=str) + "\n")
 
@@ -282,10 +291,6 @@ def describe_error(error: BaseException) -> str:
     return text if isinstance(error, OODBenchError) else f"{type(error).__name__}: {text}"
 
 
-def progress(iterable=None, **kw):
-    return tqdm(iterable, disable=show_progress(), dynamic_ncols=True, **kw)
-
-
 # ---------------------------------------------------------------------------------------------------- stages
 def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=None) -> Path:
     """Run the grid of `config_path` and write the report; returns the report folder."""
@@ -295,20 +300,45 @@ def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=Non
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     recorder = Recorder(folder)
-    missing = check_data(bench, data_root)
-    trained = train_stage(bench, missing, runs_dir, data_root, device, recorder)
-    score_stage(bench, missing, trained, device, recorder, folder, runs_dir, data_root)
+    with recorder.timed("stage: check data"):
+        missing = check_data(bench, data_root)
+    with recorder.timed("stage: train"):
+        trained = train_stage(bench, missing, runs_dir, data_root, device, recorder)
+    with recorder.timed("stage: score"):
+        score_stage(bench, missing, trained, device, recorder, folder, runs_dir, data_root)
     summary = summarise(bench, recorder.cells)
-    plot_note = make_plots(bench, recorder.cells, summary, folder) if bench.plots else "plots are off (plots: false)"
-    write_report(bench, folder, recorder, summary, missing, plot_note, time.time() - started, device)
+    with recorder.timed("stage: plots"):
+        plot_note = make_plots(bench, recorder.cells, summary, folder) if bench.plots else \
+            "plots are off (plots: false)"
+    write_report(bench, folder, recorder, summary, missing, plot_note, timing(time.time() - started, trained,
+                                                                              recorder), device)
     return folder
+
+
+def timing(seconds: float, trained: dict, recorder: "Recorder") -> dict:
+    """How long this bench took and how much of it was new work (runs trained or reused, cells computed or cached),
+    with the seconds of each stage, each run's training and each method's scoring."""
+    reused = sum(isinstance(r, runs.Run) and r.reused for r in trained.values())
+    return {"finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "seconds": round(seconds, 1), "runs_trained": sum(isinstance(r, runs.Run) for r in trained.values())
+            - reused, "runs_reused": reused, "cells_computed": recorder.computed, "cells_cached": recorder.from_cache,
+            "parts": {k: round(v, 1) for k, v in recorder.seconds.items()}}
+
+
+def describe_timing(t: dict) -> str:
+    took = f"took {t['seconds'] / 60:.1f} min"
+    if not (t["runs_trained"] or t["cells_computed"]):
+        return took + " (everything from cache: the runs and cells of an earlier bench were reused; a from-scratch " \
+                      "run takes longer)"
+    return took + (f" ({t['runs_trained']} run(s) trained, {t['runs_reused']} reused; {t['cells_computed']} cell(s) "
+                   f"computed, {t['cells_cached']} from cache)")
 
 
 def check_data(bench: Bench, data_root) -> dict:
     """{spec: why it cannot be used} for every in/out spec whose test split cannot be loaded."""
     missing = {}
     specs = bench.ins + [s for s in bench.outs if s not in bench.ins]
-    for spec in progress(specs, desc="bench: check data", unit="set"):
+    for spec in progress.bar(specs, desc="bench: check data", unit="set"):
         try:
             data.load(spec, split="test", root=data_root)
         except OODBenchError as e:
@@ -326,12 +356,13 @@ def train_stage(bench: Bench, missing: dict, runs_dir, data_root, device, record
             for seed in bench.seeds:
                 jobs.setdefault(run_job(bench, entry, in_spec, seed), entry.method)
     trained = {}
-    bar = progress(jobs.items(), desc="bench: train", unit="run", total=len(jobs))
+    bar = progress.bar(jobs.items(), desc="bench: train", unit="run", total=len(jobs))
     for job, method in bar:
         bar.set_postfix_str(job.describe())
         try:
-            trained[job] = runs.train(method, job.in_spec, job.preset, list(job.overrides), job.seed, runs_dir,
-                                      job.run_name, data_root, device, resume=True)
+            with recorder.timed(f"train: {job.describe()}"):
+                trained[job] = runs.train(method, job.in_spec, job.preset, list(job.overrides), job.seed, runs_dir,
+                                          job.run_name, data_root, device, resume=True)
         except Exception as e:  # noqa: BLE001 - a failed training is a failed cell, reported in the table
             trained[job] = f"training {job.describe()} failed: {describe_error(e)}"
             recorder.errors.append(f"train {job.describe()}\n" + "".join(traceback.format_exception(
@@ -355,7 +386,7 @@ def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Re
     """Score and evaluate every cell, reusing cached cells and the runs' score caches."""
     outs = [s for s in bench.outs if s not in missing]
     units = [(e, i, s) for e in bench.entries for i in bench.ins if i not in missing for s in bench.seeds]
-    bar = progress(total=len(units) * (1 + len(outs)), desc="bench: score", unit="set")
+    bar = progress.bar(total=len(units) * (1 + len(outs)), desc="bench: score", unit="set")
     digests: dict = {}
     for entry, in_spec, seed in units:
         bar.set_postfix_str(f"{entry.label} on {in_spec}, seed {seed}")
@@ -371,7 +402,8 @@ def score_stage(bench: Bench, missing: dict, trained: dict, device, recorder: Re
             continue
         if run.path not in digests:
             digests[run.path] = run.model.digest if entry.model else runs.file_digest(run.path / "detector.pt")
-        score_unit(bench, entry, in_spec, seed, outs, run, digests[run.path], device, recorder, folder, bar)
+        with recorder.timed(f"score: {entry.label} on {in_spec}, seed {seed}"):
+            score_unit(bench, entry, in_spec, seed, outs, run, digests[run.path], device, recorder, folder, bar)
     bar.close()
 
 
@@ -394,6 +426,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         if record is None or needs_plot_scores:
             todo.append(out)
         else:
+            recorder.from_cache += 1
             recorder.put(entry, in_spec, seed, out, record)
     bar.update(1 + len(outs) - len(todo))
     if not todo:
@@ -408,6 +441,7 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
         return
     if seed == bench.seeds[0]:
         save_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec), id_scores)
+    notes = row_notes(entry, det, id_scores)
     for out in todo:
         bar.set_postfix_str(f"{entry.label}: {in_spec} → {out}, seed {seed}")
         try:
@@ -419,12 +453,47 @@ def score_unit(bench, entry, in_spec, seed, outs, run, digest, device, recorder,
             recorder.fail(entry, in_spec, seed, [out], e)
         else:
             record = {"status": "ok", "rows": rows, "run": str(run.path), "n_in": len_scores(id_scores),
-                      "n_out": len_scores(ood_scores)}
+                      "n_out": len_scores(ood_scores), "notes": notes}
             recorder.save(materials[out], record)
             recorder.put(entry, in_spec, seed, out, record)
             if seed == bench.seeds[0]:
                 save_plot_scores(plot_scores_path(folder, entry, in_spec, out), ood_scores)
         bar.update(1)
+
+
+def row_notes(entry: Entry, det, id_scores: dict) -> dict:
+    """Caveats the report shows beside a method's rows, {row: [note]}: which layer plain `gradlayer` is, and a DDPM
+    score made without LPIPS."""
+    notes = {}
+    if entry.method == "gradlayer" and "gradlayer" in id_scores:
+        layer = next((k.split("/", 1)[1] for k in id_scores if k.startswith("gradlayer/")
+                      and np.array_equal(id_scores[k], id_scores["gradlayer"])), "?")
+        how = "gradlayer.layer" if det.options.get("layer") != "auto" else \
+            f"chosen on validation vs {det.options.get('val_ood')}"
+        notes["gradlayer"] = [f"layer {layer} ({how})"]
+    if entry.method == "ddpm" and "_lpips" not in id_scores and (det.options.get("metrics") or "auto") == "auto":
+        for row in (k for k in id_scores if k.startswith("ddpm-")):
+            notes[row] = ["without LPIPS (its weights were not found): reconstruction MSE only; see docs/ddpm.md"]
+    return {renamer(entry)(row): texts for row, texts in notes.items()}
+
+
+BELOW_CHANCE = "below chance on"   # a note's start; the report's Notes say what it means
+
+
+def report_notes(bench: Bench, cells: dict, summary: list) -> list:
+    """[{method, in, note}]: the cells' row notes, and every OOD set a row scores below chance (AUROC < 50%)."""
+    found: dict = {}
+    for (label, in_spec, seed, out), record in cells.items():
+        for row, texts in (record.get("notes") or {}).items():
+            kept = found.setdefault((row, in_spec), [])
+            kept += [t for t in texts if t not in kept]
+    below: dict = {}
+    for r in summary:
+        if not r["group"] and r["auroc"] < 0.5:
+            below.setdefault((r["method"], r["in"]), []).append(f"{r['out']} {100 * r['auroc']:.1f}")
+    for key, sets in below.items():
+        found.setdefault(key, []).append(f"{BELOW_CHANCE} {', '.join(sets)}")
+    return [{"method": row, "in": in_spec, "note": "; ".join(texts)} for (row, in_spec), texts in found.items()]
 
 
 def len_scores(arrays: dict) -> int:
@@ -497,7 +566,7 @@ def collapse(failed: list) -> list:
     return list(merged.values())
 
 
-def write_report(bench, folder, recorder, summary, missing, plot_note, seconds, device) -> None:
+def write_report(bench, folder, recorder, summary, missing, plot_note, took: dict, device) -> None:
     from oodbench import report
 
     failed = failures(bench, recorder.cells)
@@ -505,8 +574,9 @@ def write_report(bench, folder, recorder, summary, missing, plot_note, seconds, 
     public = [{k: v for k, v in r.items() if k != "group"} | {"kind": "group" if r["group"] else "set"}
               for r in summary["summary"]]
     per_seed = [{k: v for k, v in r.items() if k not in ("group",)} for r in summary["per_seed"] if not r["group"]]
-    results = {"settings": bench.settings(), "summary": public, "per_seed": per_seed, "failed": failed,
-               "skipped": skipped}
+    notes = report_notes(bench, recorder.cells, summary["summary"])
+    results = {"settings": bench.settings(), "timing": {**took, "device": str(device)}, "summary": public,
+               "per_seed": per_seed, "notes": notes, "failed": failed, "skipped": skipped}
     runs.write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
     runs.write_atomic(folder / "results.csv", report.csv_rows(csv_ready(public, failed)))
     runs.write_atomic(folder / "results_per_seed.csv", report.csv_rows(csv_ready(per_seed, [])))
@@ -514,7 +584,7 @@ def write_report(bench, folder, recorder, summary, missing, plot_note, seconds, 
         runs.write_atomic(folder / "errors.log", "\n\n".join(recorder.errors) + "\n")
     elif (folder / "errors.log").is_file():
         (folder / "errors.log").unlink()
-    text = markdown_report(bench, summary["summary"], failed, skipped, plot_note, seconds, device, folder)
+    text = markdown_report(bench, summary["summary"], failed, skipped, plot_note, took, device, folder, notes)
     runs.write_atomic(folder / "report.md", text)
 
 
@@ -542,13 +612,12 @@ def pct(row: dict, metric: str, n_seeds: int) -> str:
     return value + (f" ± {100 * row[metric + '_std']:.2f}" if n_seeds > 1 else "")
 
 
-def markdown_report(bench, summary, failed, skipped, plot_note, seconds, device, folder) -> str:
+def markdown_report(bench, summary, failed, skipped, plot_note, took, device, folder, caveats=()) -> str:
     n_seeds = len(bench.seeds)
     lines = [f"# Benchmark report: {bench.name}", "",
              f"Config `{bench.path}`; {len(bench.entries)} method entries × {len(bench.ins)} in-distribution "
              f"set(s) × {len(bench.outs)} OOD set(s) × seeds {bench.seeds}; preset `{bench.preset}`; "
-             f"test-set limit {bench.limit or 'none'}; device {device}; took {seconds / 60:.1f} min "
-             f"(cached cells are reused).", "",
+             f"test-set limit {bench.limit or 'none'}; device {device}; {describe_timing(took)}.", "",
              "Metrics in percent (higher = better, except FPR@95 and DetErr). OOD is the positive class; "
              "FPR@95 is the classic definition (OOD accepted at 95% ID TPR); see docs/metrics.md."
              + (f" Values are mean ± std over {n_seeds} seeds (numpy std, ddof=0)." if n_seeds > 1 else "")
@@ -577,10 +646,14 @@ def markdown_report(bench, summary, failed, skipped, plot_note, seconds, device,
                          (choice if isinstance(choice, list) else [choice]))
         notes.append(f"- `{label}`: options chosen on validation data (--tune: ID validation split vs the "
                      f"training split of tune.val_ood): {text}.")
+    if any(BELOW_CHANCE in n["note"] for n in caveats):
+        notes.append(f"- A note `{BELOW_CHANCE} SET AUROC` marks a row that ranks that OOD set as more "
+                     f"in-distribution than the ID test set (AUROC < 50%).")
     notes.append(f"- Plots: {plot_note}")
     lines += ["## Notes", ""] + notes + [""]
     for in_spec in bench.ins:
-        lines += in_section(bench, in_spec, summary, failed, foot, skipped, folder)
+        lines += in_section(bench, in_spec, summary, failed, foot, skipped, folder,
+                            {n["method"]: n["note"] for n in caveats if n["in"] == in_spec})
     if failed:
         lines += ["## Failures", ""]
         for i, f in enumerate(notes_failed):
@@ -599,7 +672,8 @@ def entry_rows(bench: Bench, summary: list, in_spec: str) -> list:
     return pairs
 
 
-def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
+def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: dict) -> list:
+    """The tables of one ID set; a `note` column holds the caveats of the rows that have one."""
     n_seeds = len(bench.seeds)
     if in_spec in {s["dataset"] for s in skipped}:
         return [f"## {in_spec} (in-distribution)", "", "Skipped: the dataset is not available (see Notes).", ""]
@@ -608,8 +682,8 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
     index = {(r["entry"], r["method"], r["out"]): r for r in summary if r["in"] == in_spec}
     lines = [f"## {in_spec} (in-distribution)", ""]
     for metric, title in (("auroc", "AUROC"), ("fpr95", "FPR@95")):
-        lines += [f"### {title} (%)", "", "| method | " + " | ".join(columns) + " |",
-                  "|---|" + "---|" * len(columns)]
+        lines += [f"### {title} (%)", "", "| method | " + " | ".join(columns) + (" | note |" if notes else " |"),
+                  "|---|" + "---|" * (len(columns) + bool(notes))]
         for label, name in entry_rows(bench, summary, in_spec):
             cells = []
             for col in columns:
@@ -621,7 +695,7 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder) -> list:
                 elif row and len(row["seeds"]) < n_seeds:
                     cell += f" (seeds {row['seeds']})"
                 cells.append(cell)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(cells + ([notes.get(name, "")] if notes else [])) + " |")
         lines.append("")
     lines += ["### All metrics (%)", "",
               "| method | out | " + " | ".join(t for _, t in TABLE_METRICS) + (" | AUROC 95% CI" if bench.bootstrap
@@ -660,7 +734,7 @@ def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
         jobs += [("roc", in_spec, o) for o in outs]
         jobs += [("hist", in_spec, e) for e in bench.entries]
     written = 0
-    for what, in_spec, arg in progress(jobs, desc="bench: plots", unit="plot"):
+    for what, in_spec, arg in progress.bar(jobs, desc="bench: plots", unit="plot"):
         tag = runs.safe_name(in_spec)
         if what == "heatmap":
             written += heatmap(bench, summary["summary"], in_spec, plot_dir / f"heatmap_auroc_{tag}.png")

@@ -27,9 +27,16 @@ EPILOGS = {
     "data": """examples:
   oodbench data list
   oodbench data check vflip:fashion_mnist
-  oodbench data make-resize-benchmark --src lsun --size 32 --out data/resize_lsun""",
-    "bench": "examples:\n  oodbench bench configs/bench/quick.yaml",
+  oodbench data make-resize-benchmark --src lsun --size 32 --out ~/resize_lsun""",
+    "bench": """examples:
+  oodbench bench                              # = oodbench bench quick: the offline quick benchmark
+  oodbench bench cifar10 --device cuda        # a shipped protocol, by name
+  oodbench bench my_grid.yaml --out reports/mine
+shipped protocols: {protocols}""",
 }
+DATA_ROOT_HELP = "data root (default: $OODBENCH_DATA, else ~/.cache/oodbench/data)"
+RUNS_DIR_HELP = "folder of runs (default: $OODBENCH_RUNS, else ./runs)"
+DEVICE_HELP = "auto (a GPU when there is one) | cpu | cuda | cuda:N"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,20 +44,27 @@ def _parser() -> argparse.ArgumentParser:
                                 "for images. Scores: higher = more out-of-distribution.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from oodbench import protocols
 
     def command(name, help_text):
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS.get(name),
+        epilog = EPILOGS.get(name, "").replace("{protocols}", ", ".join(protocols.names())) or None
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def common(q, run_args=True):
-        q.add_argument("--seed", type=int, default=None, help="seed of the run (default: the config's, 0)")
-        q.add_argument("--runs-dir", default=None, help="folder of runs (default: $OODBENCH_RUNS or ./runs)")
-        q.add_argument("--run-name", default=None, help="suffix that keeps a differently configured run apart")
-        q.add_argument("--data-root", default=None, help="data root (default: $OODBENCH_DATA or ./data)")
-        q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config option, e.g. --set train.steps=500 (repeatable)")
+    def common(q, run_args=True, set_help="override a config option, e.g. --set train.steps=500 (repeatable)",
+               where=""):
+        if run_args:
+            q.add_argument("--seed", type=int, default=None, help=f"seed of the run (default: the config's, 0){where}")
+            q.add_argument("--run-name", default=None,
+                           help=f"suffix that keeps a differently configured run apart{where}")
+        q.add_argument("--runs-dir", default=None, help=RUNS_DIR_HELP)
+        q.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
+        q.add_argument("--device", default="auto", help=DEVICE_HELP)
+        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
         q.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    scoring_set = ("override a scoring option, e.g. --set odin.temperature=100 (repeatable; training options such "
+                   "as train.steps need a new run: oodbench train ... --run-name NAME)")
 
     t = command("train", "train the detector of a method on an in-distribution dataset")
     t.add_argument("--method", required=True, help="a method from `oodbench methods`")
@@ -71,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="comma-separated dataset specs")
     s.add_argument("--method", default=None, help="method of the run's kind (default: the one it was trained for)")
     s.add_argument("--limit", type=int, default=None, help="score only the first N images of each set")
-    common(s)
+    common(s, run_args=False, set_help=scoring_set)
 
     e = command("eval", "evaluate methods: AUROC, AUPR-In, AUPR-Out, FPR@95TPR, detection error per OOD set")
     e.add_argument("--method", required=True, help="method(s), comma-separated, sharing one run kind")
@@ -89,24 +103,27 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add N-resample bootstrap 95%% intervals")
     e.add_argument("--tune", action="store_true", help="choose each post-hoc method's options from its grid on "
                    "the ID validation split against tune.val_ood (never a test set); the choice is printed and saved")
-    common(e)
+    common(e, set_help=scoring_set, where=" (with --in; ignored with --run or --model)")
 
     command("methods", "list the detectors")
 
     d = command("data", "datasets: where they are found, checks, derived benchmarks")
-    d.add_argument("action", choices=("list", "check", "make-resize-benchmark"))
-    d.add_argument("spec", nargs="?", help="dataset spec (for check)")
-    d.add_argument("--data-root", default=None)
+    d.add_argument("action", choices=("list", "check", "make-resize-benchmark"),
+                   help="list: every named set, found or how to get it; check SPEC: load its splits (exit 2 when "
+                   "one is missing); make-resize-benchmark: write resized PNG folders")
+    d.add_argument("spec", nargs="?", help="dataset spec (for check), e.g. vflip:fashion_mnist")
+    d.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     d.add_argument("--src", help="source dataset spec (make-resize-benchmark)")
     d.add_argument("--size", type=int, default=32, help="target size (make-resize-benchmark)")
     d.add_argument("--out", default=None, help="output folder (make-resize-benchmark)")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     b = command("bench", "run a grid of methods × datasets × seeds and write a report")
-    b.add_argument("config", nargs="?", default="configs/bench/quick.yaml", help="bench YAML")
-    b.add_argument("--runs-dir", default=None)
-    b.add_argument("--data-root", default=None)
-    b.add_argument("--device", default="auto")
+    b.add_argument("config", nargs="?", default="quick",
+                   help="a shipped protocol name (default: quick) or the path of a bench YAML (docs/bench.md)")
+    b.add_argument("--runs-dir", default=None, help=RUNS_DIR_HELP + "; runs the grid needs are trained there")
+    b.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
+    b.add_argument("--device", default="auto", help=DEVICE_HELP)
     b.add_argument("--out", default=None, help="report folder (default: the config's)")
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -125,7 +142,7 @@ def cmd_train(a) -> None:
 
     run = runs.train(a.method, a.in_spec, a.preset, a.overrides, a.seed, a.runs_dir, a.run_name, a.data_root,
                      a.device, a.resume)
-    print(f"trained: {run.path}")
+    print(f"{'reused (already trained with this config)' if run.reused else 'trained'}: {run.path}")
 
 
 def cmd_score(a) -> None:
@@ -190,20 +207,26 @@ def cmd_data(a) -> None:
     from oodbench import data
 
     if a.action == "list":
+        print(f"data root: {data.data_root(a.data_root)} (--data-root, else $OODBENCH_DATA, else the default)")
         for row in data.dataset_status(a.data_root):
             where = row["found"] or "missing"
             print(f"{row['name']:<14} {where}" + ("" if row["found"] else f"\n{'':<14} how to get: {row['how_to_get']}"))
     elif a.action == "check":
         if not a.spec:
             raise OODBenchError("oodbench data check needs a dataset spec, e.g. oodbench data check digits")
+        missing = []
         for split in ("train", "test"):
             try:
                 s = data.load(a.spec, split=split, root=a.data_root)
             except OODBenchError as e:
                 print(f"{a.spec} [{split}]: {e}")
+                missing.append(split)
                 continue
             labels = "labels" if s.labels is not None else "no labels"
             print(f"{a.spec} [{split}]: {len(s)} images of shape {s.shape}, uint8, {labels}, fingerprint {s.fingerprint}")
+        if missing:
+            raise OODBenchError(f"{a.spec}: the {' and '.join(missing)} split{'s are' if len(missing) > 1 else ' is'} "
+                                f"not available (data root {data.data_root(a.data_root)})")
     else:
         if not (a.src and a.out):
             raise OODBenchError("make-resize-benchmark needs --src SPEC and --out FOLDER")

@@ -14,7 +14,7 @@ import yaml
 
 from oodbench.errors import OODBenchError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # package data (pyproject.toml), found from any directory
 
 # The one declaration of option phases. A *training* option is fixed when a run is trained (changing it needs a new
 # run: `oodbench train ... --run-name NAME`); every other option is a *scoring* option, which `score`/`eval` may

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 import zipfile
 from pathlib import Path
@@ -18,12 +19,11 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from oodbench import config as configs
-from oodbench import data, metrics
+from oodbench import data, metrics, progress
 from oodbench.detectors import base as registry
-from oodbench.engine import Engine, TrainSpec, checkpoint, distributed, setup_device, show_progress
+from oodbench.engine import Engine, TrainSpec, checkpoint, distributed, setup_device
 from oodbench.errors import OODBenchError
 
 
@@ -48,8 +48,9 @@ def default_run_dir(kind: str, in_spec: str, seed: int, runs_dir=None, name: Opt
 class Run:
     """A run directory on disk."""
 
-    def __init__(self, path):
+    def __init__(self, path, reused: bool = False):
         self.path = Path(path)
+        self.reused = reused    # set by `train` when it found this run finished with the same config
         if not (self.path / "config.yaml").is_file():
             raise OODBenchError(f"{self.path} is not a run directory (no config.yaml); train one with "
                                 f"`oodbench train --method M --in D` or pass the right --run")
@@ -321,8 +322,8 @@ def score_set(det, imageset, batch_size: int = 256) -> dict:
         return distributed.gather_concat(arrays, world)
     chunks: dict = {}
     total = -(-len(part) // batch_size)
-    for x, _ in tqdm(part.batches(batch_size), total=total, desc=f"score {imageset.name}", leave=False,
-                     disable=(not distributed.is_main()) or show_progress(), dynamic_ncols=True):
+    for x, _ in progress.bar(part.batches(batch_size), total=total, desc=f"score {imageset.name}", unit="batch",
+                             leave=False, enabled=distributed.is_main()):
         for k, v in det.score_rows(x).items():
             chunks.setdefault(k, []).append(v.detach().float().cpu().numpy())
     arrays = {k: np.concatenate(v) for k, v in chunks.items()}
@@ -362,7 +363,7 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
             raise OODBenchError(f"{run_dir} exists with a different config ({', '.join(diff[:4])}); give this one "
                                 f"its own --run-name, or delete that folder to retrain")
         if finished(run_dir):
-            return Run(run_dir)
+            return Run(run_dir, reused=True)
     det = registry.trainer_for(cls)(cfg, engine.device)
     det.fit(train_set, val_set, engine)
     if engine.is_main:
@@ -446,6 +447,7 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
         check_dataset_options(det.cfg)
     rows = []
     in_spec = run.in_distribution()
+    check_available(run, [in_spec] + out_specs)
     for method, det in detectors.items():
         extra = {}
         if tune:
@@ -481,6 +483,18 @@ def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
         raise OODBenchError(f"--bootstrap must be a number of resamples >= 0 (0 = no intervals), got {bootstrap!r}")
 
 
+def check_available(run: Run, specs: list) -> None:
+    """One error naming every set of `specs` that cannot be loaded, before any scoring starts (loads are cached)."""
+    missing = []
+    for spec in dict.fromkeys(specs):
+        try:
+            run.load_set(spec)
+        except OODBenchError as e:
+            missing.append(f"{spec}: {e}")
+    if missing:
+        raise OODBenchError(f"{len(missing)} dataset(s) not available; " + " | ".join(missing))
+
+
 def rows_to_csv(rows: list) -> str:
     if not rows:
         return ""
@@ -511,10 +525,10 @@ def find_run(method: str, in_spec: Optional[str], seed: int = 0, runs_dir=None, 
         return ModelRun(load_model(model, **options), in_spec, model, fit_limit, runs_dir, data_root), overrides
     if fit_limit is not None:
         raise OODBenchError("--fit-limit applies to --model; a trained run fits on its own training split")
-    return _find_trained_run(method, in_spec, seed, runs_dir, run, run_name), overrides
+    return _find_trained_run(method, in_spec, seed, runs_dir, run, run_name, data_root), overrides
 
 
-def _find_trained_run(method, in_spec, seed, runs_dir, run, run_name) -> Run:
+def _find_trained_run(method, in_spec, seed, runs_dir, run, run_name, data_root=None) -> Run:
     if run:
         return Run(run)
     if not in_spec:
@@ -522,7 +536,20 @@ def _find_trained_run(method, in_spec, seed, runs_dir, run, run_name) -> Run:
     kind = registry.get(method).kind
     path = default_run_dir(kind, in_spec, seed, runs_dir, run_name)
     if not (path / "config.yaml").is_file():
-        raise OODBenchError(f"no trained run at {path}; train it first: oodbench train --method {method} "
-                            f"--in {in_spec}" + (f" --seed {seed}" if seed else ""))
+        raise OODBenchError(f"no trained run at {path}; train it first: "
+                            + train_hint(method, kind, in_spec, seed, runs_dir, run_name, data_root))
     return Run(path)
+
+
+def train_hint(method, kind, in_spec, seed, runs_dir=None, run_name=None, data_root=None) -> str:
+    """The `oodbench train` command that makes the run these options look for: the user's own options echoed back,
+    `--preset P` when the run name is a preset's name, else a pointer to the quick preset."""
+    presets = configs.read_yaml(configs.config_path(kind)).get("presets") or {}
+    options = [("--method", method), ("--in", in_spec), ("--seed", seed or None), ("--run-name", run_name),
+               ("--preset", run_name if run_name in presets else None), ("--runs-dir", runs_dir),
+               ("--data-root", data_root)]
+    command = "oodbench train " + " ".join(f"{k} {shlex.quote(str(v))}" for k, v in options if v is not None)
+    if run_name in presets or "quick" not in presets:
+        return command
+    return command + " (the paper-scale config; add --preset quick for a run of minutes)"
 

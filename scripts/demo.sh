@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/oodbench bench configs/bench/quick.yaml "$@"
+exec .venv/bin/oodbench bench quick "$@"

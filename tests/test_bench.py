@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from oodbench import bench, runs
+from oodbench import bench, protocols, runs
 from oodbench.detectors import REGISTRY, get
 from oodbench.errors import OODBenchError
 
@@ -53,7 +53,8 @@ def grid(tmp_path_factory):
         mp.setitem(REGISTRY, "boom", boom_class())
         mp.setenv("OODBENCH_PROGRESS", "0")
         report = bench.run_bench(config, runs_dir=folder / "runs", device="cpu", out=folder / "report")
-        yield {"config": config, "runs": folder / "runs", "report": report, "mp": mp}
+        yield {"config": config, "runs": folder / "runs", "report": report, "mp": mp, "first": results(report),
+               "first_report": (report / "report.md").read_text()}
 
 
 def results(report):
@@ -176,3 +177,118 @@ def test_changed_scoring_options_of_a_run_make_its_cells_stale(grid, monkeypatch
     monkeypatch.setenv("OODBENCH_PROGRESS", "0")
     bench.run_bench(grid["config"], runs_dir=grid["runs"], device="cpu", out=report)
     assert "energy" in scored and "msp" not in scored
+
+
+def test_report_says_what_came_from_cache(grid, monkeypatch, tmp_path):
+    import shutil
+
+    first = grid["first"]["timing"]
+    assert first["runs_trained"] == len(SEEDS) and first["runs_reused"] == 0
+    assert first["cells_computed"] == 2 * len(OUTS) * len(SEEDS) and first["cells_cached"] == 0
+    assert {"stage: check data", "stage: train", "stage: score", "train: classifier on fashion_mnist, seed 0",
+            "score: msp on fashion_mnist, seed 1"} <= set(first["parts"])
+    assert "2 run(s) trained, 0 reused; 8 cell(s) computed, 0 from cache" in grid["first_report"]
+    report = tmp_path / "report"
+    shutil.copytree(grid["report"], report)
+    monkeypatch.setitem(REGISTRY, "boom", boom_class())
+    bench.run_bench(grid["config"], runs_dir=grid["runs"], device="cpu", out=report)
+    again = results(report)["timing"]
+    assert (again["runs_trained"], again["runs_reused"], again["cells_computed"]) == (0, len(SEEDS), 0)
+    assert again["cells_cached"] == first["cells_computed"]
+    assert "(everything from cache" in (report / "report.md").read_text()
+
+
+def test_shipped_protocols_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = bench.load_bench("quick")
+    assert quick.path == protocols.PROTOCOLS / "quick.yaml" and quick.path.is_file() and quick.name == "quick"
+    assert {"quick", "cifar10", "cifar100", "classic", "fashion_mnist"} <= set(protocols.names())
+    (tmp_path / "quick").mkdir()                          # a folder is not a config: the name still wins
+    assert bench.load_bench("quick").path == quick.path
+    (tmp_path / "mine.yaml").write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [msp]\n")
+    assert bench.load_bench("mine.yaml").name == "mine"   # a path works as before
+    with pytest.raises(OODBenchError, match="not a shipped protocol .*quick.*oodbench bench quick"):
+        bench.load_bench("quik")
+    with pytest.raises(OODBenchError, match="no such file"):
+        bench.load_bench("configs/bench/quick.yaml")      # the old in-repository path, from elsewhere
+
+
+def test_configs_are_package_data():
+    """Every YAML under oodbench/configs is matched by pyproject's package-data (so a wheel has it)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import oodbench
+
+    root = Path(oodbench.__file__).parent
+    project = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["oodbench"]
+    files = [p.relative_to(root).as_posix() for p in (root / "configs").rglob("*") if p.is_file()]
+    assert "configs/bench/quick.yaml" in files and "configs/classifier.yaml" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)] == []
+
+
+def cell(method, out, auroc, notes=None):
+    row = {"method": method, "in": "fashion_mnist", "out": out, **{m: auroc for m in bench.METRICS}}
+    return {"status": "ok", "rows": [row], "notes": notes or {}}
+
+
+def test_caveats_are_noted_beside_their_rows(tmp_path):
+    path = tmp_path / "notes.yaml"
+    path.write_text("in: [fashion_mnist]\nout: [vflip:fashion_mnist, noise:uniform]\nmethods: [gradlayer, llr]\n")
+    b = bench.load_bench(path)
+    layer = {"gradlayer": ["layer body.8 (chosen on validation vs glyphs)"]}
+    cells = {("gradlayer", "fashion_mnist", 0, "vflip:fashion_mnist"): cell("gradlayer", "vflip:fashion_mnist", 0.8,
+                                                                          layer),
+             ("gradlayer", "fashion_mnist", 0, "noise:uniform"): cell("gradlayer", "noise:uniform", 0.9, layer),
+             ("llr", "fashion_mnist", 0, "vflip:fashion_mnist"): cell("llr", "vflip:fashion_mnist", 0.6),
+             ("llr", "fashion_mnist", 0, "noise:uniform"): cell("llr", "noise:uniform", 0.026)}
+    summary = bench.summarise(b, cells)["summary"]
+    notes = bench.report_notes(b, cells, summary)
+    assert sorted(notes, key=lambda n: n["method"]) == [
+        {"method": "gradlayer", "in": "fashion_mnist", "note": "layer body.8 (chosen on validation vs glyphs)"},
+        {"method": "llr", "in": "fashion_mnist", "note": "below chance on noise:uniform 2.6"}]
+    took = {"seconds": 60, "runs_trained": 1, "runs_reused": 0, "cells_computed": 4, "cells_cached": 0}
+    text = bench.markdown_report(b, summary, [], [], "none", took, "cpu", tmp_path, notes)
+    assert "| method | vflip:fashion_mnist | noise:uniform | note |" in text
+    assert "| gradlayer | 80.00 | 90.00 | layer body.8 (chosen on validation vs glyphs) |" in text
+    assert "| llr | 60.00 | 2.60 | below chance on noise:uniform 2.6 |" in text
+    assert "- A note `below chance on SET AUROC` marks a row that ranks that OOD set as more in-distribution" in text
+
+
+class FakeDetector:
+    def __init__(self, **options):
+        self.options = options
+
+
+def test_row_notes_name_the_gradlayer_layer_and_ddpm_without_lpips():
+    a, b = np.arange(4.0), np.arange(4.0)[::-1].copy()
+    entry = bench.Entry("gradlayer", "gradlayer", "quick", [], [], None)
+    scores = {"gradlayer/body.0": a, "gradlayer/fc": b, "gradlayer": b.copy()}
+    assert bench.row_notes(entry, FakeDetector(layer="auto", val_ood="glyphs"), scores) == {
+        "gradlayer": ["layer fc (chosen on validation vs glyphs)"]}
+    assert bench.row_notes(entry, FakeDetector(layer="fc"), scores) == {"gradlayer": ["layer fc (gradlayer.layer)"]}
+    ddpm = bench.Entry("ddpm", "ddpm", "quick", [], [], None)
+    mse_only = {"ddpm-mse": a, "_mse": a, "_t": a}
+    assert list(bench.row_notes(ddpm, FakeDetector(metrics="auto"), mse_only)) == ["ddpm-mse"]
+    assert "LPIPS" in bench.row_notes(ddpm, FakeDetector(), mse_only)["ddpm-mse"][0]
+    assert bench.row_notes(ddpm, FakeDetector(), {**mse_only, "ddpm-mse+lpips": a, "_lpips": a}) == {}
+    assert bench.row_notes(ddpm, FakeDetector(metrics=["mse"]), mse_only) == {}   # asked for MSE only: no caveat
+
+
+def test_plots_tell_curves_apart_and_show_the_full_auroc_range(tmp_path, monkeypatch):
+    from oodbench import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    rng = np.random.default_rng(0)
+    curves = {f"m{i}": (rng.normal(size=50), rng.normal(1, size=50)) for i in range(22)}
+    plots.roc_curves(curves, "roc", tmp_path / "roc.png")
+    lines = [ln for ln in figures[0].axes[0].get_lines() if not ln.get_label().startswith("_")]   # not the diagonal
+    assert len(lines) == len({(tuple(ln.get_color()), ln.get_linestyle()) for ln in lines}) == 22
+    plots.auroc_heatmap([[19.0, 50.0], [90.0, np.nan]], ["a", "b"], ["x", "y"], "heat", tmp_path / "h.png")
+    image = figures[1].axes[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (0, 100)
+    cmap = image.get_cmap()
+    assert np.allclose(cmap(image.norm(50.0))[:3], cmap(0.5)[:3]) and cmap(image.norm(19.0)) != cmap(image.norm(50.0))

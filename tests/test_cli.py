@@ -140,3 +140,75 @@ def test_bench_prints_the_auroc_tables():
     shown = auroc_sections(report)
     assert "## cifar10" in shown and "| msp | 90.00 |" in shown
     assert "a note" not in shown and "FPR@95" not in shown
+
+
+def test_train_says_when_it_reused_a_run(runs_dir, capsys):
+    capsys.readouterr()
+    assert main(["train", "--method", "msp", "--in", "fashion_mnist", "--runs-dir", str(runs_dir), *FAST]) == 0
+    assert capsys.readouterr().out.startswith("reused (already trained with this config): ")
+
+
+def test_eval_names_every_missing_set(runs_dir, capsys):
+    code = main(["eval", "--method", "msp", "--in", "fashion_mnist", "--runs-dir", str(runs_dir), "--out",
+                 "digits,folder:/nonexistent/a,npz:/nonexistent/b.npz"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("oodbench: error")]
+    assert code == 2 and len(errors) == 1
+    err = errors[0]
+    assert "2 dataset(s) not available" in err and "/nonexistent/a" in err and "/nonexistent/b.npz" in err
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], "oodbench train --method msp --in cifar10 --runs-dir {runs} (the paper-scale config; add --preset quick"),
+    (["--seed", "3", "--run-name", "quick", "--data-root", "/d"],
+     "oodbench train --method msp --in cifar10 --seed 3 --run-name quick --preset quick --runs-dir {runs} "
+     "--data-root /d"),
+])
+def test_missing_run_hint_echoes_the_options(extra, expected, tmp_path, capsys):
+    runs = tmp_path / "my runs"
+    assert main(["eval", "--method", "energy", "--in", "cifar10", "--out", "svhn", "--runs-dir", str(runs),
+                 *extra]) == 2
+    err = capsys.readouterr().err.replace("'", "")
+    assert expected.format(runs=runs).replace("msp", "energy") in err
+
+
+def test_data_check_of_a_missing_set_fails_and_list_names_the_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OODBENCH_DOWNLOAD", "0")
+    assert main(["data", "check", "svhn", "--data-root", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "svhn [test]" in captured.out and f"svhn: the train and test splits are not available (data root " \
+                                               f"{tmp_path})" in captured.err
+    assert main(["data", "list", "--data-root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"data root: {tmp_path} ")
+
+
+def subcommands():
+    from oodbench.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return parser, sub.choices
+
+
+def test_every_option_is_described_and_every_example_parses():
+    import shlex
+
+    parser, commands = subcommands()
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        examples = (command.epilog or "").replace("\\\n", " ").splitlines()
+        for line in (x.split("#")[0].strip() for x in examples if x.strip().startswith("oodbench ")):
+            args = parser.parse_args(shlex.split(line)[1:])
+            assert args.command == name, line
+            for item in getattr(args, "overrides", []):     # eval/score examples set scoring options only
+                if name != "train":
+                    assert item.split(".")[0] not in ("seed", "data", "model", "train"), line
+    for name in ("eval", "score"):
+        help_text = commands[name].format_help()
+        assert "train.steps=500" not in help_text.replace("as train.steps need", "")
+    score_options = {o for a in commands["score"]._actions for o in a.option_strings}
+    assert not {"--seed", "--run-name"} & score_options      # they did nothing with --run
+    assert "ignored with --run" in commands["eval"].format_help()
+    for name in ("bench", "data"):
+        assert "OODBENCH_DATA" in commands[name].format_help()
+    assert "shipped protocols: cifar10, cifar100, classic, fashion_mnist, quick" in commands["bench"].format_help()

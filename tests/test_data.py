@@ -474,3 +474,34 @@ def test_torchvision_arrays_become_nchw(tmp_path, monkeypatch, name, cls):
     s = data.load(name, root=tmp_path / name, download=False)
     assert s.shape == (3, 32, 32) and torch.equal(s.images, torch.from_numpy(nhwc).permute(0, 3, 1, 2))
     assert s.labels.tolist() == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- what a new user sees
+
+def test_default_data_root_does_not_follow_the_working_directory(tmp_path, monkeypatch):
+    from oodbench.data.sources import data_root
+
+    monkeypatch.delenv("OODBENCH_DATA")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data_root() == tmp_path / "cache" / "oodbench" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data_root() == Path.home() / ".cache" / "oodbench" / "data"
+    monkeypatch.setenv("OODBENCH_DATA", str(tmp_path / "mine"))
+    assert data_root() == tmp_path / "mine" and data_root(tmp_path / "given") == tmp_path / "given"
+    with pytest.raises(OODBenchError, match=str(tmp_path / "mine" / "svhn")):   # the root searched is named
+        data.load("svhn")
+
+
+def test_imageset_repr_is_short():
+    s = data.load("digits")
+    text = repr(s)
+    assert text == f"ImageSet('digits', 898 images of (1, 8, 8), labelled, cpu, fingerprint {s.fingerprint})"
+    assert repr(s.subset(slice(0, 0))).startswith("ImageSet('digits', 0 images")
+
+
+def test_folder_decode_note_says_colour_became_gray(tmp_path, capsys):
+    save_png(tmp_path / "rgb" / "a.png", np.full((6, 6, 3), 200, dtype=np.uint8))
+    data.load(f"folder:{tmp_path / 'rgb'}", like=(1, 4, 4))
+    assert "decoded at 4x4 with PIL bilinear; colour images became grayscale (PIL luminance)" in \
+        capsys.readouterr().err

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def msma_cfg(**changes) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "msma.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "oodbench" / "configs" / "msma.yaml").read_text())
     cfg.pop("presets")
     for dotted, value in changes.items():
         section, key = dotted.split("__")

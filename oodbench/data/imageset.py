@@ -13,7 +13,7 @@ import torch
 from oodbench.errors import OODBenchError
 
 
-@dataclass
+@dataclass(repr=False)
 class ImageSet:
     """uint8 images (N, C, H, W), optional int64 labels (N,), a name and a content fingerprint."""
 
@@ -31,6 +31,11 @@ class ImageSet:
             raise OODBenchError(f"dataset {self.name!r}: {len(self.labels)} labels for {len(self.images)} images")
         if not self.fingerprint:
             self.fingerprint = content_fingerprint(self.images, self.labels)
+
+    def __repr__(self) -> str:
+        labels = "no labels" if self.labels is None else "labelled"
+        return (f"ImageSet({self.name!r}, {len(self)} images of {self.shape}, {labels}, {self.device}, "
+                f"fingerprint {self.fingerprint})")
 
     def __len__(self) -> int:
         return self.images.shape[0]

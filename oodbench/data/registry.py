@@ -41,8 +41,9 @@ def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
          download: Optional[bool] = None) -> ImageSet:
     """The dataset `spec` as an ImageSet on `device`.
 
-    root: data root (default $OODBENCH_DATA, else ./data). like: (C, H, W) to convert to (channels by replication or
-    luminance, size by antialiased bilinear resize on the device); the rule is logged once per (set, rule).
+    root: data root (default $OODBENCH_DATA, else ~/.cache/oodbench/data). like: (C, H, W) to convert to (channels
+    by replication or luminance, size by antialiased bilinear resize on the device); the rule is logged once per
+    (set, rule).
     download: allow torchvision downloads (default: $OODBENCH_DOWNLOAD, on unless 0).
     """
     spec = check_spec(spec)
@@ -151,7 +152,11 @@ def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> R
 
 
 def _decode_notes(hint: Hint):
-    return (f"decoded at {hint.size[0]}x{hint.size[1]} with PIL {hint.resample}",) if hint.size else ()
+    if not hint.size:
+        return ()
+    mode = {1: "; colour images became grayscale (PIL luminance)",
+            3: "; grayscale images became RGB (replicated)"}.get(hint.channels, "")
+    return (f"decoded at {hint.size[0]}x{hint.size[1]} with PIL {hint.resample}{mode}",)
 
 
 def _folder(path: str, hint: Hint) -> Resolved:

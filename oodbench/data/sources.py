@@ -38,9 +38,14 @@ def make_raw(images: np.ndarray, labels: Optional[np.ndarray]) -> Raw:
     return Raw(images, labels, fingerprint)
 
 
+def default_data_root() -> Path:
+    """$XDG_CACHE_HOME/oodbench/data, else ~/.cache/oodbench/data: the same from any working directory."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "oodbench" / "data"
+
+
 def data_root(root=None) -> Path:
-    """The data root: `root`, else $OODBENCH_DATA, else ./data (absolute)."""
-    return Path(root or os.environ.get("OODBENCH_DATA") or "data").expanduser().resolve()
+    """The data root: `root`, else $OODBENCH_DATA, else `default_data_root()` (absolute)."""
+    return Path(root or os.environ.get("OODBENCH_DATA") or default_data_root()).expanduser().resolve()
 
 
 def download_allowed(download: Optional[bool]) -> bool:

@@ -18,10 +18,9 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from oodbench import progress
 from oodbench.detectors.classifier import ClassifierDetector
-from oodbench.engine import show_progress
 from oodbench.errors import OODBenchError
 
 
@@ -134,8 +133,8 @@ def outputs_of(outputs, imageset, name: str, batch_size: int = 500) -> dict:
     """`outputs(x)` (a dict of tensors per uint8 batch) over a whole set → {key: numpy float32 array}."""
     chunks: dict = {}
     total = -(-len(imageset) // batch_size)
-    for x, _ in tqdm(imageset.batches(batch_size), total=total, desc=f"{name}: outputs on {imageset.name}",
-                     leave=False, disable=show_progress(), dynamic_ncols=True):
+    for x, _ in progress.bar(imageset.batches(batch_size), total=total, desc=f"{name}: outputs on {imageset.name}",
+                             unit="batch", leave=False):
         for k, v in outputs(x).items():
             chunks.setdefault(k, []).append(v.float().cpu().numpy())
     if not chunks:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -14,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
+from oodbench import progress
 from oodbench.data.imageset import ImageSet
 from oodbench.engine import checkpoint as ckpt
 from oodbench.engine import distributed
@@ -49,12 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def show_progress() -> Optional[bool]:
-    """tqdm's `disable`: bars on a terminal, or always when OODBENCH_PROGRESS=1; quiet with OODBENCH_PROGRESS=0."""
-    env = os.environ.get("OODBENCH_PROGRESS")
-    return None if env is None else env == "0"
 
 
 class EpochSampler:
@@ -145,8 +137,7 @@ class Engine:
         scaler = torch.amp.GradScaler(self.device.type, enabled=spec.amp == "fp16" and self.device.type == "cuda")
 
         model.train()
-        bar = tqdm(total=spec.steps, initial=start, desc=f"train {name}", disable=(not self.is_main) or show_progress(),
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = progress.bar(total=spec.steps, initial=start, desc=f"train {name}", unit="step", enabled=self.is_main)
         for step in range(start, spec.steps):
             for group in opt.param_groups:
                 group["lr"] = spec.lr * spec.lr_factor(step)

@@ -5,7 +5,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-runs}
-DATA=${DATA:-data}
+DATA=${DATA:-${OODBENCH_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/oodbench/data}}   # oodbench's own default data root
 mkdir -p reports/reproduce
 
 oodbench() {  # oodbench <command> [args]: the CLI with this script's device, runs folder and data root
