@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oodbench import metrics, runs, tuning
+from oodbench import metrics, tuning
 from oodbench.config import load_config
 from oodbench.data import ImageSet
 from oodbench.detectors import get

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
