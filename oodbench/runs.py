@@ -476,8 +476,14 @@ def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
         raise OODBenchError("name at least one method, e.g. --method msp,energy")
     if not out_specs:
         raise OODBenchError("name at least one OOD dataset, e.g. --out digits,noise:gaussian")
-    for spec in out_specs:
-        data.check_spec(spec)
+    bad = []
+    for spec in dict.fromkeys(out_specs):
+        try:
+            data.check_spec(spec)
+        except OODBenchError as e:
+            bad.append(f"{spec}: {e}")
+    if bad:   # every bad set named at once, as check_available does for sets that fail to load
+        raise OODBenchError(f"{len(bad)} dataset(s) not available; " + " | ".join(bad))
     check_limit(limit)
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise OODBenchError(f"--bootstrap must be a number of resamples >= 0 (0 = no intervals), got {bootstrap!r}")
