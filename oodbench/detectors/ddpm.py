@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oodbench.detectors.base import Detector, register
-from oodbench.diffusion import Diffusion
+from oodbench.diffusion import SAMPLERS, Diffusion
 from oodbench.errors import OODBenchError
 from oodbench.nets.unet import build_unet
 
@@ -220,10 +220,10 @@ class DDPM(Detector):
 
     def _check_options(self) -> None:
         o = self.options
-        n, skip = o.get("num_inference_steps", 100), o.get("inference_skip_factor", 16)
+        n, skip = o.get("num_inference_steps", 100), o.get("inference_skip_factor", 4)
         self.diffusion.starting_points(n, skip, int(self._opt("min_t", 0)), self._opt("max_t"))
-        if self._opt("sampler", "plms") not in ("ddim", "plms"):
-            raise OODBenchError(f"ddpm.sampler={o.get('sampler')!r}: use ddim or plms")
+        if self._opt("sampler", "plms") not in SAMPLERS:
+            raise OODBenchError(f"ddpm.sampler={o.get('sampler')!r}: use one of {', '.join(SAMPLERS)}")
         metrics = self._opt("metrics", "auto")
         if metrics != "auto":
             metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -259,7 +259,8 @@ class DDPM(Detector):
     # --- networks ---------------------------------------------------------------------------------------------
     def _build(self, net_cfg: dict) -> nn.Module:
         size = net_cfg.get("size", "small")
-        keys = ("base", "mults", "blocks", "attn_levels", "heads", "dropout") if size == "custom" else ("heads", "dropout")
+        keys = (("base", "mults", "blocks", "attn_levels", "heads", "head_channels", "dropout") if size == "custom"
+                else ("dropout",))
         kw = {k: (tuple(net_cfg[k]) if isinstance(net_cfg[k], list) else net_cfg[k]) for k in keys if k in net_cfg}
         return build_unet(size, int(net_cfg["in_channels"]), **kw).to(self.device)
 
@@ -333,7 +334,7 @@ class DDPM(Detector):
             raise OODBenchError("the DDPM detector has no trained network; run `oodbench train --method ddpm` first")
         self.net.eval()
         n = self.options.get("num_inference_steps", 100)
-        starts = self.diffusion.starting_points(n, self.options.get("inference_skip_factor", 16),
+        starts = self.diffusion.starting_points(n, self.options.get("inference_skip_factor", 4),
                                                 int(self._opt("min_t", 0)), self._opt("max_t"))
         x = x.to(self.device)
         h, w = x.shape[-2:]
