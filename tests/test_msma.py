@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_learned_score_points_toward_the_data_on_a_gaussian():
 
 # ----------------------------------------------------------------------------------------------------- networks
 @pytest.mark.parametrize("model,shape", [("refinenet", (1, 13, 13)), ("refinenet", (3, 16, 16)),
-                                         ("resnet", (1, 12, 12))])
+                                         ("refinenet_ncsn", (1, 13, 13)), ("resnet", (1, 12, 12))])
 def test_batched_multilevel_scoring_equals_separate_forwards(model, shape):
     torch.manual_seed(0)
     sigmas = sigma_schedule(0.01, 1.0, 5)
@@ -134,6 +135,49 @@ def test_cpu_elu_is_elu_with_the_same_gradient():
     ours, ref = elu(x), torch.nn.functional.elu(x)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_original_refinenet_parameter_counts():
+    """ahsanMah/msma RefineNet (filters 128, L 10): counted from its Keras layers by hand, 28 059 137 for one
+    channel and 28 063 747 for three; the NCSN-v1 layout (`refinenet_ncsn`) has 29 195 009 / 29 199 619."""
+    counts = {(m, c): sum(p.numel() for p in build_score_net(m, c, 128, 10).parameters())
+              for m in ("refinenet", "refinenet_ncsn") for c in (1, 3)}
+    assert counts == {("refinenet", 1): 28_059_137, ("refinenet", 3): 28_063_747,
+                      ("refinenet_ncsn", 1): 29_195_009, ("refinenet_ncsn", 3): 29_199_619}
+    net = build_score_net("refinenet", 1, 4, 3)
+    assert len(net.preact) == 4                                            # 4 pre-activation blocks, not 8
+    assert all(torch.equal(n.gamma.weight, torch.ones_like(n.gamma.weight)) and torch.equal(
+        n.alpha.weight, torch.ones_like(n.alpha.weight)) for n in net.modules() if isinstance(n, CondInstanceNormPlus))
+
+
+def test_original_cin_plus_plus_on_a_fixed_input():
+    """gamma * (x - mu) / sqrt(s + 1e-6) + beta + alpha * (mu - m) / sqrt(v + 1e-6): alpha not scaled by gamma."""
+    norm = CondInstanceNormPlus(2, 2, original=True)
+    with torch.no_grad():
+        norm.gamma.weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 3.0]]))
+        norm.alpha.weight.copy_(torch.tensor([[1.0, 1.0], [0.5, -1.0]]))
+        norm.beta.weight.copy_(torch.tensor([[0.0, 0.0], [0.1, 0.2]]))
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]], [[1.0, 1.0], [1.0, 5.0]]]])     # channel means 1.5 and 2
+    mu, s = torch.tensor([1.5, 2.0]).view(1, 2, 1, 1), torch.tensor([1.25, 3.0]).view(1, 2, 1, 1)
+    m, v = 1.75, 0.0625
+    g, a, b = torch.tensor([2.0, 3.0]).view(1, 2, 1, 1), torch.tensor([0.5, -1.0]).view(1, 2, 1, 1), torch.tensor(
+        [0.1, 0.2]).view(1, 2, 1, 1)
+    expected = g * (x - mu) / torch.sqrt(s + 1e-6) + b + a * (mu - m) / math.sqrt(v + 1e-6)
+    torch.testing.assert_close(norm(x, torch.tensor([1])), expected, rtol=1e-5, atol=1e-5)
+    ncsn = CondInstanceNormPlus(2, 2)
+    ncsn.load_state_dict(norm.state_dict())
+    assert not torch.allclose(ncsn(x, torch.tensor([1])), expected, atol=1e-2)   # the NCSN form scales alpha by gamma
+
+
+def test_original_refinenet_takes_x_in_unit_range_as_it_is():
+    """The first convolution sees x itself (the original feeds [0, 1] images; the NCSN layout feeds 2x - 1)."""
+    torch.manual_seed(0)
+    net = build_score_net("refinenet", 1, 4, 2).eval()
+    calls = []
+    net.begin.register_forward_hook(lambda mod, inp, out: calls.append(inp[0]))
+    x = torch.rand(2, 1, 8, 8)
+    net(x, torch.zeros(2, dtype=torch.long))
+    assert torch.equal(calls[0], x)
 
 
 def test_conditional_instance_norm_depends_on_level_and_keeps_mean_information():
