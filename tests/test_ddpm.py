@@ -266,9 +266,31 @@ def test_lpips_from_local_files(tmp_path):
     assert d.shape == (3,) and (d > 0).all()
 
 
+def test_lpips_equals_the_lpips_package_with_its_shipped_linear_weights():
+    """With the lpips package (oodbench[lpips]) installed its v0.1 linear layers are found, and our LPIPS equals
+    lpips.LPIPS(net="alex", normalize=True) on a shared (random, offline) AlexNet backbone."""
+    lpips = pytest.importorskip("lpips")
+    from torchvision.models import alexnet
+
+    from oodbench.detectors.ddpm import lpips_weight_paths
+
+    _, lin = lpips_weight_paths({})
+    assert lin == Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth" and lin.is_file()
+    torch.manual_seed(0)
+    theirs = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()        # random backbone: no download
+    backbone = alexnet(weights=None).state_dict()
+    for name, value in theirs.net.state_dict().items():                          # slice<k>.<index>.<param>
+        backbone[f"features.{name.split('.', 1)[1]}"] = value
+    ours = LPIPS(backbone, torch.load(lin, map_location="cpu", weights_only=True))
+    x, y = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = theirs(x, y, normalize=True).flatten()
+    torch.testing.assert_close(ours(x, y), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_lpips_missing_weights(tmp_path):
     net, message = load_lpips({"alexnet_weights": str(tmp_path / "nope.pth"), "lpips_weights": str(tmp_path / "x")})
-    assert net is None and "nope.pth" in message
+    assert net is None and "nope.pth" in message and "oodbench[lpips]" in message and "alexnet(" in message
     cfg = {"ddpm": {"metrics": ["mse", "lpips"], "alexnet_weights": str(tmp_path / "nope.pth"),
                     "lpips_weights": str(tmp_path / "x")}}
     with pytest.raises(OODBenchError, match="nope.pth"):

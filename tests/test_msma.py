@@ -206,8 +206,10 @@ def auroc(id_scores, ood_scores):
 
 
 @pytest.mark.parametrize("make", [lambda: GMM([1, 2, 4], cv_folds=3), lambda: KNN(5),
-                                  lambda: Flow(layers=2, hidden=32, steps=200, eval_every=50)],
-                         ids=["gmm", "knn", "flow"])
+                                  lambda: Flow(hidden=32, epochs=100, batch_size=32, lr=1.0),  # lr 0.01 is slow
+                                  lambda: Flow("stabilised", hidden=32, layers=2, steps=200, lr=1e-3, batch_size=256,
+                                               eval_every=50)],
+                         ids=["gmm", "knn", "flow", "flow-stabilised"])
 def test_aux_model_generalises_separates_shift_and_survives_weights_only_reload(make, tmp_path):
     train, test, shifted = two_blob_vectors(600, seed=0), two_blob_vectors(600, seed=10), \
         two_blob_vectors(600, shift=1.5, seed=20)
@@ -218,6 +220,46 @@ def test_aux_model_generalises_separates_shift_and_survives_weights_only_reload(
     torch.save(model.state_dict(), tmp_path / "aux.pt")
     again = type(model).from_state(torch.load(tmp_path / "aux.pt", weights_only=True))
     torch.testing.assert_close(again.score(shifted), s_shift)
+
+
+def test_original_flow_is_one_tfp_made_trained_with_adadelta_to_the_last_epoch(monkeypatch):
+    """The original's train_flow: one MAF, MADE [128, 128] ELU with TFP's degrees, Adadelta(0.01), batch 128,
+    n // 128 batches per epoch, final weights, no standardisation."""
+    from oodbench import aux_models
+
+    flow = Flow()
+    assert (flow.variant, flow.hidden, flow.epochs, flow.batch_size, flow.lr) == ("original", 128, 1000, 128, 0.01)
+    made = aux_models.TFPMade(10, (128, 128))
+    assert [tuple(layer.weight.shape) for layer in made.layers] == [(128, 10), (128, 128), (20, 128)]
+    # TFP "equal" degrees for 10 inputs: ceil(k * 9 / 129), k = 1..128, at least 1
+    expected = np.maximum(1, np.ceil(np.arange(1, 129) * 9 / 129)).astype(int)
+    np.testing.assert_array_equal(made.mask0.numpy(), (np.arange(1, 11)[None, :] <= expected[:, None]))
+    x = torch.randn(4, 10)
+    jac = torch.autograd.functional.jacobian(lambda v: torch.stack(made(v[None])).squeeze(1), x[0])   # (2, 10, 10)
+    assert torch.all(jac.triu() == 0)                     # output i depends on inputs < i only
+    steps, seen = [], []
+
+    class Spy(torch.optim.Adadelta):
+        def __init__(self, params, **kw):
+            seen.append(kw)
+            super().__init__(params, **kw)
+
+        def step(self, closure=None):
+            steps.append(1)
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adadelta", Spy)
+    vectors = two_blob_vectors(300)
+    fitted = Flow(hidden=16, epochs=3).fit(vectors)
+    assert seen == [{"lr": 0.01, "rho": 0.95, "eps": 1e-7}] and len(steps) == 3 * (300 // 128)
+    assert isinstance(fitted.maf, aux_models.TFPMade)     # one MADE, nothing standardised before it
+
+
+def test_all_training_vectors_fit_the_aux_models_by_default():
+    """The original fits the auxiliary models on every training image's vector (SVHN: 73 257), no cap."""
+    det = MSMA(msma_cfg())
+    assert det.options["max_train_vectors"] is None and det.n_train_vectors(73_257) == 73_257
+    assert MSMA(msma_cfg(msma__max_train_vectors=50_000)).n_train_vectors(73_257) == 50_000
 
 
 def test_gmm_picks_the_component_count_by_cross_validation():
@@ -238,6 +280,7 @@ def test_gmm_picks_the_component_count_by_cross_validation():
     ({"model__model": "unet"}, "model.model"),
     ({"msma__default": "svm"}, "msma.default"),
     ({"msma__aux_models": ["gmm", "svm"]}, "aux_models"),
+    ({"msma__flow": "glow"}, "msma.flow"),
     ({"data__hflip": "sometimes"}, "data.hflip"),
 ])
 def test_bad_settings_fail_before_training(changes, message):
@@ -285,7 +328,7 @@ def test_detector_fits_scores_all_rows_in_one_pass_and_reloads(tmp_path):
 
     cfg = msma_cfg(model__model="resnet", model__filters=8, model__num_L=4, model__sigma_low=0.05,
                    train__steps=30, train__batch_size=32, train__lr=0.003, train__ckpt_every=1000,
-                   msma__gmm_components=[1, 2], msma__gmm_cv_folds=3, msma__flow_steps=30, msma__flow_layers=1,
+                   msma__gmm_components=[1, 2], msma__gmm_cv_folds=3, msma__flow_epochs=30,
                    msma__flow_hidden=8, msma__score_chunk=64)
     det = MSMA(cfg)
     det.fit(ImageSet(blob_images(200, 0), name="blobs"), None, Engine(tmp_path, device="cpu", seed=0))

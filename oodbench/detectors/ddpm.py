@@ -112,7 +112,10 @@ class LPIPS(nn.Module):
 
 
 def lpips_weight_paths(options: dict) -> tuple[Path, Path]:
-    """Where the AlexNet and LPIPS weights are looked for: the config paths, else the torch hub cache / lpips package."""
+    """Where the AlexNet and LPIPS weights are looked for: the config paths, else torchvision's cache (AlexNet) and the
+    installed `lpips` package (`pip install oodbench[lpips]`: its wheel ships the v0.1 linear layers), else the hub
+    cache. Our LPIPS equals the package's (tested); we load its weights rather than call `lpips.LPIPS`, whose
+    constructor fetches AlexNet itself and cannot be pointed at a local file."""
     alex = options.get("alexnet_weights")
     if not alex:
         alex = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
@@ -132,8 +135,14 @@ def load_lpips(options: dict) -> tuple[Optional[LPIPS], str]:
     paths = lpips_weight_paths(options)
     missing = [f"{what} ({p})" for what, p in zip(("AlexNet weights", "LPIPS linear weights"), paths) if not p.is_file()]
     if missing:
-        return None, (f"LPIPS needs pretrained weights that were not found: {', '.join(missing)}; set "
-                      f"ddpm.alexnet_weights / ddpm.lpips_weights to local files")
+        hints = []
+        if not paths[0].is_file():
+            hints.append("torchvision's AlexNet: run python -c \"import torchvision; torchvision.models.alexnet("
+                         "weights='DEFAULT')\" once where the internet is reachable, or set ddpm.alexnet_weights")
+        if not paths[1].is_file():
+            hints.append("the linear layers: pip install 'oodbench[lpips]' (the lpips package ships them), or set "
+                         "ddpm.lpips_weights")
+        return None, f"LPIPS needs pretrained weights that were not found: {', '.join(missing)}; {'; '.join(hints)}"
     try:
         states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
         return LPIPS(*states), ""
