@@ -63,6 +63,22 @@ def test_starting_points_are_the_originals_slicing():
     assert d.network_evaluations(starts, "ddim") == 350          # the paper's "≈350 evaluations per image"
 
 
+def test_defaults_and_paper_unet_are_the_originals():
+    """ddpm-ood: README skip 4 (argparse 1), training batch 512; the "big" UNet has attention at all three levels
+    with 256 channels per head (1, 2, 3 heads), the "small" one at the lowest level."""
+    import yaml
+
+    from oodbench.nets.unet import SIZES, Attention
+
+    cfg = yaml.safe_load((REPO / "configs" / "ddpm.yaml").read_text())
+    assert cfg["ddpm"]["inference_skip_factor"] == 4 and cfg["train"]["batch_size"] == 512
+    assert SIZES["paper"]["attn_levels"] == (0, 1, 2) and SIZES["paper"]["head_channels"] == 256
+    assert SIZES["small"]["attn_levels"] == (2,) and SIZES["small"]["head_channels"] == 256
+    net = build_unet("custom", 1, base=4, mults=(1, 2, 3), blocks=1, attn_levels=(0, 1, 2), head_channels=4)
+    heads = sorted({(m.heads, m.qkv.in_channels) for m in net.modules() if isinstance(m, Attention)})
+    assert heads == [(1, 4), (2, 8), (3, 12)]
+
+
 def test_bad_schedule_options():
     d = Diffusion()
     for n in (0, 30, 1001):
