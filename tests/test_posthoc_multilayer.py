@@ -233,6 +233,21 @@ def test_openmax_options_are_checked(setup):
 
 
 # -- through the workflow --------------------------------------------------------------------------------------------
+def test_per_set_outputs_are_kept_apart_by_the_options_that_shape_them(setup):
+    from oodbench.detectors.posthoc import SET_OUTPUTS
+
+    SET_OUTPUTS.items.clear()
+    test = ImageSet(setup["x"], None, "test")
+    for name, options in [("gram", {"powers": [1, 2]}), ("gram", {"powers": [3]}),
+                          ("mds_ensemble", {"noise": 0.0}), ("mds_ensemble", {"noise": 0.01})]:
+        det = get(name)(load_config("classifier"), "cpu")
+        det.options.update(options)
+        det.use_model(setup["model"])
+        det.fit_data = setup["fit"]
+        close(det.score_imageset(test, batch_size=32)[name], det.score(setup["x"]))
+    assert len(SET_OUTPUTS.items) == 4
+
+
 def test_methods_share_their_cached_maps_and_run_from_the_cli(tmp_path, capsys):
     import json
 
@@ -246,5 +261,7 @@ def test_methods_share_their_cached_maps_and_run_from_the_cli(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == methods.split(",")
     assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+    assert main(["methods"]) == 0
+    assert set(methods.split(",")) <= {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     cache = next(tmp_path.glob("model-*/cache"))
     assert {"train_gram.npz", "train_mds_ensemble.npz", "train_outputs.npz"} <= {p.name for p in cache.iterdir()}
