@@ -155,7 +155,8 @@ def test_mds_ensemble_without_noise_is_pytorch_ood_times_n(setup):
 
 
 def test_mds_ensemble_noise_step_equals_the_formula(setup):
-    """Lee et al.'s pre-processing per layer, written here: x' = x − ε·sign(∇ min_c d_c)/std, then ½ min_c d_c(x')."""
+    """Lee et al.'s pre-processing per layer, written here: x' = x − ε·sign(∇ min_c d_c)/std, then ½ min_c d_c(x'),
+    summed over the layers."""
     noise, std = 0.01, 0.25
     inp = prepared(setup, setup["x"])
     y = setup["y_train"].numpy()

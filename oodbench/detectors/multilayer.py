@@ -47,7 +47,8 @@ class Gram(PostHoc):
         powers = self.options["powers"]
         if not isinstance(powers, list) or not powers or \
                 not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in powers):
-            raise OODBenchError(f"gram.powers must be a list of positive integers, e.g. [1, 2, 3, 4, 5], got {powers!r}")
+            raise OODBenchError(f"gram.powers must be a list of positive integers, e.g. [1, 2, 3, 4, 5], got "
+                                f"{powers!r}")
         return powers
 
     @torch.no_grad()
@@ -208,8 +209,8 @@ class RankFeat(PostHoc):
         names = self.model.layers or (names if resnet_like else None)
         if not names or len(names) < 2:
             raise OODBenchError(f"rankfeat needs a ResNet-like model (torchvision/timm/OpenOOD ResNets, oodbench's "
-                                f"resnet18/34/20, wrn40_2), not a {type(self.model.net).__name__}; or name its last two "
-                                f"blocks with --set model.layers=[BLOCK,LAST_BLOCK]")
+                                f"resnet18/34/20, wrn40_2); this {type(self.model.net).__name__} has no residual "
+                                f"stages (with --model, name its last two blocks: --set model.layers=[BLOCK,LAST])")
         return names[-1], names[-2]
 
     @torch.no_grad()
