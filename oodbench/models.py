@@ -42,7 +42,7 @@ class ClassifierModel:
     - `net`: the network (eval mode); `head`: its final `nn.Linear` (None for torchscript models);
     - `prepare(x)`: the network's float input; `logits(x)`, `features(x)`, `features_and_logits(x)` take uint8 batches;
     - `feature_maps(x, layers=None)`: the outputs of named modules and the logits, from one forward;
-    - `digest`: a hash of the weights and the preprocessing, for cache keys.
+    - `digest`: a hash of the weights, the preprocessing and the named layers, for cache keys.
     `size` is the network's input (H, W) (None: images keep their size); `resize` an optional shorter side to resize
     to before a centre crop to `size` (the ImageNet recipe, e.g. 256 then 224). `layers`: the module names of
     `feature_maps` (None or "auto": `auto_layers`).
@@ -67,8 +67,9 @@ class ClassifierModel:
         self._checked = False
         if head is not None:
             head.register_forward_hook(lambda _m, inputs, _out: self._captured.append(inputs[0]))
+        named = {"layers": self.layers} if self.layers else {}   # named layers change gram/mds/rankfeat scores
         self.digest = model_digest(net, {"name": name, "mean": self.mean, "std": self.std, "size": self.size,
-                                         "resize": self.resize, "channels": self.channels})
+                                         "resize": self.resize, "channels": self.channels, **named})
 
     def to(self, device) -> "ClassifierModel":
         self.net.to(device)

@@ -116,6 +116,8 @@ def test_model_layers_from_the_command_line_and_their_errors():
     assert options == {"layers": ["layer3", "layer4"]} and rest == ["gram.powers=[1]"]
     model = load_model("torchvision:resnet18:none", **options)
     assert model.layer_names() == ["layer3", "layer4"]
+    auto = load_model("torchvision:resnet18:none")
+    assert model.digest != auto.digest == load_model("torchvision:resnet18:none", layers="auto").digest   # score keys
     with pytest.raises(OODBenchError, match="no module 'layer9'"):
         load_model("torchvision:resnet18:none", layers=["layer9"])
     with pytest.raises(OODBenchError, match="list of module names"):

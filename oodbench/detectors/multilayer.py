@@ -81,18 +81,18 @@ class Gram(PostHoc):
             index = (labels == c).nonzero().squeeze(1).cpu()
             held[index[torch.randperm(len(index), generator=generator)[: int(HELD_OUT * len(index))]]] = True
         held = held.to(labels.device)
+        own = torch.searchsorted(classes, labels[held])             # the held-out images' classes
         bounds, scales = {}, {}
         for layer in self.model.layer_names():
-            dev = torch.zeros(int(held.sum()), device=labels.device)
+            dev = torch.zeros(len(own), device=labels.device)
             for p in self.powers():
                 g = self.rows(ref, layer, p)
                 low = torch.stack([g[(labels == c) & ~held].amin(0) for c in classes])
                 high = torch.stack([g[(labels == c) & ~held].amax(0) for c in classes])
                 bounds[layer, p] = low, high
-                own = torch.searchsorted(classes, labels[held])
                 dev += deviation(g[held], low[own], high[own])
-            mean = dev.mean() if len(dev) else dev.new_zeros(())
-            scales[layer] = float(mean) if mean > 0 else 1.0      # as pytorch-ood: 1 when nothing deviates
+            mean = float(dev.mean()) if len(dev) else 0.0
+            scales[layer] = mean if mean > 0 else 1.0      # as pytorch-ood: 1 when nothing deviates
         return classes, bounds, scales
 
     def score_outputs(self, out):
