@@ -8,7 +8,9 @@ hands it through `fit_data`. Those outputs are computed once per model and split
 Reference outputs always hold both features and logits, whatever a method's own `outputs` computes per batch.
 Subclasses implement `fit_outputs(ref) -> stats` (optional) and `score_outputs(out) -> (B,)`, where `ref`/`out` are
 dicts of float32 tensors on the device: "features" (N, D), "logits" (N, K) and, in `ref`, "labels" (N,). `sweep`
-names the options `--tune` may choose, with OpenOOD v1.5's `postprocessor_sweep` grids.
+names the options `--tune` may choose, with OpenOOD v1.5's `postprocessor_sweep` grids. Methods whose outputs
+depend on their options or read other maps (multilayer.py) say so in `outputs_key` and bring their own
+`reference_pass`.
 """
 from __future__ import annotations
 
