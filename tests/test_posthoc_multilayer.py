@@ -109,6 +109,28 @@ def test_feature_maps_of_small_cnn_and_named_layers(setup):
     assert list(setup["model"].feature_maps(setup["x"][:2])[0]) == ["body.2", "body.5", "body.8", "body.11"]
 
 
+@pytest.mark.parametrize("arch,names,channels,resnet_like", [
+    ("resnet18", ["body.relu", "body.layer1", "body.layer2", "body.layer3", "body.layer4"], [64, 64, 128, 256, 512],
+     True),
+    ("resnet20", ["body.2", "body.5", "body.8", "body.11"], [16, 16, 32, 64], True),
+    ("wrn40_2", ["body.0", "body.6", "body.12", "body.20"], [16, 32, 64, 128], True),
+    ("small_cnn", ["body.2", "body.6", "body.10"], [32, 64, 128], False)])
+def test_auto_layers_of_oodbench_nets_are_their_stage_outputs(arch, names, channels, resnet_like):
+    from oodbench.models import auto_layers
+
+    net = build_classifier(arch, 3, 4)
+    assert auto_layers(net) == (names, resnet_like)
+    maps, _ = wrap(net, mean=[0.5] * 3, std=[0.25] * 3).feature_maps(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    assert [m.shape[1] for m in maps.values()] == channels
+
+
+def test_auto_layers_of_a_timm_resnet():
+    timm = pytest.importorskip("timm")
+    from oodbench.models import auto_layers
+
+    assert auto_layers(timm.create_model("resnet18")) == (["act1", "layer1", "layer2", "layer3", "layer4"], True)
+
+
 def test_model_layers_from_the_command_line_and_their_errors():
     from oodbench.runs import split_model_overrides
 
