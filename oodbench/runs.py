@@ -236,17 +236,17 @@ class FitData:
 
 
 def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
-    """(`model.mean/std/size/head` values for load_model, the other overrides)."""
+    """(`model.mean/std/size/head/layers` values for load_model, the other overrides)."""
     model, rest = {}, []
     for item in overrides:
         keys, value = configs.parse_override(item)
         if keys[0] != "model":
             rest.append(item)
-        elif len(keys) == 2 and keys[1] in ("mean", "std", "size", "head"):
+        elif len(keys) == 2 and keys[1] in ("mean", "std", "size", "head", "layers"):
             model[keys[1]] = value
         else:
             raise OODBenchError(f"--set {item}: with --model, the model options are model.mean, model.std, "
-                                f"model.size and model.head")
+                                f"model.size, model.head and model.layers")
     return model, rest
 
 
