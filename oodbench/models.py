@@ -89,11 +89,11 @@ class ClassifierModel:
             else:
                 raise OODBenchError(f"model {self.name} takes {self.channels}-channel images, got {x.shape[1]}")
         x = transforms.to_unit(x)
-        if self.resize is not None:
-            x = TF.resize(x, [self.resize], antialias=True)
-        if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            x = TF.center_crop(x, list(self.size)) if self.resize is not None else \
-                TF.resize(x, list(self.size), antialias=True)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:   # at the input size already: as it is
+            if self.resize is not None:                                   # (streamed folders are decoded so)
+                x = TF.center_crop(TF.resize(x, [self.resize], antialias=True), list(self.size))
+            else:
+                x = TF.resize(x, list(self.size), antialias=True)
         return transforms.normalize(x, self.mean, self.std)
 
     def forward_split(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,7 @@ class Run:
 
     def bind(self, det, cache_tag: str):
         """Hand `det` what it may derive data from and keep it in: this run's cache and its fit split."""
+        self.stream = det.cfg.get("data", {}).get("stream", "auto")
         det.cache_tag = cache_tag
         det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(det.cfg, det.device)
         return det
@@ -113,8 +114,11 @@ class Run:
 
     def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
         shape = tuple(self.meta["shape"]) if "shape" in self.meta else None
-        return data.load(spec, split=split, root=self.config["data"].get("root"), device=device,
-                         like=shape).head(limit)
+        d = self.config["data"]
+        return data.load(spec, split=split, root=d.get("root"), device=device, like=shape,
+                         stream=self.stream, decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize")).head(limit)
+
+    stream = "auto"   # data.stream for the sets this run scores; Run.detector sets it from the scoring config
 
     def score(self, method: str, spec: str, limit: Optional[int] = None, overrides: Iterable[str] = (),
               device="auto", batch_size: int = 256, detector=None) -> dict:
@@ -159,8 +163,9 @@ class ModelRun(Run):
     """Post-hoc classifier methods on a model that oodbench did not train (`--model SPEC`, `oodbench.Evaluator`).
 
     Folder `runs/model-<safe spec>-<in>/` holds the same `scores/`, `cache/` and metrics files as a run. Statistics
-    (class means, the kNN bank, gradlayer's validation choice) are fitted on the training split of `in_spec` (its
-    first `fit_limit` images when given), less the seeded `data.val_fraction` held out as the validation split.
+    (class means, the kNN bank, gradlayer's validation choice) are fitted on the training split of `in_spec` (a
+    seeded class-balanced sample of `fit_limit` images when given), less the seeded `data.val_fraction` held out as
+    the validation split.
     """
 
     def __init__(self, model, in_spec: str, label: Optional[str] = None, fit_limit: Optional[int] = None,
@@ -169,8 +174,14 @@ class ModelRun(Run):
         self.model, self.kind = model, "classifier"
         label = label or model.name
         self.path = runs_root(runs_dir) / f"model-{safe_name(label)}-{safe_name(in_spec)}"
-        self._in_test = data.load(in_spec, split="test", root=data_root)   # checks the set before anything is written
-        self.config = {"seed": seed, "data": {"in": in_spec, "root": data_root, "limit": fit_limit}}
+        # Image folders and lists are decoded straight to the model's input (its resize + centre crop); in-memory
+        # sets keep their size and the model prepares each batch.
+        decode_to = (model.channels or 3, *model.size) if model.size else None
+        crop = model.resize if model.size else None
+        self.config = {"seed": seed, "data": {"in": in_spec, "root": data_root, "limit": fit_limit,
+                                              "sample": "per_class", "decode_to": decode_to, "crop_resize": crop}}
+        self._in_test = data.load(in_spec, split="test", root=data_root, decode_to=decode_to,
+                                  crop_resize=crop)   # checks the set before anything is written
         self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(self._in_test.shape)}
 
     def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
@@ -232,7 +243,9 @@ class FitData:
         return self._split
 
     def load(self, spec: str, like) -> "data.ImageSet":
-        return data.load(spec, split="train", root=self.cfg["data"].get("root"), device=self.device, like=like)
+        d = self.cfg["data"]
+        return data.load(spec, split="train", root=d.get("root"), device=self.device, like=like,
+                         stream=d.get("stream"), decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"))
 
 
 def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
