@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -239,6 +240,8 @@ def cmd_bench(a) -> None:
     from oodbench import bench
 
     folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out)
+    for skipped in json.loads((folder / "results.json").read_text()).get("skipped", []):
+        print(f"oodbench: not available, skipped: {skipped['dataset']}: {skipped['reason']}", file=sys.stderr)
     print(auroc_sections((folder / "report.md").read_text()))
     print(f"full report (all metrics, confidence intervals, plots): {folder / 'report.md'}")
 

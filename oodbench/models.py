@@ -385,15 +385,23 @@ def _from_timm(rest: str, spec: str, seed: int):
 
 def _from_openood(rest: str, spec: str, seed: int):
     arch, _, path = rest.partition(":")
-    if arch != "resnet18_32x32":
-        raise OODBenchError(f"{spec}: only OpenOOD's resnet18_32x32 is supported, e.g. {EXAMPLES['openood']}")
+    if arch not in ("resnet18_32x32", "resnet18_224x224"):
+        raise OODBenchError(f"{spec}: OpenOOD's resnet18_32x32 (CIFAR) and resnet18_224x224 (ImageNet-200) are "
+                            f"supported, e.g. {EXAMPLES['openood']}")
     state = _read_state(path, spec)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k.replace(".shortcut.", ".downsample."): v for k, v in state.items()}
     if "fc.weight" not in state:
-        raise OODBenchError(f"{spec}: not an OpenOOD ResNet18_32x32 state dict (no fc.weight); first keys: "
+        raise OODBenchError(f"{spec}: not an OpenOOD ResNet-18 state dict (no fc.weight); first keys: "
                             f"{', '.join(list(state)[:4])}")
     num_classes = int(state["fc.weight"].shape[0])
+    if arch == "resnet18_224x224":   # torchvision's ResNet-18 layout; OpenOOD's test transform: 256, crop 224
+        import torchvision
+
+        net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+        load_state(net, state, spec)
+        return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "channels": 3, "head": "fc", "size": 224,
+                     "resize": 256}
     net = openood_resnet18_32x32(num_classes)
     load_state(net, state, spec)
     mean, std = OPENOOD_STATS.get(num_classes, OPENOOD_STATS[10])
