@@ -122,7 +122,9 @@ class ClassifierModel:
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.prepare(x)).float()
+        out = self.net(self.prepare(x)).float()
+        self._captured.clear()   # the head hook's features are not needed here (and would pile up over a set)
+        return out
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:

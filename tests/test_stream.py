@@ -192,3 +192,17 @@ def test_imagenet_protocol_validates_and_names_missing_sets_offline(tmp_path, ca
     for name in ("imagenet", "ssb_hard", "ninco", "inaturalist", "imagenet_textures", "openimage_o"):
         line = next(line for line in lines if line.startswith(f"oodbench: not available, skipped: {name}: "))
         assert str(tmp_path / "benchmark_imglist") in line and ("download.py" in line or "image-net.org" in line)
+
+
+def test_reference_features_can_be_cached_in_float16(tmp_path):
+    import shutil
+
+    folder = tmp_path / "classifier-fashion_mnist-s0"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "tiny_run", folder)
+    run = runs.Run(folder)
+    full = run.detector("knn", device="cpu").reference_outputs("train")
+    half = run.detector("knn", ["features.float16=true"], device="cpu").reference_outputs("train")
+    with np.load(folder / "cache" / "train_outputs.npz") as f:
+        assert f["features"].dtype == np.float16 and f["labels"].dtype == np.int64
+    assert half["features"].dtype == torch.float32
+    torch.testing.assert_close(half["features"], full["features"], rtol=1e-3, atol=1e-3)

@@ -45,7 +45,7 @@ class _Files(Dataset):
             image, _ = folders.decode_file(self.paths[i], self.channels, self.size, self.resample, self.crop_resize)
         except folders.CorruptImage:
             return None, i
-        return torch.from_numpy(image), i
+        return torch.from_numpy(np.ascontiguousarray(image)), i   # (C, H, W) contiguous and writable
 
 
 def _collate(items):

@@ -93,14 +93,19 @@ class PostHoc(ClassifierDetector):
         train, val = self.require_fit_data().split()
         imageset = {"train": train, "val": val}[split]
         stem, outputs, material = self.reference_pass()
-        name, key = f"{split}_{stem}.npz", self.cache_key(split, imageset.fingerprint, *material)
+        half = bool((self.cfg.get("features") or {}).get("float16", False))
+        name = f"{split}_{stem}.npz"
+        key = self.cache_key(split, imageset.fingerprint, *material, *(["float16"] if half else []))
         saved = self.cache.load_npz(name, key) if self.cache is not None else None
         if saved is None:
             saved = outputs_of(outputs, imageset, self.name)
+            if half:   # features.float16: half the cache on disk and in memory (a big training sample)
+                saved = {k: v.astype(np.float16) for k, v in saved.items()}
             saved["labels"] = imageset.labels.cpu().numpy()
             if self.cache is not None:
                 self.cache.save_npz(name, key, saved)
-        return {k: torch.as_tensor(v, device=self.device) for k, v in saved.items()}
+        return {k: torch.as_tensor(v, device=self.device).float() if v.dtype == np.float16 else
+                torch.as_tensor(v, device=self.device) for k, v in saved.items()}
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The final linear layer's weight (K, D) and bias (K,) as float32 tensors on the device."""
