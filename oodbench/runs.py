@@ -489,14 +489,7 @@ def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
         raise OODBenchError("name at least one method, e.g. --method msp,energy")
     if not out_specs:
         raise OODBenchError("name at least one OOD dataset, e.g. --out digits,noise:gaussian")
-    bad = []
-    for spec in dict.fromkeys(out_specs):
-        try:
-            data.check_spec(spec)
-        except OODBenchError as e:
-            bad.append(f"{spec}: {e}")
-    if bad:   # every bad set named at once, as check_available does for sets that fail to load
-        raise OODBenchError(f"{len(bad)} dataset(s) not available; " + " | ".join(bad))
+    name_every_failure(out_specs, data.check_spec)
     check_limit(limit)
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise OODBenchError(f"--bootstrap must be a number of resamples >= 0 (0 = no intervals), got {bootstrap!r}")
@@ -504,14 +497,19 @@ def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
 
 def check_available(run: Run, specs: list) -> None:
     """One error naming every set of `specs` that cannot be loaded, before any scoring starts (loads are cached)."""
-    missing = []
+    name_every_failure(specs, run.load_set)
+
+
+def name_every_failure(specs, check) -> None:
+    """Run `check(spec)` on every spec; one error naming each spec that failed, with its reason."""
+    failed = []
     for spec in dict.fromkeys(specs):
         try:
-            run.load_set(spec)
+            check(spec)
         except OODBenchError as e:
-            missing.append(f"{spec}: {e}")
-    if missing:
-        raise OODBenchError(f"{len(missing)} dataset(s) not available; " + " | ".join(missing))
+            failed.append(f"{spec}: {e}")
+    if failed:
+        raise OODBenchError(f"{len(failed)} dataset(s) not available; " + " | ".join(failed))
 
 
 def rows_to_csv(rows: list) -> str:

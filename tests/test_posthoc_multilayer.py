@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from sklearn.covariance import EmpiricalCovariance
-from test_posthoc import FitData, close, images, ranks_equal
+from test_posthoc import FitData, close, images, ours, ranks_equal
 
 from oodbench.config import load_config
 from oodbench.data import ImageSet
@@ -46,14 +46,6 @@ def setup():
     fit = FitData(ImageSet(x_train, y_train, "train"), ImageSet(x_val, None, "val"))
     return dict(model=model, net=net, pieces=pieces, tail=nn.Sequential(body[12:], net.head), fit=fit,
                 x=x_test, x_train=x_train, y_train=y_train, logits_train=logits_train)
-
-
-def ours(setup, name, **options):
-    det = get(name)(load_config("classifier"), "cpu")
-    det.options.update(options)
-    det.use_model(setup["model"])
-    det.fit_data = setup["fit"]
-    return det.score(setup["x"])
 
 
 def prepared(setup, x):
