@@ -23,7 +23,7 @@ from oodbench.bench.aggregate import summarise, timing
 from oodbench.bench.cells import Recorder, describe_error, score_unit
 from oodbench.bench.plan import Bench, ExecutorOptions, TaskFailed, load_bench, run_job
 from oodbench.bench.report import make_plots, write_report
-from oodbench.engine import distributed, resolve_device
+from oodbench.engine import resolve_device
 from oodbench.errors import OODBenchError
 
 RETRIES = 2
@@ -91,8 +91,6 @@ def train_task(job, method: str, runs_dir, data_root, device) -> dict:
         result = {"path": None, "reused": False, "error": f"training {job.describe()} failed: {describe_error(e)}",
                   "trace": f"train {job.describe()}\n" + "".join(traceback.format_exception(type(e), e,
                                                                                           e.__traceback__))}
-    finally:
-        distributed.shutdown()   # a multi-GPU job's ranks leave their process group together
     return {**result, "seconds": time.time() - start}
 
 
@@ -151,7 +149,8 @@ class Grid:
                 break
             for key, result in finished:
                 if isinstance(result, TaskFailed) and self.tries[key] <= RETRIES:
-                    self.recorder.errors.append(f"{key[0]} task {key[1:]}: {result.message}; submitted again")
+                    what = key[1].describe() if key[0] == "train" else f"{key[1]} on {key[2]}, seed {key[3]}"
+                    self.recorder.errors.append(f"{key[0]} {what}: {result.message}; submitted again")
                     self.submit(executor, [(key, *self.tasks[key])])
                 elif key[0] == "train":
                     train_left -= 1
@@ -162,6 +161,9 @@ class Grid:
                     self.scored(self.tasks[key][2][1:4], result)
         self.recorder.seconds["stage: score"] = time.time() - (score_started or time.time())
         self.bar.close()
+        order = {(e.label, i, s, o): n for n, ((e, i, s), o) in
+                 enumerate((unit, out) for unit in self.units for out in self.outs)}
+        self.recorder.cells = dict(sorted(self.recorder.cells.items(), key=lambda kv: order[kv[0]]))  # grid order
         return self.trained, self.reused
 
     def submit(self, executor, tasks: list) -> None:

@@ -45,8 +45,13 @@ class SlurmTask:
         self.fn, self.args = fn, args
 
     def __call__(self):
+        from oodbench.engine import distributed
+
         join_ranks()
-        return self.fn(*self.args)
+        try:
+            return self.fn(*self.args)
+        finally:
+            distributed.shutdown()   # the ranks of a multi-GPU job leave their process group together
 
     def checkpoint(self, *args, **kwargs):
         """submitit calls this on preemption/timeout: resubmit the same task (it resumes from its checkpoints)."""
