@@ -10,8 +10,11 @@ another, on local worker processes or as SLURM jobs (`executor:`). The YAML form
 Modules: plan (the YAML and the work it plans), cells (scoring a unit, the cell cache), execute (run_bench and the
 executors), slurm (submitit), aggregate (rows, failures, notes, timing), report (the report files).
 """
-from oodbench.bench.aggregate import report_notes, summarise  # noqa: F401
-from oodbench.bench.cells import Recorder, load_plot_scores, row_notes  # noqa: F401
-from oodbench.bench.execute import run_bench  # noqa: F401
-from oodbench.bench.plan import Bench, Entry, ExecutorOptions, load_bench, renamer  # noqa: F401
-from oodbench.bench.report import auroc_tables, markdown_report  # noqa: F401
+from oodbench.bench.aggregate import report_notes, summarise
+from oodbench.bench.cells import Recorder, load_plot_scores, row_notes
+from oodbench.bench.execute import run_bench
+from oodbench.bench.plan import Bench, Entry, ExecutorOptions, load_bench, renamer
+from oodbench.bench.report import auroc_tables, markdown_report
+
+__all__ = ["Bench", "Entry", "ExecutorOptions", "Recorder", "auroc_tables", "load_bench", "load_plot_scores",
+           "markdown_report", "renamer", "report_notes", "row_notes", "run_bench", "summarise"]
