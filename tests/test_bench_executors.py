@@ -137,8 +137,9 @@ def test_run_lock_waits_for_its_holder_and_breaks_a_dead_holders_lock(tmp_path):
     assert locks.FileLock(path, stale_s=0)._stale("otherhost 1 x\n")
 
 
-def test_submitit_local_job_is_pickled_and_requeued_on_preemption_and_resumes(tmp_path):
+def test_submitit_local_job_is_pickled_and_requeued_on_preemption_and_resumes(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")     # the job is a new process: one thread, as in the other tests
     options = plan.executor_options({"name": "slurm", "time": 60}, "test")   # preempted, not timed out
     executor = slurm.SlurmExecutor(options, tmp_path / "report", "tiny", cluster="local", poll_s=0.1)
     b = plan.load_bench(grid(tmp_path, steps=200, ckpt=20, seeds=[0]))
@@ -159,8 +160,11 @@ def test_submitit_local_job_is_pickled_and_requeued_on_preemption_and_resumes(tm
     assert "this job is preempted" in logs and "Requeued job" in logs
 
 
-def test_sbatch_script_asks_for_the_requested_resources(tmp_path):
+def test_sbatch_script_asks_for_the_requested_resources(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")   # submitit looks for srun
     config = tmp_path / "grid.yaml"
     config.write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [msp]\nexecutor: {name: slurm, partition: gpu, "
                       "gpus: 2, cpus: 6, time: '1:30:00', jobs: 4, sbatch: [--qos=high, --exclusive]}\n")

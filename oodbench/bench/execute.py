@@ -134,11 +134,9 @@ class Grid:
                     else:
                         self.fail_unit(unit, NOT_TRAINED)
         train_left = len(self.jobs) if self.compute else 0
-        self.recorder.seconds["stage: train"] = 0.0
-        score_started = None
+        trained_at = started   # the stages: until the last training is done, then the scoring after it
         while True:
             if ready:
-                score_started = score_started or time.time()
                 self.submit(executor, [(("score", unit[0].label, *unit[1:]), "score", score_unit,
                                         (self.bench, *unit, self.outs, path, self.device, self.folder,
                                          self.runs_dir, self.data_root, self.compute)) for unit, path in ready])
@@ -155,11 +153,11 @@ class Grid:
                 elif key[0] == "train":
                     train_left -= 1
                     ready += self.trained_run(key[1], result, waiting.pop(key[1], []))
-                    if not train_left:
-                        self.recorder.seconds["stage: train"] = time.time() - started
+                    trained_at = time.time()
                 else:
                     self.scored(self.tasks[key][2][1:4], result)
-        self.recorder.seconds["stage: score"] = time.time() - (score_started or time.time())
+        self.recorder.seconds["stage: train"] = trained_at - started
+        self.recorder.seconds["stage: score"] = time.time() - trained_at
         self.bar.close()
         order = {(e.label, i, s, o): n for n, ((e, i, s), o) in
                  enumerate((unit, out) for unit in self.units for out in self.outs)}
