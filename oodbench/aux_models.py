@@ -1,5 +1,13 @@
 """Auxiliary models on low-dimensional feature vectors (MSMA's score-norm vectors): GMM, kNN distance, MAF flow.
 
+The flow's default (`variant="original"`) is the original's `train_flow` (ahsanMah/msma `ood_detection_helper.py`):
+one TensorFlow Probability `MaskedAutoregressiveFlow` over a standard normal, its `AutoregressiveNetwork(params=2,
+hidden_units=[128, 128], activation="elu")`, on the unscaled vectors, Keras' Adadelta (lr 0.01), batch 128, 1000
+epochs of n // 128 shuffled batches, final weights. It is hand-written (`TFPMade`): zuko's and nflows' MAFs bound the
+log-scale (a soft clamp, a sigmoid) and assign hidden degrees differently from TFP, so neither expresses it exactly.
+`variant="stabilised"` is oodbench's earlier flow (standardisation, stacked MADEs with a soft-clamped log-scale, Adam,
+best held-out weights).
+
 Each model is fitted on in-distribution training vectors only and scores new vectors with **higher = more OOD**.
 Every model's `state_dict()` holds tensors / numbers / lists only (loadable with `torch.load(weights_only=True)`);
 `AUX_MODELS[name].from_state(state)` rebuilds it.
@@ -158,6 +166,45 @@ class KNN:
         return cls(state["k"]).fit(state["train"])
 
 
+class TFPMade(nn.Module):
+    """TFP's `AutoregressiveNetwork(params=2, hidden_units, activation="elu")` with its default left-to-right input
+    order and "equal" hidden degrees; Glorot-uniform kernels (masked), zero biases. forward(x) -> (shift, log_scale),
+    each (N, dim), dimension i depending on dimensions < i only; the log-scale is unbounded, as in TFP."""
+
+    def __init__(self, dim: int, hidden=(128, 128)):
+        super().__init__()
+        self.dim = dim
+        degrees = [np.arange(1, dim + 1)]
+        for units in hidden:
+            low = min(int(degrees[-1].min()), dim - 1)
+            degrees.append(np.maximum(low, np.ceil(np.arange(1, units + 1) * (dim - 1) / (units + 1)).astype(int)))
+        masks = [d_in[:, None] <= d_out[None, :] for d_in, d_out in zip(degrees[:-1], degrees[1:])]
+        masks.append(np.repeat(degrees[-1][:, None] < degrees[0][None, :], 2, axis=1))  # columns (dim i, param p)
+        sizes = [dim, *hidden, 2 * dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        for i, (layer, mask) in enumerate(zip(self.layers, masks)):
+            self.register_buffer(f"mask{i}", torch.as_tensor(mask.T, dtype=torch.float32))
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+            with torch.no_grad():
+                layer.weight.mul_(getattr(self, f"mask{i}"))
+
+    def forward(self, x: torch.Tensor):
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = F.linear(h, layer.weight * getattr(self, f"mask{i}"), layer.bias)
+            if i < len(self.layers) - 1:
+                h = F.elu(h)
+        params = h.view(x.shape[0], -1, 2)
+        return params[..., 0], params[..., 1]
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) under the MAF x = shift(x) + exp(log_scale(x)) * u, u ~ N(0, I)."""
+        shift, log_scale = self(x)
+        u = (x - shift) * torch.exp(-log_scale)
+        return -0.5 * (u.pow(2).sum(1) + x.shape[1] * math.log(2 * math.pi)) - log_scale.sum(1)
+
+
 class MADE(nn.Module):
     """Masked autoencoder: outputs (shift, log-scale) for each dimension from the dimensions before it."""
 
@@ -190,6 +237,7 @@ class MAF(nn.Module):
 
     def __init__(self, dim: int, layers: int = 4, hidden: int = 128):
         super().__init__()
+        self.dim = dim
         self.mades = nn.ModuleList(MADE(dim, hidden) for _ in range(layers))
         self.register_buffer("loc", torch.zeros(dim))
         self.register_buffer("log_scale", torch.zeros(dim))
@@ -206,26 +254,39 @@ class MAF(nn.Module):
 
 
 class Flow:
-    """MAF trained by maximum likelihood (Adam); the weights with the best held-out log-likelihood are kept.
+    """A MAF trained by maximum likelihood; score = -log p(vector).
 
-    Score = -log p(vector)."""
+    - `original` (default): `TFPMade` on the unscaled vectors; Adadelta (Keras' rho 0.95, epsilon 1e-7) at `lr`
+      (0.01); `epochs` (1000) of n // `batch_size` (128) batches of a fresh permutation; the final weights.
+    - `stabilised`: a fixed standardisation, `layers` MADEs with a soft-clamped log-scale, Adam at `lr` for `steps`
+      random batches, the weights with the best log-likelihood on a held-out `holdout` fraction.
+    """
 
     name = "flow"
+    VARIANTS = ("original", "stabilised")
 
-    def __init__(self, layers: int = 4, hidden: int = 128, steps: int = 2000, batch_size: int = 256,
-                 lr: float = 1e-3, holdout: float = 0.1, seed: int = 0, eval_every: int = 100):
-        self.layers, self.hidden, self.steps = int(layers), int(hidden), int(steps)
-        self.batch_size, self.lr, self.holdout = int(batch_size), float(lr), float(holdout)
+    def __init__(self, variant: str = "original", hidden: int = 128, epochs: int = 1000, batch_size: int = 128,
+                 lr: float = 0.01, layers: int = 4, steps: int = 2000, holdout: float = 0.1, seed: int = 0,
+                 eval_every: int = 100):
+        self.variant, self.hidden, self.epochs, self.batch_size = str(variant), int(hidden), int(epochs), int(batch_size)
+        self.lr, self.layers, self.steps, self.holdout = float(lr), int(layers), int(steps), float(holdout)
         self.seed, self.eval_every = int(seed), int(eval_every)
         self.maf = None
 
     def check(self, n: int, dim: int) -> None:
+        if self.variant not in self.VARIANTS:
+            raise OODBenchError(f"msma.flow {self.variant!r} is not known; use one of {', '.join(self.VARIANTS)}")
         if not 0.0 <= self.holdout < 1.0:
             raise OODBenchError(f"msma.flow_holdout must be in [0, 1), got {self.holdout}")
         if n < 10:
             raise OODBenchError(f"the flow needs at least 10 training vectors, got {n}")
-        if self.layers < 1 or self.hidden < 1 or self.steps < 1:
-            raise OODBenchError("msma.flow_layers, flow_hidden and flow_steps must be >= 1")
+        if min(self.layers, self.hidden, self.steps, self.epochs, self.batch_size) < 1 or self.lr <= 0:
+            raise OODBenchError("msma.flow_layers, flow_hidden, flow_steps, flow_epochs and flow_batch_size must be "
+                                ">= 1 and msma.flow_lr > 0")
+
+    def build(self, dim: int) -> nn.Module:
+        return TFPMade(dim, (self.hidden, self.hidden)) if self.variant == "original" else MAF(dim, self.layers,
+                                                                                               self.hidden)
 
     def fit(self, vectors) -> "Flow":
         x = torch.as_tensor(_as_numpy(vectors), dtype=torch.float32)
@@ -233,31 +294,46 @@ class Flow:
         device = vectors.device if isinstance(vectors, torch.Tensor) else torch.device("cpu")
         x = x.to(device)
         gen = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(len(x), generator=gen).to(device)
-        n_held = int(round(self.holdout * len(x)))
-        held, fit = x[perm[:n_held]], x[perm[n_held:]]
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            maf = MAF(x.shape[1], self.layers, self.hidden).to(device)
-            maf.loc.copy_(fit.mean(0))
-            maf.log_scale.copy_(fit.std(0).clamp_min(1e-8).log())
-            opt = torch.optim.Adam(maf.parameters(), lr=self.lr)
-            best, best_state = -math.inf, copy.deepcopy(maf.state_dict())
-            for step in range(1, self.steps + 1):
-                idx = torch.randint(0, len(fit), (min(self.batch_size, len(fit)),), generator=gen).to(device)
-                loss = -maf.log_prob(fit[idx]).mean()
+            maf = self.build(x.shape[1]).to(device)
+            fit = self._fit_original if self.variant == "original" else self._fit_stabilised
+            fit(maf, x, gen, device)
+        self.maf = maf.eval()
+        return self
+
+    def _fit_original(self, maf, x, gen, device) -> None:
+        opt = torch.optim.Adadelta(maf.parameters(), lr=self.lr, rho=0.95, eps=1e-7)
+        batch = min(self.batch_size, len(x))
+        for _ in range(self.epochs):
+            order = torch.randperm(len(x), generator=gen).to(device)
+            for i in range(len(x) // batch):
+                loss = -maf.log_prob(x[order[i * batch:(i + 1) * batch]]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if n_held and (step % self.eval_every == 0 or step == self.steps):
-                    with torch.no_grad():
-                        ll = maf.log_prob(held).mean().item()
-                    if math.isfinite(ll) and ll > best:
-                        best, best_state = ll, copy.deepcopy(maf.state_dict())
-            if n_held:
-                maf.load_state_dict(best_state)
-        self.maf = maf.eval()
-        return self
+
+    def _fit_stabilised(self, maf, x, gen, device) -> None:
+        perm = torch.randperm(len(x), generator=gen).to(device)
+        n_held = int(round(self.holdout * len(x)))
+        held, fit = x[perm[:n_held]], x[perm[n_held:]]
+        maf.loc.copy_(fit.mean(0))
+        maf.log_scale.copy_(fit.std(0).clamp_min(1e-8).log())
+        opt = torch.optim.Adam(maf.parameters(), lr=self.lr)
+        best, best_state = -math.inf, copy.deepcopy(maf.state_dict())
+        for step in range(1, self.steps + 1):
+            idx = torch.randint(0, len(fit), (min(self.batch_size, len(fit)),), generator=gen).to(device)
+            loss = -maf.log_prob(fit[idx]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if n_held and (step % self.eval_every == 0 or step == self.steps):
+                with torch.no_grad():
+                    ll = maf.log_prob(held).mean().item()
+                if math.isfinite(ll) and ll > best:
+                    best, best_state = ll, copy.deepcopy(maf.state_dict())
+        if n_held:
+            maf.load_state_dict(best_state)
 
     def score(self, vectors) -> torch.Tensor:
         param = next(self.maf.parameters())
@@ -266,15 +342,15 @@ class Flow:
             return (-self.maf.log_prob(x)).to(vectors.device if isinstance(vectors, torch.Tensor) else "cpu")
 
     def state_dict(self) -> dict:
-        opts = {k: getattr(self, k) for k in ("layers", "hidden", "steps", "batch_size", "lr", "holdout", "seed",
-                                               "eval_every")}
+        opts = {k: getattr(self, k) for k in ("variant", "hidden", "epochs", "batch_size", "lr", "layers", "steps",
+                                               "holdout", "seed", "eval_every")}
         weights = {k: v.detach().cpu() for k, v in self.maf.state_dict().items()}
-        return {"options": opts, "dim": int(self.maf.loc.numel()), "weights": weights}
+        return {"options": opts, "dim": int(self.maf.dim), "weights": weights}
 
     @classmethod
     def from_state(cls, state: dict) -> "Flow":
         model = cls(**state["options"])
-        maf = MAF(state["dim"], model.layers, model.hidden)
+        maf = model.build(state["dim"])
         maf.load_state_dict(state["weights"])
         model.maf = maf.eval()
         return model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -253,8 +254,6 @@ def cmd_data(a) -> None:
 
 
 def cmd_bench(a) -> None:
-    import json
-
     from oodbench import bench
 
     time_limit = int(a.time_limit) if a.time_limit and a.time_limit.isdigit() else a.time_limit
@@ -262,7 +261,10 @@ def cmd_bench(a) -> None:
                 "cpus": a.cpus_per_job, "time": time_limit, "sbatch": tuple(a.sbatch)}
     folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out,
                              executor=executor, report_only=a.report_only)
-    print(bench.auroc_tables(json.loads((folder / "results.json").read_text())))
+    results = json.loads((folder / "results.json").read_text())
+    for skipped in results["skipped"]:
+        print(f"oodbench: not available, skipped: {skipped['dataset']}: {skipped['reason']}", file=sys.stderr)
+    print(bench.auroc_tables(results))
     print(f"full report (all metrics, confidence intervals, plots): {folder / 'report.md'}")
 
 

@@ -42,8 +42,14 @@ def dataset_options(cfg: dict) -> dict:
     return found
 
 
+# Keys inside a training section that only change how data is read, never what a model learns.
+SCORING_EXCEPTIONS = ("data.stream",)
+
+
 def is_training_option(key: str) -> bool:
-    """Whether the dotted config key `key` is a training option (see TRAINING_OPTIONS)."""
+    """Whether the dotted config key `key` is a training option (see TRAINING_OPTIONS, SCORING_EXCEPTIONS)."""
+    if key in SCORING_EXCEPTIONS:
+        return False
     return any(key == t or key.startswith(t + ".") for t in TRAINING_OPTIONS)
 
 

@@ -2,15 +2,21 @@
 reconstruction from many starting points at once.
 
 Conventions: timesteps are integer indices 0..T-1 into `alphas_cumprod` (ᾱ); the training t is uniform over them.
-The inference schedule for n steps is t_i = i * T/n + 1, i = 0..n-1 ({1, 11, ..., 991} for n = 100; offset 0 when
-n = T). Starting points are every `skip`-th of these, from the lowest: ceil(n / skip) of them (the original table).
-Denoising goes down the schedule and the last step lands on the clean image (ᾱ_prev = 1), so DDIM with the exact ε
-returns x0 exactly.
+The inference schedule for n steps is t_i = i * T/n, i = 0..n-1 ({0, 10, ..., 990} for n = 100), as MONAI's
+`PNDMScheduler.set_timesteps` with offset 0 in the original (ddpm-ood `src/trainers/reconstruct.py`). Starting
+points are the original's `reversed(timesteps)[1::skip]`: schedule indices 1, 1 + skip, ... (skip 16 -> t = 10, 170,
+..., 970), ceil((n - 1) / skip) of them. Denoising goes down the schedule and the last step lands on the clean image
+(ᾱ_prev = 1), so DDIM with the exact ε returns x0 exactly (the original's last step keeps ᾱ_0: `plms_stale`).
 
 Reconstruction batches **all starting points of an image batch**: trajectories move through the schedule in lockstep,
 a trajectory joins the batch when the descent reaches its starting t, and every step is one network call on all
 active trajectories (plus, for PLMS, one call on the trajectories that have just joined). PLMS keeps its ε history
 per trajectory, so a trajectory's multistep history starts empty at its own starting point.
+
+`plms_stale` is the original's procedure number for number, for comparison: one MONAI PNDM scheduler
+(`skip_prk_steps=True`) per image batch, reused across the starting points in ascending order, so each trajectory
+inherits the ε history and step counter of the previous one, and the last step (from t = 0) keeps ᾱ_0. It runs the
+starting points one after another, as the original does.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 
 from oodbench.errors import OODBenchError
 
-SAMPLERS = ("ddim", "plms")
+SAMPLERS = ("ddim", "plms", "plms_stale")
 
 # Adams–Bashforth coefficients for PLMS by the number of stored ε's (current ε first, then older ones)
 _PLMS_COEFFS = torch.tensor([
@@ -61,21 +67,21 @@ class Diffusion:
 
     # --- schedules ------------------------------------------------------------------------------------------
     def inference_timesteps(self, num_steps: int) -> torch.Tensor:
-        """The sub-sampled schedule, ascending: {1, 11, ..., 991} for 100 steps of T = 1000."""
+        """The sub-sampled schedule, ascending: {0, 10, ..., 990} for 100 steps of T = 1000."""
         if not isinstance(num_steps, int) or num_steps < 1 or num_steps > self.T or self.T % num_steps:
             divisors = [d for d in (10, 20, 25, 50, 100, 200, 250, 500, 1000) if self.T % d == 0]
             raise OODBenchError(f"ddpm.num_inference_steps={num_steps!r} must divide T={self.T} "
                                 f"(e.g. one of {divisors}); 100 is the paper's setting")
-        stride = self.T // num_steps
-        return torch.arange(num_steps) * stride + (1 if stride > 1 else 0)
+        return torch.arange(num_steps) * (self.T // num_steps)
 
     def starting_points(self, num_steps: int, skip: int, min_t: int = 0, max_t: Optional[int] = None) -> torch.Tensor:
-        """Indices into the schedule of the starting points: every `skip`-th from the lowest, with min_t <= t < max_t."""
+        """Indices into the schedule of the starting points, the original's `reversed(timesteps)[1::skip]`:
+        1, 1 + skip, 1 + 2 skip, ... (t = 0 is never a start), with min_t <= t < max_t."""
         ts = self.inference_timesteps(num_steps)
-        if not isinstance(skip, int) or skip < 1 or skip > num_steps:
+        if not isinstance(skip, int) or skip < 1 or skip > num_steps - 1:
             raise OODBenchError(f"ddpm.inference_skip_factor={skip!r} must be an integer from 1 to "
-                                f"num_inference_steps={num_steps}")
-        idx = torch.arange(0, num_steps, skip)
+                                f"num_inference_steps - 1 = {num_steps - 1}")
+        idx = torch.arange(1, num_steps, skip)
         t = ts[idx]
         keep = (t >= min_t) & (t < (self.T if max_t is None else max_t))
         if not keep.any():
@@ -85,7 +91,8 @@ class Diffusion:
 
     @staticmethod
     def network_evaluations(start_idx: torch.Tensor, sampler: str = "ddim") -> int:
-        """Network evaluations per image: start index i needs i+1 steps (+1 for PLMS's first-step correction)."""
+        """Network evaluations per image: start index i needs i+1 steps (+1 for PLMS's first-step correction; the
+        original's stale PLMS makes its correction inside its i+1 calls)."""
         n = int((start_idx + 1).sum())
         return n + int((start_idx > 0).sum()) if sampler == "plms" else n
 
@@ -104,6 +111,8 @@ class Diffusion:
         S, B = len(start_idx), x0.shape[0]
         if noise is None:
             noise = torch.randn((S, *x0.shape), device=x0.device, dtype=x0.dtype, generator=generator)
+        if sampler == "plms_stale":
+            return self._reconstruct_stale(model, x0, start_idx, ts, noise)
         order = sorted(range(S), key=lambda s: -int(start_idx[s]))          # highest start first
         starts = [int(start_idx[s]) for s in order]
         if len(set(starts)) != S:
@@ -146,6 +155,36 @@ class Diffusion:
         inverse = torch.empty(S, dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(S)
         return out[inverse.to(x0.device)]
+
+
+    def _reconstruct_stale(self, model: Callable, x0: torch.Tensor, start_idx: torch.Tensor, ts: list,
+                           noise: torch.Tensor) -> torch.Tensor:
+        """The original's PLMS: one scheduler state for the whole batch, carried across the starting points in
+        ascending order (see the module docstring). MONAI's PNDM update (its formula 9) is the DDIM step."""
+        abar = self.alphas_cumprod.tolist()
+        stride = ts[1] - ts[0] if len(ts) > 1 else 1
+        out = x0.new_empty((len(start_idx), *x0.shape))
+        ets, counter, held = [], 0, None            # the scheduler's ε history, step counter and held sample
+        for s in sorted(range(len(start_idx)), key=lambda s: int(start_idx[s])):
+            x = self.q_sample(x0, torch.full((x0.shape[0],), ts[int(start_idx[s])], device=x0.device), noise[s])
+            for j in range(int(start_idx[s]), -1, -1):
+                step = ts[j]
+                eps = model(x, torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)).to(x0.dtype)
+                t, t_prev = step, step - stride
+                if counter == 1:                    # the correction of the scheduler's first step
+                    t, t_prev = step + stride, step
+                    eps_mix, x = (eps + ets[-1]) / 2, held
+                else:
+                    ets = ets[-3:] + [eps]
+                    if len(ets) == 1:
+                        eps_mix, held = eps, x
+                    else:
+                        c = _PLMS_COEFFS[len(ets) - 1].tolist()
+                        eps_mix = sum(c[a] * ets[-1 - a] for a in range(len(ets)))
+                counter += 1
+                x = _ddim_step(x, eps_mix, abar[t], abar[t_prev] if t_prev >= 0 else abar[0])
+            out[s] = x
+        return out
 
 
 def _ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float) -> torch.Tensor:

@@ -7,9 +7,10 @@
     python:MODULE:CALLABLE[:STATE_DICT]  your own factory (called with no arguments), plus an optional weights file
     torchscript:PATH                     a scripted/traced network (logits only: no features/head split)
 
-`load_model(spec, mean=, std=, size=, head=)` overrides the preprocessing or names the head layer. State dicts load
-with `weights_only=True`. The features are the input of the head `nn.Linear`, captured by a forward hook, so one
-forward gives both features and logits and the user's class is not changed.
+`load_model(spec, mean=, std=, size=, head=, layers=)` overrides the preprocessing, names the head layer or the
+intermediate layers. State dicts load with `weights_only=True`. The features are the input of the head `nn.Linear`,
+captured by a forward hook, so one forward gives both features and logits and the user's class is not changed.
+`feature_maps` returns the outputs of named intermediate modules the same way (forward hooks, one forward).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from oodbench.data import transforms
 from oodbench.data.convert import luminance
 from oodbench.errors import OODBenchError
+from oodbench.nets.classifiers import Classifier, _Block
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # OpenOOD v1.5's normalisation of its CIFAR sets (openood/preprocessors/transform.py, normalization_dict).
@@ -39,13 +41,16 @@ class ClassifierModel:
 
     - `net`: the network (eval mode); `head`: its final `nn.Linear` (None for torchscript models);
     - `prepare(x)`: the network's float input; `logits(x)`, `features(x)`, `features_and_logits(x)` take uint8 batches;
-    - `digest`: a hash of the weights and the preprocessing, for cache keys.
+    - `feature_maps(x, layers=None)`: the outputs of named modules and the logits, from one forward;
+    - `digest`: a hash of the weights, the preprocessing and the named layers, for cache keys.
     `size` is the network's input (H, W) (None: images keep their size); `resize` an optional shorter side to resize
-    to before a centre crop to `size` (the ImageNet recipe, e.g. 256 then 224).
+    to before a centre crop to `size` (the ImageNet recipe, e.g. 256 then 224). `layers`: the module names of
+    `feature_maps` (None or "auto": `auto_layers`).
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], size=None, resize=None,
-                 channels: Optional[int] = None, head: Optional[nn.Module] = None, name: str = "model"):
+                 channels: Optional[int] = None, head: Optional[nn.Module] = None, name: str = "model",
+                 layers: Optional[Sequence[str]] = None):
         self.net = net.eval()
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
@@ -55,12 +60,16 @@ class ClassifierModel:
         self.resize = None if resize is None else int(resize)
         self.channels = channels if channels is not None else input_channels(net)
         self.head, self.name = head, name
+        self.layers = _layer_list(layers)
+        for layer in self.layers or ():
+            self.module(layer)
         self._captured: list = []
         self._checked = False
         if head is not None:
             head.register_forward_hook(lambda _m, inputs, _out: self._captured.append(inputs[0]))
+        named = {"layers": self.layers} if self.layers else {}   # named layers change gram/mds/rankfeat scores
         self.digest = model_digest(net, {"name": name, "mean": self.mean, "std": self.std, "size": self.size,
-                                         "resize": self.resize, "channels": self.channels})
+                                         "resize": self.resize, "channels": self.channels, **named})
 
     def to(self, device) -> "ClassifierModel":
         self.net.to(device)
@@ -80,11 +89,11 @@ class ClassifierModel:
             else:
                 raise OODBenchError(f"model {self.name} takes {self.channels}-channel images, got {x.shape[1]}")
         x = transforms.to_unit(x)
-        if self.resize is not None:
-            x = TF.resize(x, [self.resize], antialias=True)
-        if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            x = TF.center_crop(x, list(self.size)) if self.resize is not None else \
-                TF.resize(x, list(self.size), antialias=True)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:   # at the input size already: as it is
+            if self.resize is not None:                                   # (streamed folders are decoded so)
+                x = TF.center_crop(TF.resize(x, [self.resize], antialias=True), list(self.size))
+            else:
+                x = TF.resize(x, list(self.size), antialias=True)
         return transforms.normalize(x, self.mean, self.std)
 
     def forward_split(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +122,9 @@ class ClassifierModel:
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.prepare(x)).float()
+        out = self.net(self.prepare(x)).float()
+        self._captured.clear()   # the head hook's features are not needed here (and would pile up over a set)
+        return out
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,13 +135,111 @@ class ClassifierModel:
         features, logits = self.forward_split(self.prepare(x))
         return features.float(), logits.float()
 
+    # -- intermediate feature maps ----------------------------------------------------------------------------------
+    def module(self, name: str) -> nn.Module:
+        """The submodule called `name` (as in `net.named_modules()`)."""
+        try:
+            return self.net.get_submodule(name)
+        except AttributeError:
+            top = ", ".join(n for n, _ in self.net.named_children())
+            raise OODBenchError(f"model.layers: model {self.name} has no module {name!r}; its top-level modules are "
+                                f"{top} (nested names use dots, e.g. layer4.1)") from None
+
+    def layer_names(self) -> list:
+        """The layers `feature_maps` returns by default: `model.layers`, else `auto_layers(net)`."""
+        if self.layers:
+            return list(self.layers)
+        names, _ = auto_layers(self.net)
+        if not names:
+            raise OODBenchError(f"model {self.name}: no automatic choice of intermediate layers for a "
+                                f"{type(self.net).__name__}; name them with --set model.layers=[NAME,...]")
+        return names
+
+    def forward_maps(self, inp: torch.Tensor, layers: Sequence[str], edit: Optional[dict] = None):
+        """({name: output} of the named modules, logits) of a prepared input, from one forward (gradients as the
+        caller has them). `edit` {name: fn} replaces that module's output by fn(output): the rest of the network
+        runs on the edited map."""
+        if self.head is None:
+            raise OODBenchError(f"model {self.name} gives logits only (a torchscript model takes no forward hooks); "
+                                f"load it as python:MODULE:CALLABLE:WEIGHTS for methods that read feature maps")
+        edit = edit or {}
+        maps: dict = {}
+
+        def hook(name):
+            def capture(_module, _inputs, output):
+                if name in maps:
+                    raise OODBenchError(f"model {self.name}: layer {name!r} ran more than once in one forward; name "
+                                        f"another with --set model.layers=[...]")
+                if not isinstance(output, torch.Tensor) or output.dim() < 2:
+                    raise OODBenchError(f"model {self.name}: layer {name!r} does not output a (B, C, ...) tensor")
+                maps[name] = edit[name](output) if name in edit else output
+                return maps[name]
+            return capture
+
+        handles = [self.module(n).register_forward_hook(hook(n)) for n in dict.fromkeys([*layers, *edit])]
+        try:
+            logits = self.net(inp)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._captured.clear()
+        missing = [n for n in dict.fromkeys([*layers, *edit]) if n not in maps]
+        if missing:
+            raise OODBenchError(f"model {self.name}: layer(s) {', '.join(missing)} did not run in the forward pass")
+        return {n: maps[n] for n in layers}, logits
+
+    @torch.no_grad()
+    def feature_maps(self, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> tuple[dict, torch.Tensor]:
+        """({name: (B, C, H, W) float32 map}, logits (B, K)) of a uint8 batch: the outputs of the named modules
+        (default `layer_names()`), from one forward."""
+        maps, logits = self.forward_maps(self.prepare(x), list(layers or self.layer_names()))
+        return {k: v.float() for k, v in maps.items()}, logits.float()
+
+
+def _layer_list(layers) -> Optional[list]:
+    if layers is None or layers == "auto":
+        return None
+    if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not layers or \
+            not all(isinstance(n, str) and n for n in layers):
+        raise OODBenchError(f"model.layers must be auto or a list of module names, e.g. [layer3, layer4], got "
+                            f"{layers!r}")
+    return list(layers)
+
+
+def auto_layers(net: nn.Module) -> tuple[Optional[list], bool]:
+    """(the default intermediate layers, whether `net` is ResNet-like), or (None, False) for other architectures.
+
+    torchvision/timm ResNets (and OpenOOD's resnet18_32x32, a torchvision ResNet here) give OpenOOD's feature list:
+    the stem output (`relu` / `act1`) and layer1..layer4. oodbench's own nets give their stage outputs: the stem
+    and each stage's last block (resnet20, wrn40_2; for the pre-activation WRN the last stage's map after its final
+    BN-ReLU), or each convolution stage's ReLU (small_cnn, not ResNet-like).
+    """
+    prefix, body = ("body.", net.body) if isinstance(net, Classifier) else ("", net)
+    children = dict(body.named_children())
+    stages = [f"layer{i}" for i in range(1, 5)]
+    stem = next((n for n in ("relu", "act1") if n in children), None)
+    if stem and all(s in children for s in stages):
+        return [prefix + n for n in (stem, *stages)], True
+    if not (isinstance(net, Classifier) and isinstance(body, nn.Sequential)):
+        return None, False
+    modules = list(body)
+    blocks = [i for i, m in enumerate(modules) if isinstance(m, _Block)]
+    relus = [i for i, m in enumerate(modules) if isinstance(m, nn.ReLU)]
+    if not blocks:
+        return [f"body.{i}" for i in relus] or None, False
+    ends = [i for i in blocks if i + 1 not in blocks or modules[i + 1].conv1.stride != (1, 1)]
+    last = max([i for i in relus if i > blocks[-1]], default=ends[-1])
+    return [f"body.{i}" for i in (blocks[0] - 1, *ends[:-1], last)], True
+
 
 def wrap(net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, head=None, resize=None,
-         name: str = "") -> ClassifierModel:
-    """Your own network as a ClassifierModel. `head`: the final linear layer's name (default: the last nn.Linear)."""
+         name: str = "", layers=None) -> ClassifierModel:
+    """Your own network as a ClassifierModel. `head`: the final linear layer's name (default: the last nn.Linear);
+    `layers`: the intermediate modules of `feature_maps` (default: `auto_layers`)."""
     if not isinstance(net, nn.Module):
         raise OODBenchError(f"wrap needs an nn.Module, got {type(net).__name__}")
-    return ClassifierModel(net, mean, std, size, resize, head=find_head(net, head), name=name or type(net).__name__)
+    return ClassifierModel(net, mean, std, size, resize, head=find_head(net, head), name=name or type(net).__name__,
+                           layers=layers)
 
 
 def find_head(net: nn.Module, name: Optional[str] = None) -> Optional[nn.Module]:
@@ -184,8 +293,9 @@ def _pair(size, what: str):
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = None, device="cpu",
-               seed: int = 0) -> ClassifierModel:
-    """A ClassifierModel from a spec (see the module docstring); mean/std/size/head override what the source says."""
+               seed: int = 0, layers=None) -> ClassifierModel:
+    """A ClassifierModel from a spec (see the module docstring); mean/std/size/head override what the source says;
+    `layers` names the intermediate modules of `feature_maps`."""
     if not isinstance(spec, str) or not spec.strip():
         raise OODBenchError(f"model spec must be a non-empty string such as torchvision:resnet18:none, got {spec!r}")
     spec = spec.strip()
@@ -204,7 +314,7 @@ def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = 
         settings["resize"] = None
     layer = head or settings.pop("head", None)
     model = ClassifierModel(net, settings["mean"], settings["std"], settings.get("size"), settings.get("resize"),
-                            settings.get("channels"), find_head(net, layer), name=spec)
+                            settings.get("channels"), find_head(net, layer), name=spec, layers=layers)
     return model.to(device)
 
 
@@ -277,15 +387,23 @@ def _from_timm(rest: str, spec: str, seed: int):
 
 def _from_openood(rest: str, spec: str, seed: int):
     arch, _, path = rest.partition(":")
-    if arch != "resnet18_32x32":
-        raise OODBenchError(f"{spec}: only OpenOOD's resnet18_32x32 is supported, e.g. {EXAMPLES['openood']}")
+    if arch not in ("resnet18_32x32", "resnet18_224x224"):
+        raise OODBenchError(f"{spec}: OpenOOD's resnet18_32x32 (CIFAR) and resnet18_224x224 (ImageNet-200) are "
+                            f"supported, e.g. {EXAMPLES['openood']}")
     state = _read_state(path, spec)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k.replace(".shortcut.", ".downsample."): v for k, v in state.items()}
     if "fc.weight" not in state:
-        raise OODBenchError(f"{spec}: not an OpenOOD ResNet18_32x32 state dict (no fc.weight); first keys: "
+        raise OODBenchError(f"{spec}: not an OpenOOD ResNet-18 state dict (no fc.weight); first keys: "
                             f"{', '.join(list(state)[:4])}")
     num_classes = int(state["fc.weight"].shape[0])
+    if arch == "resnet18_224x224":   # torchvision's ResNet-18 layout; OpenOOD's test transform: 256, crop 224
+        import torchvision
+
+        net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+        load_state(net, state, spec)
+        return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "channels": 3, "head": "fc", "size": 224,
+                     "resize": 256}
     net = openood_resnet18_32x32(num_classes)
     load_state(net, state, spec)
     mean, std = OPENOOD_STATS.get(num_classes, OPENOOD_STATS[10])

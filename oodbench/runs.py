@@ -91,6 +91,7 @@ class Run:
 
     def bind(self, det, cache_tag: str):
         """Hand `det` what it may derive data from and keep it in: this run's cache and its fit split."""
+        self.stream = det.cfg.get("data", {}).get("stream", "auto")
         det.cache_tag = cache_tag
         det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(det.cfg, det.device)
         return det
@@ -114,8 +115,11 @@ class Run:
 
     def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
         shape = tuple(self.meta["shape"]) if "shape" in self.meta else None
-        return data.load(spec, split=split, root=self.config["data"].get("root"), device=device,
-                         like=shape).head(limit)
+        d = self.config["data"]
+        return data.load(spec, split=split, root=d.get("root"), device=device, like=shape,
+                         stream=self.stream, decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize")).head(limit)
+
+    stream = "auto"   # data.stream for the sets this run scores; Run.detector sets it from the scoring config
 
     def score(self, method: str, spec: str, limit: Optional[int] = None, overrides: Iterable[str] = (),
               device="auto", batch_size: int = 256, detector=None) -> dict:
@@ -160,8 +164,9 @@ class ModelRun(Run):
     """Post-hoc classifier methods on a model that oodbench did not train (`--model SPEC`, `oodbench.Evaluator`).
 
     Folder `runs/model-<safe spec>-<in>/` holds the same `scores/`, `cache/` and metrics files as a run. Statistics
-    (class means, the kNN bank, gradlayer's validation choice) are fitted on the training split of `in_spec` (its
-    first `fit_limit` images when given), less the seeded `data.val_fraction` held out as the validation split.
+    (class means, the kNN bank, gradlayer's validation choice) are fitted on the training split of `in_spec` (a
+    seeded class-balanced sample of `fit_limit` images when given), less the seeded `data.val_fraction` held out as
+    the validation split.
     """
 
     def __init__(self, model, in_spec: str, label: Optional[str] = None, fit_limit: Optional[int] = None,
@@ -170,8 +175,14 @@ class ModelRun(Run):
         self.model, self.kind = model, "classifier"
         label = label or model.name
         self.path = runs_root(runs_dir) / f"model-{safe_name(label)}-{safe_name(in_spec)}"
-        self._in_test = data.load(in_spec, split="test", root=data_root)   # checks the set before anything is written
-        self.config = {"seed": seed, "data": {"in": in_spec, "root": data_root, "limit": fit_limit}}
+        # Image folders and lists are decoded straight to the model's input (its resize + centre crop); in-memory
+        # sets keep their size and the model prepares each batch.
+        decode_to = (model.channels or 3, *model.size) if model.size else None
+        crop = model.resize if model.size else None
+        self.config = {"seed": seed, "data": {"in": in_spec, "root": data_root, "limit": fit_limit,
+                                              "sample": "per_class", "decode_to": decode_to, "crop_resize": crop}}
+        self._in_test = data.load(in_spec, split="test", root=data_root, decode_to=decode_to,
+                                  crop_resize=crop)   # checks the set before anything is written
         self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(self._in_test.shape)}
 
     def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
@@ -233,21 +244,23 @@ class FitData:
         return self._split
 
     def load(self, spec: str, like) -> "data.ImageSet":
-        return data.load(spec, split="train", root=self.cfg["data"].get("root"), device=self.device, like=like)
+        d = self.cfg["data"]
+        return data.load(spec, split="train", root=d.get("root"), device=self.device, like=like,
+                         stream=d.get("stream"), decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"))
 
 
 def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
-    """(`model.mean/std/size/head` values for load_model, the other overrides)."""
+    """(`model.mean/std/size/head/layers` values for load_model, the other overrides)."""
     model, rest = {}, []
     for item in overrides:
         keys, value = configs.parse_override(item)
         if keys[0] != "model":
             rest.append(item)
-        elif len(keys) == 2 and keys[1] in ("mean", "std", "size", "head"):
+        elif len(keys) == 2 and keys[1] in ("mean", "std", "size", "head", "layers"):
             model[keys[1]] = value
         else:
             raise OODBenchError(f"--set {item}: with --model, the model options are model.mean, model.std, "
-                                f"model.size and model.head")
+                                f"model.size, model.head and model.layers")
     return model, rest
 
 
@@ -481,8 +494,7 @@ def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
         raise OODBenchError("name at least one method, e.g. --method msp,energy")
     if not out_specs:
         raise OODBenchError("name at least one OOD dataset, e.g. --out digits,noise:gaussian")
-    for spec in out_specs:
-        data.check_spec(spec)
+    name_every_failure(out_specs, data.check_spec)
     check_limit(limit)
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise OODBenchError(f"--bootstrap must be a number of resamples >= 0 (0 = no intervals), got {bootstrap!r}")
@@ -490,14 +502,19 @@ def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
 
 def check_available(run: Run, specs: list) -> None:
     """One error naming every set of `specs` that cannot be loaded, before any scoring starts (loads are cached)."""
-    missing = []
+    name_every_failure(specs, run.load_set)
+
+
+def name_every_failure(specs, check) -> None:
+    """Run `check(spec)` on every spec; one error naming each spec that failed, with its reason."""
+    failed = []
     for spec in dict.fromkeys(specs):
         try:
-            run.load_set(spec)
+            check(spec)
         except OODBenchError as e:
-            missing.append(f"{spec}: {e}")
-    if missing:
-        raise OODBenchError(f"{len(missing)} dataset(s) not available; " + " | ".join(missing))
+            failed.append(f"{spec}: {e}")
+    if failed:
+        raise OODBenchError(f"{len(failed)} dataset(s) not available; " + " | ".join(failed))
 
 
 def rows_to_csv(rows: list) -> str:

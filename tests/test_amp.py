@@ -13,7 +13,7 @@ import torch
 from oodbench.data.imageset import ImageSet
 from oodbench.detectors import amp
 from oodbench.errors import OODBenchError
-from oodbench.nets.anchoring import Anchored, build_anchored, corrupt_anchors
+from oodbench.nets.anchoring import Anchored, anchor_corruption, build_anchored
 from oodbench.nets.classifiers import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +35,13 @@ def digits(n=None):
     return ImageSet(images[:n], labels[:n], "digits")
 
 
-def amp_cfg(k=3, score="xent", **train_opts):
+def amp_cfg(k=3, score="xent", anchors="fixed", **train_opts):
     train = {"anchor_sampling": "per_batch", "corrupt_every": 5, "pool_size": 16, "augment": "none",
              "crop_padding": 1, "steps": 30, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
              "weight_decay": 5e-4, "schedule": "constant", "ckpt_every": 1000, "log_every": 1000}
     train.update(train_opts)
     return {"seed": 0, "model": {"arch": "small_cnn", "width": 8, "dropout": 0.0}, "train": train,
-            "amp": {"k": k, "score": score}}
+            "amp": {"k": k, "score": score, "anchors": anchors}}
 
 
 # ---- the anchored network ---------------------------------------------------------------------------------------
@@ -120,63 +120,59 @@ def test_scores_rank_confident_logits_as_less_ood():
         assert s_conf[name].item() < s_unsure[name].item(), name
 
 
-# ---- anchor corruption --------------------------------------------------------------------------------------------
+# ---- anchor corruption and the training step ------------------------------------------------------------------
 
-def test_corruption_is_drawn_per_image_and_stays_in_range():
+def test_corruption_is_one_draw_per_batch_on_normalised_tensors():
+    """torchvision on a batched tensor: every image gets the same crop/flip/jitter/blur/gray (as the original)."""
     torch.manual_seed(0)
-    x = torch.rand(1, 3, 16, 16).repeat(8, 1, 1, 1)
-    y = corrupt_anchors(x)
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
-    distinct = {tuple(v.flatten()[:20].tolist()) for v in y}
-    assert len(distinct) == 8  # every copy got its own crop / jitter / blur
+    x = torch.randn(1, 3, 16, 16).repeat(6, 1, 1, 1)   # normalised values, negative ones included
+    ys = [anchor_corruption(16, 16)(x) for _ in range(30)]
+    assert all(y.shape == x.shape for y in ys)
+    assert all(torch.equal(y[0], y[i]) for y in ys for i in range(6))
+    assert any(not torch.allclose(y, x) for y in ys)
+    assert any(y.min() < 0 for y in ys) and any(y.min() == 0 for y in ys)  # jitter clamps at 0 when drawn
 
 
-def test_corruption_with_full_square_crop_and_no_jitter_is_identity_or_flip():
-    torch.manual_seed(1)
-    x = torch.rand(16, 3, 9, 9)
-    y = corrupt_anchors(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_blur_p=0.0, gray_p=0.0)
-    kept = [torch.allclose(y[i], x[i], atol=1e-5) for i in range(16)]
-    flipped = [torch.allclose(y[i], x[i].flip(-1), atol=1e-5) for i in range(16)]
-    assert all(a or b for a, b in zip(kept, flipped))
-    assert 0 < sum(flipped) < 16
-
-
-def test_grayscale_and_blur_act():
-    torch.manual_seed(2)
-    x = torch.rand(32, 3, 12, 12)
-    y = corrupt_anchors(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_blur_p=0.0, gray_p=1.0)
-    assert torch.allclose(y[:, 0], y[:, 1]) and torch.allclose(y[:, 1], y[:, 2])
-    blurred = corrupt_anchors(x, scale=(1.0, 1.0), jitter_blur_p=1.0, brightness=0.0, blur_sigma=(5, 5),
-                              gray_p=0.0)
-    # a strong blur removes most of the pixel-to-pixel variation of uniform noise
-    assert blurred.diff(dim=-2).abs().mean() < 0.5 * x.diff(dim=-2).abs().mean()
-
-
-# ---- training -----------------------------------------------------------------------------------------------------
-
-def test_loss_corrupts_every_fifth_step_and_samples_anchors(monkeypatch):
-    calls, seen = [], []
-    monkeypatch.setattr(amp, "corrupt_anchors", lambda a: calls.append(len(a)) or a)
+def test_corrupted_step_keeps_the_clean_anchor_in_the_residual(monkeypatch):
+    """On a corrupted step the network sees cat([corrupt(c), x - c]); on the others cat([c, x - c])."""
     model = tiny_anchored(classes=10).train()
-    forward = model.forward
-    model.forward = lambda x, anchors: seen.append(anchors) or forward(x, anchors)
+    seen = []
+    model.net.forward = lambda inp: seen.append(inp) or torch.zeros(inp.shape[0], 10, requires_grad=True)
+    monkeypatch.setattr(amp, "anchor_corruption", lambda h, w: (lambda a: a + 100.0))
     x = torch.randint(0, 256, (12, 1, 10, 10), dtype=torch.uint8)
     y = torch.randint(0, 10, (12,))
-    mean, std = [0.5], [0.25]
-    loss_fn = amp.anchored_loss(mean, std, "per_batch", corrupt_every=5, augment="none")
-    for _ in range(11):
-        loss, extra = loss_fn(model, (x, y))
-    assert calls == [1, 1, 1]                   # steps 0, 5, 10, one shared anchor each
-    assert int(model.train_steps) == 11
     xn = (x.float() / 255 - 0.5) / 0.25
+    for sampling in amp.ANCHOR_SAMPLING:
+        seen.clear()
+        loss_fn = amp.anchored_loss([0.5], [0.25], sampling, corrupt_every=5, augment="none")
+        model.train_steps.zero_()
+        for _ in range(6):
+            loss_fn(model, (x, y))
+        for step, inp in enumerate(seen):
+            ref, resid = inp[:, :1], inp[:, 1:]
+            clean = xn - resid                                   # the anchor used in the residual
+            assert any(torch.allclose(clean[0], v, atol=1e-5) for v in xn)       # a real, uncorrupted image
+            torch.testing.assert_close(ref, clean + (100.0 if step % 5 == 0 else 0.0))
+        if sampling == "per_batch":
+            assert torch.allclose((xn - seen[1][:, 1:]).std(0), torch.zeros(1, 10, 10), atol=1e-5)  # one anchor
+
+
+def test_loss_samples_anchors_from_the_batch():
+    seen = []
+    model = tiny_anchored(classes=10).train()
+    forward = model.forward
+    model.forward = lambda x, anchors, residual: seen.append(residual) or forward(x, anchors, residual)
+    x = torch.randint(0, 256, (12, 1, 10, 10), dtype=torch.uint8)
+    y = torch.randint(0, 10, (12,))
+    xn = (x.float() / 255 - 0.5) / 0.25
+    amp.anchored_loss([0.5], [0.25], "per_batch", corrupt_every=0, augment="none")(model, (x, y))
     assert seen[-1].shape[0] == 1 and any(torch.allclose(seen[-1][0], v, atol=1e-5) for v in xn)
     seen.clear()
-    per_sample = amp.anchored_loss(mean, std, "per_sample", corrupt_every=0, augment="none")
-    per_sample(model, (x, y))
+    loss, _ = amp.anchored_loss([0.5], [0.25], "per_sample", corrupt_every=0, augment="none")(model, (x, y))
     assert seen[0].shape == xn.shape
     dist = torch.cdist(seen[0].flatten(1), xn.flatten(1))  # anchors are the batch itself, shuffled
     assert dist.min(1).values.max() < 1e-4 and sorted(dist.argmin(1).tolist()) == list(range(12))
-    assert calls == [1, 1, 1] and torch.isfinite(loss)
+    assert int(model.train_steps) == 2 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("sampling", ["per_batch", "per_sample"])
@@ -252,6 +248,74 @@ def test_pool_is_seeded_and_score_option_selects_row(fitted):
     rows, erows = det.score_rows(x), energy.score_rows(x)
     torch.testing.assert_close(erows["amp"], rows["amp-energy"])
     torch.testing.assert_close(erows["amp-xent"], rows["amp"])
+
+
+class FitSplit:
+    """The workflow's fit data (runs.FitData) reduced to what AMP reads: the training split."""
+
+    def __init__(self, train):
+        self.train = train
+
+    def split(self):
+        return self.train, None
+
+
+def _fresh(det, data, mode, k=3):
+    other = amp.AMP(amp_cfg(k=k, anchors=mode), "cpu")
+    other.load_state_dict(det.state_dict())
+    other.fit_data = FitSplit(data.subset(slice(0, 500)))
+    return other
+
+
+def _which_training_images(det, anchors):
+    train = det.fit_data.train.images
+    flat = det._normalise(train).flatten(1)
+    dist = torch.cdist(anchors.reshape(-1, flat.shape[1]), flat, compute_mode="donot_use_mm_for_euclid_dist")
+    assert dist.min(1).values.max() < 1e-4          # every anchor is a (normalised) training image
+    return dist.argmin(1).view(anchors.shape[:-3])
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_image"])
+def test_fresh_anchors_per_batch_are_seeded_training_images(fitted, mode):
+    """shared (paper-era): K distinct training anchors per batch, shared by its images; per_image (HEAD): K per
+    image from one pool of train.pool_size per batch. Same batch -> same anchors; another batch -> others."""
+    det, data = fitted
+    fresh = _fresh(det, data, mode)
+    x, other = data.images[500:540], data.images[540:580]
+    a = fresh.anchors_for(x)
+    assert torch.equal(a, fresh.anchors_for(x))
+    assert not torch.equal(a, fresh.anchors_for(other))
+    idx = _which_training_images(fresh, a)
+    if mode == "shared":
+        assert a.shape == (3, 1, 8, 8) and len(set(idx.tolist())) == 3
+    else:
+        assert a.shape == (3, 40, 1, 8, 8) and len(set(idx.flatten().tolist())) <= 16  # one pool of 16
+        assert len({tuple(idx[:, b].tolist()) for b in range(40)}) > 20               # anchors differ by image
+    rows = fresh.score_rows(x)
+    with torch.no_grad():
+        logits = fresh.model.logits_per_anchor(fresh._normalise(x), a)
+    torch.testing.assert_close(rows["amp"], amp.ood_scores(amp.calibrate(logits)[0])["xent"])
+    seeded = amp.AMP({**amp_cfg(k=3, anchors=mode), "seed": 1}, "cpu")
+    seeded.load_state_dict(det.state_dict())
+    seeded.fit_data = fresh.fit_data
+    assert not torch.equal(seeded.anchors_for(x), a)              # the run's seed is part of the draw
+
+
+def test_fresh_anchors_need_the_training_split_and_a_known_mode(fitted):
+    det, data = fitted
+    alone = amp.AMP(amp_cfg(anchors="shared"), "cpu")
+    alone.load_state_dict(det.state_dict())
+    with pytest.raises(OODBenchError, match="training split"):
+        alone.score_rows(data.images[:4])
+    bad = _fresh(det, data, "per_pixel")
+    with pytest.raises(OODBenchError, match="amp.anchors 'per_pixel'"):
+        bad.score_rows(data.images[:4])
+
+
+def test_default_anchor_mode_is_the_paper_era_one():
+    from oodbench import config as configs
+
+    assert configs.read_yaml(configs.config_path("amp"))["amp"]["anchors"] == "shared"
 
 
 def test_accuracy_matches_argmax_of_anchor_mean(fitted):

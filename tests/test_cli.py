@@ -201,4 +201,4 @@ def test_every_option_is_described_and_every_example_parses():
     assert "ignored with --run" in commands["eval"].format_help()
     for name in ("bench", "data"):
         assert "OODBENCH_DATA" in commands[name].format_help()
-    assert "shipped protocols: cifar10, cifar100, classic, fashion_mnist, quick" in commands["bench"].format_help()
+    assert "shipped protocols: cifar10, cifar100, classic, fashion_mnist, imagenet, imagenet200, quick" in commands["bench"].format_help()

@@ -46,16 +46,37 @@ def test_schedule_closed_form():
     assert math.isclose(float(d.betas[0]), 0.0015, rel_tol=1e-12)
     assert math.isclose(float(d.betas[-1]), 0.0195, rel_tol=1e-12)
     assert math.isclose(float(d.alphas_cumprod[-1]), math.exp(sum(math.log1p(-x) for x in betas)), rel_tol=1e-9)
-    assert d.inference_timesteps(100).tolist() == list(range(1, 1000, 10))
+    assert d.inference_timesteps(100).tolist() == list(range(0, 1000, 10))   # MONAI PNDM, offset 0
 
 
-def test_skip_factor_table():
+def test_starting_points_are_the_originals_slicing():
+    """ddpm-ood reconstruct.py: reversed(timesteps)[1::skip]; its README's table says 100 and 34 for skip 1 and 3,
+    the code gives 99 and 33 (t = 0 is never a start); we follow the code."""
     d = Diffusion()
-    table = {1: 100, 2: 50, 3: 34, 4: 25, 5: 20, 8: 13, 16: 7, 32: 4, 64: 2}
+    pndm_timesteps = d.inference_timesteps(100).flip(0).tolist()          # the scheduler's order: 990, ..., 0
+    for k in (1, 2, 3, 4, 5, 8, 16, 32, 64):
+        assert d.inference_timesteps(100)[d.starting_points(100, k)].tolist() == list(reversed(pndm_timesteps))[1::k]
+    table = {1: 99, 2: 50, 3: 33, 4: 25, 5: 20, 8: 13, 16: 7, 32: 4, 64: 2}
     assert {k: len(d.starting_points(100, k)) for k in table} == table
     starts = d.starting_points(100, 16)
-    assert d.inference_timesteps(100)[starts].tolist() == [1, 161, 321, 481, 641, 801, 961]
-    assert d.network_evaluations(starts, "ddim") == 343          # the paper's "≈350 evaluations per image"
+    assert d.inference_timesteps(100)[starts].tolist() == [10, 170, 330, 490, 650, 810, 970]
+    assert d.network_evaluations(starts, "ddim") == 350          # the paper's "≈350 evaluations per image"
+
+
+def test_defaults_and_paper_unet_are_the_originals():
+    """ddpm-ood: README skip 4 (argparse 1), training batch 512; the "big" UNet has attention at all three levels
+    with 256 channels per head (1, 2, 3 heads), the "small" one at the lowest level."""
+    import yaml
+
+    from oodbench.nets.unet import SIZES, Attention
+
+    cfg = yaml.safe_load((REPO / "configs" / "ddpm.yaml").read_text())
+    assert cfg["ddpm"]["inference_skip_factor"] == 4 and cfg["train"]["batch_size"] == 512
+    assert SIZES["paper"]["attn_levels"] == (0, 1, 2) and SIZES["paper"]["head_channels"] == 256
+    assert SIZES["small"]["attn_levels"] == (2,) and SIZES["small"]["head_channels"] == 256
+    net = build_unet("custom", 1, base=4, mults=(1, 2, 3), blocks=1, attn_levels=(0, 1, 2), head_channels=4)
+    heads = sorted({(m.heads, m.qkv.in_channels) for m in net.modules() if isinstance(m, Attention)})
+    assert heads == [(1, 4), (2, 8), (3, 12)]
 
 
 def test_bad_schedule_options():
@@ -63,11 +84,11 @@ def test_bad_schedule_options():
     for n in (0, 30, 1001):
         with pytest.raises(OODBenchError, match="num_inference_steps"):
             d.inference_timesteps(n)
-    for k in (0, -1, 101):
+    for k in (0, -1, 100):
         with pytest.raises(OODBenchError, match="inference_skip_factor"):
             d.starting_points(100, k)
     with pytest.raises(OODBenchError, match="min_t"):
-        d.starting_points(100, 16, min_t=970)
+        d.starting_points(100, 16, min_t=971)
 
 
 # --- samplers ----------------------------------------------------------------------------------------------------
@@ -121,7 +142,7 @@ def reference_trajectory(d, model, x0, start, num_steps, sampler, noise, history
 def test_batched_equals_per_start(sampler):
     d, net = Diffusion(), tiny_unet()
     x0 = torch.rand(2, 1, 8, 8, dtype=torch.float64)
-    starts = d.starting_points(20, 4)                                     # 5 starts, indices 0, 4, 8, 12, 16
+    starts = d.starting_points(20, 4)                                     # 5 starts, indices 1, 5, 9, 13, 17
     noise = torch.randn(len(starts), *x0.shape, dtype=torch.float64)
     calls = []
 
@@ -132,7 +153,7 @@ def test_batched_equals_per_start(sampler):
     batched = d.reconstruct(model, x0, starts, 20, sampler, noise=noise)
     expected = 2 * d.network_evaluations(starts, sampler)
     assert sum(calls) == expected                                         # no wasted network evaluations
-    assert len(calls) == 17 + (4 if sampler == "plms" else 0)             # one call per step (+ Heun for new sets)
+    assert len(calls) == 18 + (5 if sampler == "plms" else 0)             # one call per step (+ Heun for new sets)
     for s, start in enumerate(starts.tolist()):
         single = reference_trajectory(d, net, x0, start, 20, sampler, noise[s])
         assert torch.allclose(batched[s], single, atol=1e-10), f"start {start}"
@@ -153,6 +174,59 @@ def test_plms_history_restarts_per_starting_point():
     # the buggy variant (history shared across starting points) differs from ours for every start after the first
     for s in range(1, len(starts)):
         assert (stale[s] - batched[s]).abs().max() > 1e-6
+
+
+class MonaiPLMS:
+    """What ddpm-ood's reconstruct.py does with MONAI's PNDMScheduler(skip_prk_steps=True), step by step: one
+    scheduler per batch, `step(eps, t, x)` for t in the schedule down from each start, starts in ascending order."""
+
+    def __init__(self, d, stride):
+        self.abar, self.stride, self.ets, self.counter, self.held = d.alphas_cumprod.tolist(), stride, [], 0, None
+
+    def step(self, eps, t, x):
+        prev = t - self.stride
+        if self.counter == 1:                               # the scheduler's second call redoes its first step
+            prev, t = t, t + self.stride
+            e, x = (eps + self.ets[-1]) / 2, self.held
+        else:
+            self.ets = self.ets[-3:] + [eps]
+            n = len(self.ets)
+            if n == 1:
+                e, self.held = eps, x
+            elif n == 2:
+                e = (3 * self.ets[-1] - self.ets[-2]) / 2
+            elif n == 3:
+                e = (23 * self.ets[-1] - 16 * self.ets[-2] + 5 * self.ets[-3]) / 12
+            else:
+                e = (55 * self.ets[-1] - 59 * self.ets[-2] + 37 * self.ets[-3] - 9 * self.ets[-4]) / 24
+        self.counter += 1
+        a_t, a_prev = self.abar[t], self.abar[prev] if prev >= 0 else self.abar[0]   # final ᾱ = ᾱ_0
+        # MONAI's formula (9) of the PNDM paper, written as it is there
+        coeff = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+        return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e / coeff
+
+
+def test_plms_stale_is_the_originals_procedure():
+    d, net = Diffusion(), tiny_unet(2)
+    x0 = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    starts = d.starting_points(20, 4)
+    noise = torch.randn(len(starts), *x0.shape, dtype=torch.float64)
+    ours = d.reconstruct(net, x0, starts, 20, "plms_stale", noise=noise)
+    ts = d.inference_timesteps(20)
+    sched = MonaiPLMS(d, 50)
+    for s, start in enumerate(starts.tolist()):
+        x = d.q_sample(x0, torch.full((2,), int(ts[start])), noise[s])
+        for step in ts[ts <= ts[start]].flip(0).tolist():
+            x = sched.step(net(x, torch.full((2,), step)), step, x)
+        assert torch.allclose(ours[s], x, atol=1e-10), f"start {start}"
+    fresh = d.reconstruct(net, x0, starts, 20, "plms", noise=noise)
+    assert (ours[1:] - fresh[1:]).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-6   # the stale history changes every later start
+    alone = d.reconstruct(net, x0, starts[1:2], 20, "plms_stale", noise=noise[1:2])
+    assert (alone[0] - ours[1]).abs().max() > 1e-6                          # a start depends on the ones before it
+    # the original's last step keeps ᾱ_0: even the exact ε does not give x0 back, while our PLMS does
+    exact = oracle(d, x0)
+    assert (d.reconstruct(exact, x0, starts, 20, "plms_stale", noise=noise) - x0).abs().max() > 1e-3
+    assert torch.allclose(d.reconstruct(exact, x0, starts, 20, "plms", noise=noise), x0.expand(5, *x0.shape), atol=1e-10)
 
 
 # --- combination -------------------------------------------------------------------------------------------------
@@ -208,9 +282,31 @@ def test_lpips_from_local_files(tmp_path):
     assert d.shape == (3,) and (d > 0).all()
 
 
+def test_lpips_equals_the_lpips_package_with_its_shipped_linear_weights():
+    """With the lpips package (oodbench[lpips]) installed its v0.1 linear layers are found, and our LPIPS equals
+    lpips.LPIPS(net="alex", normalize=True) on a shared (random, offline) AlexNet backbone."""
+    lpips = pytest.importorskip("lpips")
+    from torchvision.models import alexnet
+
+    from oodbench.detectors.ddpm import lpips_weight_paths
+
+    _, lin = lpips_weight_paths({})
+    assert lin == Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth" and lin.is_file()
+    torch.manual_seed(0)
+    theirs = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()        # random backbone: no download
+    backbone = alexnet(weights=None).state_dict()
+    for name, value in theirs.net.state_dict().items():                          # slice<k>.<index>.<param>
+        backbone[f"features.{name.split('.', 1)[1]}"] = value
+    ours = LPIPS(backbone, torch.load(lin, map_location="cpu", weights_only=True))
+    x, y = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = theirs(x, y, normalize=True).flatten()
+    torch.testing.assert_close(ours(x, y), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_lpips_missing_weights(tmp_path):
     net, message = load_lpips({"alexnet_weights": str(tmp_path / "nope.pth"), "lpips_weights": str(tmp_path / "x")})
-    assert net is None and "nope.pth" in message
+    assert net is None and "nope.pth" in message and "oodbench[lpips]" in message and "alexnet(" in message
     cfg = {"ddpm": {"metrics": ["mse", "lpips"], "alexnet_weights": str(tmp_path / "nope.pth"),
                     "lpips_weights": str(tmp_path / "x")}}
     with pytest.raises(OODBenchError, match="nope.pth"):
@@ -255,12 +351,12 @@ def test_detector_fit_score_state(tmp_path):
     det.fit(ImageSet(images[:30]), ImageSet(images[30:]), Engine(run_dir=tmp_path, device="cpu", seed=0))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in log) and any("loss" in r for r in log)
-    assert det.val_t == [1, 401, 801] and det.val_errors["mse"].shape == (6, 3)
+    assert det.val_t == [100, 500, 900] and det.val_errors["mse"].shape == (6, 3)
     rows = det.score_rows(images[:5])
     assert set(rows) == {"ddpm-mse", "ddpm-mse+ssim", "_mse", "_ssim", "_t"}
-    assert rows["_mse"].shape == (5, 3) and rows["_t"][0].tolist() == [1, 401, 801]
+    assert rows["_mse"].shape == (5, 3) and rows["_t"][0].tolist() == [100, 500, 900]
     # the rows are the z-score combination of the saved per-(image, t) errors
-    again = combine({"mse": rows["_mse"], "ssim": rows["_ssim"]}, [1, 401, 801], det.val_errors, det.val_t,
+    again = combine({"mse": rows["_mse"], "ssim": rows["_ssim"]}, [100, 500, 900], det.val_errors, det.val_t,
                     ["mse", "ssim"])
     assert torch.allclose(rows["ddpm-mse+ssim"], again)
     assert torch.allclose(det.score(images[:5]), rows["ddpm-mse+ssim"])           # deterministic
@@ -272,7 +368,7 @@ def test_detector_fit_score_state(tmp_path):
     # a larger skip factor reuses a subset of the fitted starting points; a new one is an error
     coarse = DDPM(tiny_cfg(inference_skip_factor=8))
     coarse.load_state_dict(det.state_dict())
-    assert coarse.score_rows(images[:2])["_t"][0].tolist() == [1, 801]
+    assert coarse.score_rows(images[:2])["_t"][0].tolist() == [100, 900]
     odd = DDPM(tiny_cfg(inference_skip_factor=3))
     odd.load_state_dict(det.state_dict())
     with pytest.raises(OODBenchError, match="no validation statistics"):
@@ -311,4 +407,4 @@ def test_cli_end_to_end(tmp_path):
     assert ("ddpm-mse", "vflip:fashion_mnist") in rows
     assert rows[("ddpm-mse", "noise:gaussian")]["auroc"] > 0.9
     scores = np.load(run_dir / "scores" / "ddpm" / "fashion_mnist.npz")
-    assert scores["_mse"].shape == (40, 5) and scores["_t"][0].tolist() == [1, 201, 401, 601, 801]
+    assert scores["_mse"].shape == (40, 5) and scores["_t"][0].tolist() == [100, 300, 500, 700, 900]

@@ -280,6 +280,19 @@ def test_gradlayer_chooses_on_validation_train_split_and_chooses_again_for_anoth
         _detector("gradlayer", "gradlayer.val_size=40").layer()     # alone, without the workflow's data
 
 
+def test_gradlayer_on_a_set_derived_from_the_in_distribution_data_uses_its_validation_split():
+    """vflip:<in> is the flipped validation split, never a (test) split loaded from disk."""
+    det = _detector("gradlayer", "data.in=fashion_mnist", "gradlayer.val_ood=vflip:fashion_mnist",
+                    "gradlayer.val_size=40")
+    val, noise = _toy_sets(n=40, n_out=40, seed=5)
+    det.fit_data = FakeFitData(val, noise)
+    det.layer()
+    assert det.fit_data.asked == []
+    _, aurocs = G.select_layer(G.per_layer_grad_norms(det.net, det.prepare(val.images)),
+                               G.per_layer_grad_norms(det.net, det.prepare(val.images.flip(-2))))
+    assert det.layer_aurocs == pytest.approx(aurocs)
+
+
 def test_gradlayer_choice_at_scoring_time_is_kept_in_the_run_cache(tmp_path):
     from oodbench.runs import RunCache
 

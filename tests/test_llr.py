@@ -72,9 +72,12 @@ def test_discretised_logistic_sums_to_one_and_matches_direct_computation():
 
 def test_model_log_prob_matches_a_direct_rgb_computation():
     net = tiny_net(channels=3, mix=2, rescale=True, seed=3)
+    with torch.no_grad():  # coefficients of a trained-net size (x 255 they still move the means by ~1 unit)
+        for k in range(2):
+            net.out.weight[k * 10 + 7:k * 10 + 10] *= 0.01
+            net.out.bias[k * 10 + 7:k * 10 + 10] *= 0.01
     x = torch.randint(0, 256, (2, 3, 5, 5)).double()
     out = net.raw_output(x).detach().view(2, 2, 10, 5, 5).numpy()           # per component: logit, 3 means, 3 scales, 3 coeffs
-    xs = x.numpy() / 127.5 - 1
     cdf = expit                                                     # the logistic cdf
     softplus = lambda z: np.log1p(np.exp(z))  # noqa: E731
     expected = np.zeros((2, 5, 5))
@@ -86,8 +89,8 @@ def test_model_log_prob_matches_a_direct_rgb_computation():
                 for k in range(2):
                     m = out[b, k, 1:4, i, j].copy()
                     s = (softplus(out[b, k, 4:7, i, j]) + math.exp(-7)) * 127.5
-                    a = np.tanh(out[b, k, 7:10, i, j])
-                    r, g = xs[b, 0, i, j], xs[b, 1, i, j]
+                    a = out[b, k, 7:10, i, j]                           # raw coefficients (the original)
+                    r, g = x[b, 0, i, j].item(), x[b, 1, i, j].item()   # raw 0..255 values, not rescaled
                     m[1] += a[0] * r                                    # g depends on r
                     m[2] += a[1] * r + a[2] * g                         # b depends on r and g
                     m = (m + 1) * 127.5
@@ -247,11 +250,11 @@ def test_fit_trains_fg_and_grid_selects_on_validation_pair_and_saves_table(tmp_p
 
     monkeypatch.setattr(data, "load", fake_load, raising=False)
     train, val = ImageSet(blobs(64, 220, 0)), ImageSet(blobs(40, 220, 1))
-    cfg = base_cfg(mutation_rates=[0.0, 0.3], reg_weights=[0.0], val_ood="hflip:{in}")
+    cfg = base_cfg(mutation_rates=[0.0, 0.3], reg_weights=[0.0], val_ood="hflip:{in}_other")
     engine = engine_mod.Engine(run_dir=tmp_path, device="cpu", seed=0)
     det = llr.LikelihoodRatio(cfg, "cpu")
     det.fit(train, val, engine)
-    assert seen == {"spec": "hflip:synthetic", "split": "test", "like": (1, 6, 6)}
+    assert seen == {"spec": "hflip:synthetic_other", "split": "train", "like": (1, 6, 6)}  # never a test split
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["bg-mu0-l0", "bg-mu0.3-l0", "fg"]
     table = json.loads((tmp_path / "llr_selection.json").read_text())
@@ -269,6 +272,52 @@ def test_fit_trains_fg_and_grid_selects_on_validation_pair_and_saves_table(tmp_p
     for k, v in again.score_rows(x).items():
         torch.testing.assert_close(v, rows[k])
     assert again.selection == det.selection
+
+
+def test_validation_ood_derived_from_the_in_distribution_set_is_its_validation_split(tmp_path, monkeypatch):
+    """gray:<in> is the grayscale validation tail (the original's CIFAR-10 selection set), not the test split."""
+    engine_mod = pytest.importorskip("oodbench.engine")
+    import oodbench.data as data
+
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("no dataset may be loaded for gray:{in}"))
+    g = torch.Generator().manual_seed(0)
+    train = ImageSet(torch.randint(0, 256, (24, 3, 4, 4), generator=g, dtype=torch.uint8))
+    val = ImageSet(torch.randint(0, 256, (10, 3, 4, 4), generator=g, dtype=torch.uint8))
+    cfg = base_cfg(val_ood="gray:{in}", val_limit=None)
+    det = llr.LikelihoodRatio(cfg, "cpu")
+    got = det.load_val_ood(train, val, engine_mod.Engine(run_dir=tmp_path, device="cpu", seed=0))
+    from oodbench.data import convert
+
+    assert torch.equal(got.images, convert.gray(val.images)) and det.val_ood_spec == "gray:synthetic"
+
+
+def test_selection_sets_never_come_from_a_test_split():
+    from oodbench.data.validation import derived_from, validation_ood
+
+    val = ImageSet(torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8))
+    asked = []
+
+    def train_split(spec, like):
+        asked.append(spec)
+        return val
+
+    assert derived_from("gray:vflip:cifar10", "cifar10") == ["gray", "vflip"]
+    assert derived_from("gray:svhn", "cifar10") is None
+    flipped = validation_ood("hflip:vflip:fashion_mnist", "fashion_mnist", val, train_split, (1, 4, 4))
+    assert torch.equal(flipped.images, val.images.flip(-2).flip(-1)) and asked == []
+    validation_ood("gray:mnist", "fashion_mnist", val, train_split, (1, 4, 4))
+    assert asked == ["gray:mnist"]                                  # another dataset: its training split
+    with pytest.raises(OODBenchError, match="validation split, which is empty"):
+        validation_ood("gray:cifar10", "cifar10", ImageSet(val.images[:0]), train_split, (1, 4, 4))
+    with pytest.raises(OODBenchError, match="test split is never used"):
+        validation_ood("classes:0,1:cifar10", "cifar10", val, train_split, (1, 4, 4))
+
+
+def test_default_validation_tail_is_the_originals_20_percent():
+    from oodbench import config as configs
+
+    cfg = configs.read_yaml(configs.config_path("llr"))
+    assert cfg["data"]["val_fraction"] == 0.2 and cfg["llr"]["val_limit"] is None   # the whole tail selects
 
 
 def _save(state, folder):

@@ -167,7 +167,7 @@ def test_missing_timm_is_one_line_naming_the_extra(monkeypatch):
 @pytest.mark.parametrize("spec,match", [
     ("", "non-empty"), ("keras:resnet", "unknown model spec"), ("torchvision:", "incomplete"),
     ("torchvision:resnet999", "no model"), ("torchvision:resnet18:IMAGENET9", "no weights"),
-    ("openood:vgg:x.pt", "only OpenOOD's resnet18_32x32"), ("openood:resnet18_32x32:/no/such.ckpt", "no weights file"),
+    ("openood:vgg:x.pt", "OpenOOD's resnet18_32x32 .CIFAR. and resnet18_224x224"), ("openood:resnet18_32x32:/no/such.ckpt", "no weights file"),
     ("python:no_such_module_xyz:f", "cannot import"), ("python:torchvision.models:nothing", "no callable"),
     ("python:math:pi", "no callable"), ("python:os:getcwd", "not an nn.Module"), ("python:torchvision.models",
                                                                                   "write python:"),
@@ -312,3 +312,17 @@ def test_a_model_run_loads_its_in_distribution_test_set_once(tmp_path, monkeypat
     run = runs.ModelRun(oodbench.load_model("torchvision:resnet18:none"), "digits", fit_limit=50, runs_dir=tmp_path)
     rows = runs.evaluate(run, ["msp"], ["noise:gaussian"], limit=20, device="cpu")
     assert loads.count(("digits", "test")) == 1 and rows[0]["in"] == "digits"
+
+
+def test_openood_imagenet200_resnet18_loads_with_openoods_test_transform(tmp_path):
+    import torchvision
+
+    source = torchvision.models.resnet18(num_classes=200)
+    path = tmp_path / "best.ckpt"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    model = oodbench.load_model(f"openood:resnet18_224x224:{path}")
+    assert model.num_classes == 200 and model.size == (224, 224) and model.resize == 256
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    source.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(x), source(model.prepare(x)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_learned_score_points_toward_the_data_on_a_gaussian():
 
 # ----------------------------------------------------------------------------------------------------- networks
 @pytest.mark.parametrize("model,shape", [("refinenet", (1, 13, 13)), ("refinenet", (3, 16, 16)),
-                                         ("resnet", (1, 12, 12))])
+                                         ("refinenet_ncsn", (1, 13, 13)), ("resnet", (1, 12, 12))])
 def test_batched_multilevel_scoring_equals_separate_forwards(model, shape):
     torch.manual_seed(0)
     sigmas = sigma_schedule(0.01, 1.0, 5)
@@ -134,6 +135,49 @@ def test_cpu_elu_is_elu_with_the_same_gradient():
     ours, ref = elu(x), torch.nn.functional.elu(x)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_original_refinenet_parameter_counts():
+    """ahsanMah/msma RefineNet (filters 128, L 10): counted from its Keras layers by hand, 28 059 137 for one
+    channel and 28 063 747 for three; the NCSN-v1 layout (`refinenet_ncsn`) has 29 195 009 / 29 199 619."""
+    counts = {(m, c): sum(p.numel() for p in build_score_net(m, c, 128, 10).parameters())
+              for m in ("refinenet", "refinenet_ncsn") for c in (1, 3)}
+    assert counts == {("refinenet", 1): 28_059_137, ("refinenet", 3): 28_063_747,
+                      ("refinenet_ncsn", 1): 29_195_009, ("refinenet_ncsn", 3): 29_199_619}
+    net = build_score_net("refinenet", 1, 4, 3)
+    assert len(net.preact) == 4                                            # 4 pre-activation blocks, not 8
+    assert all(torch.equal(n.gamma.weight, torch.ones_like(n.gamma.weight)) and torch.equal(
+        n.alpha.weight, torch.ones_like(n.alpha.weight)) for n in net.modules() if isinstance(n, CondInstanceNormPlus))
+
+
+def test_original_cin_plus_plus_on_a_fixed_input():
+    """gamma * (x - mu) / sqrt(s + 1e-6) + beta + alpha * (mu - m) / sqrt(v + 1e-6): alpha not scaled by gamma."""
+    norm = CondInstanceNormPlus(2, 2, original=True)
+    with torch.no_grad():
+        norm.gamma.weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 3.0]]))
+        norm.alpha.weight.copy_(torch.tensor([[1.0, 1.0], [0.5, -1.0]]))
+        norm.beta.weight.copy_(torch.tensor([[0.0, 0.0], [0.1, 0.2]]))
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]], [[1.0, 1.0], [1.0, 5.0]]]])     # channel means 1.5 and 2
+    mu, s = torch.tensor([1.5, 2.0]).view(1, 2, 1, 1), torch.tensor([1.25, 3.0]).view(1, 2, 1, 1)
+    m, v = 1.75, 0.0625
+    g, a, b = torch.tensor([2.0, 3.0]).view(1, 2, 1, 1), torch.tensor([0.5, -1.0]).view(1, 2, 1, 1), torch.tensor(
+        [0.1, 0.2]).view(1, 2, 1, 1)
+    expected = g * (x - mu) / torch.sqrt(s + 1e-6) + b + a * (mu - m) / math.sqrt(v + 1e-6)
+    torch.testing.assert_close(norm(x, torch.tensor([1])), expected, rtol=1e-5, atol=1e-5)
+    ncsn = CondInstanceNormPlus(2, 2)
+    ncsn.load_state_dict(norm.state_dict())
+    assert not torch.allclose(ncsn(x, torch.tensor([1])), expected, atol=1e-2)   # the NCSN form scales alpha by gamma
+
+
+def test_original_refinenet_takes_x_in_unit_range_as_it_is():
+    """The first convolution sees x itself (the original feeds [0, 1] images; the NCSN layout feeds 2x - 1)."""
+    torch.manual_seed(0)
+    net = build_score_net("refinenet", 1, 4, 2).eval()
+    calls = []
+    net.begin.register_forward_hook(lambda mod, inp, out: calls.append(inp[0]))
+    x = torch.rand(2, 1, 8, 8)
+    net(x, torch.zeros(2, dtype=torch.long))
+    assert torch.equal(calls[0], x)
 
 
 def test_conditional_instance_norm_depends_on_level_and_keeps_mean_information():
@@ -162,8 +206,10 @@ def auroc(id_scores, ood_scores):
 
 
 @pytest.mark.parametrize("make", [lambda: GMM([1, 2, 4], cv_folds=3), lambda: KNN(5),
-                                  lambda: Flow(layers=2, hidden=32, steps=200, eval_every=50)],
-                         ids=["gmm", "knn", "flow"])
+                                  lambda: Flow(hidden=32, epochs=100, batch_size=32, lr=1.0),  # lr 0.01 is slow
+                                  lambda: Flow("stabilised", hidden=32, layers=2, steps=200, lr=1e-3, batch_size=256,
+                                               eval_every=50)],
+                         ids=["gmm", "knn", "flow", "flow-stabilised"])
 def test_aux_model_generalises_separates_shift_and_survives_weights_only_reload(make, tmp_path):
     train, test, shifted = two_blob_vectors(600, seed=0), two_blob_vectors(600, seed=10), \
         two_blob_vectors(600, shift=1.5, seed=20)
@@ -174,6 +220,46 @@ def test_aux_model_generalises_separates_shift_and_survives_weights_only_reload(
     torch.save(model.state_dict(), tmp_path / "aux.pt")
     again = type(model).from_state(torch.load(tmp_path / "aux.pt", weights_only=True))
     torch.testing.assert_close(again.score(shifted), s_shift)
+
+
+def test_original_flow_is_one_tfp_made_trained_with_adadelta_to_the_last_epoch(monkeypatch):
+    """The original's train_flow: one MAF, MADE [128, 128] ELU with TFP's degrees, Adadelta(0.01), batch 128,
+    n // 128 batches per epoch, final weights, no standardisation."""
+    from oodbench import aux_models
+
+    flow = Flow()
+    assert (flow.variant, flow.hidden, flow.epochs, flow.batch_size, flow.lr) == ("original", 128, 1000, 128, 0.01)
+    made = aux_models.TFPMade(10, (128, 128))
+    assert [tuple(layer.weight.shape) for layer in made.layers] == [(128, 10), (128, 128), (20, 128)]
+    # TFP "equal" degrees for 10 inputs: ceil(k * 9 / 129), k = 1..128, at least 1
+    expected = np.maximum(1, np.ceil(np.arange(1, 129) * 9 / 129)).astype(int)
+    np.testing.assert_array_equal(made.mask0.numpy(), (np.arange(1, 11)[None, :] <= expected[:, None]))
+    x = torch.randn(4, 10)
+    jac = torch.autograd.functional.jacobian(lambda v: torch.stack(made(v[None])).squeeze(1), x[0])   # (2, 10, 10)
+    assert torch.all(jac.triu() == 0)                     # output i depends on inputs < i only
+    steps, seen = [], []
+
+    class Spy(torch.optim.Adadelta):
+        def __init__(self, params, **kw):
+            seen.append(kw)
+            super().__init__(params, **kw)
+
+        def step(self, closure=None):
+            steps.append(1)
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adadelta", Spy)
+    vectors = two_blob_vectors(300)
+    fitted = Flow(hidden=16, epochs=3).fit(vectors)
+    assert seen == [{"lr": 0.01, "rho": 0.95, "eps": 1e-7}] and len(steps) == 3 * (300 // 128)
+    assert isinstance(fitted.maf, aux_models.TFPMade)     # one MADE, nothing standardised before it
+
+
+def test_all_training_vectors_fit_the_aux_models_by_default():
+    """The original fits the auxiliary models on every training image's vector (SVHN: 73 257), no cap."""
+    det = MSMA(msma_cfg())
+    assert det.options["max_train_vectors"] is None and det.n_train_vectors(73_257) == 73_257
+    assert MSMA(msma_cfg(msma__max_train_vectors=50_000)).n_train_vectors(73_257) == 50_000
 
 
 def test_gmm_picks_the_component_count_by_cross_validation():
@@ -194,6 +280,7 @@ def test_gmm_picks_the_component_count_by_cross_validation():
     ({"model__model": "unet"}, "model.model"),
     ({"msma__default": "svm"}, "msma.default"),
     ({"msma__aux_models": ["gmm", "svm"]}, "aux_models"),
+    ({"msma__flow": "glow"}, "msma.flow"),
     ({"data__hflip": "sometimes"}, "data.hflip"),
 ])
 def test_bad_settings_fail_before_training(changes, message):
@@ -241,7 +328,7 @@ def test_detector_fits_scores_all_rows_in_one_pass_and_reloads(tmp_path):
 
     cfg = msma_cfg(model__model="resnet", model__filters=8, model__num_L=4, model__sigma_low=0.05,
                    train__steps=30, train__batch_size=32, train__lr=0.003, train__ckpt_every=1000,
-                   msma__gmm_components=[1, 2], msma__gmm_cv_folds=3, msma__flow_steps=30, msma__flow_layers=1,
+                   msma__gmm_components=[1, 2], msma__gmm_cv_folds=3, msma__flow_epochs=30,
                    msma__flow_hidden=8, msma__score_chunk=64)
     det = MSMA(cfg)
     det.fit(ImageSet(blob_images(200, 0), name="blobs"), None, Engine(tmp_path, device="cpu", seed=0))

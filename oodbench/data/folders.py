@@ -69,13 +69,13 @@ def folder_set_found(name: str, root: Path) -> Optional[Path]:
     return next((p for p in folder_set_paths(name, root) if p.is_dir()), None)
 
 
-def load_folder_set(name: str, root: Path, size=None, channels=None, resample="bilinear") -> Raw:
+def load_folder_set(name: str, root: Path, size=None, channels=None, resample="bilinear", crop_resize=None) -> Raw:
     """A named image-folder OOD set from the data root (all its images; there are no splits)."""
     folder = folder_set_found(name, root)
     if folder is None:
         searched = ", ".join(str(p) for p in folder_set_paths(name, root))
         raise OODBenchError(f"dataset {name!r} not found; searched {searched}. To get it: {FOLDER_SETS[name].how}")
-    return read_folder(folder, size, channels, resample, exclude=FOLDER_SETS[name].exclude)
+    return read_folder(folder, size, channels, resample, exclude=FOLDER_SETS[name].exclude, crop_resize=crop_resize)
 
 
 # ---------------------------------------------------------------- folders of images
@@ -95,7 +95,7 @@ def list_images(folder: Path, exclude=()) -> list[Path]:
     return sorted(found)
 
 
-def read_folder(folder, size=None, channels=None, resample="bilinear", exclude=()) -> Raw:
+def read_folder(folder, size=None, channels=None, resample="bilinear", exclude=(), crop_resize=None) -> Raw:
     """Every image under `folder` as uint8 (N, C, H, W).
 
     size (H, W): all images are resized to it (PIL, `resample`); default: the first image's size, and images of
@@ -112,39 +112,72 @@ def read_folder(folder, size=None, channels=None, resample="bilinear", exclude=(
                             f"point it at a directory with image files")
     listing = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
     size = None if size is None else (int(size[0]), int(size[1]))
-    return _decode(folder, listing, size, channels, resample)
+    return _decode(folder, listing, size, channels, resample, crop_resize)
 
 
 @functools.lru_cache(maxsize=8)
-def _decode(folder: Path, listing: tuple, size, channels, resample) -> Raw:
-    resample_id = check_method(resample)
+def _decode(folder: Path, listing: tuple, size, channels, resample, crop_resize=None) -> Raw:
     paths = [Path(p) for p, _, _ in listing]
     corrupt, images, all_gray = [], None, True
     for i, path in enumerate(paths):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")          # e.g. PIL's palette-transparency warnings
-                with Image.open(path) as im:
-                    im.load()
-                    all_gray &= im.mode in GRAY_MODES
-                    target_mode = "L" if channels == 1 else "RGB"
-                    im = im.convert(target_mode)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            image, gray = decode_file(path, channels, size, resample, crop_resize)
+        except CorruptImage:
             corrupt.append(path)
             continue
+        all_gray &= gray
         if images is None:
-            size = size or (im.height, im.width)
-            images = np.zeros((len(paths), 1 if channels == 1 else 3, *size), dtype=np.uint8)
-        if (im.height, im.width) != size:
-            im = im.resize((size[1], size[0]), resample=resample_id)
-        images[i] = from_pil(im)
+            size = size or image.shape[1:]
+            images = np.zeros((len(paths), image.shape[0], *size), dtype=np.uint8)
+        if image.shape[1:] != tuple(size):
+            image, _ = decode_file(path, channels, size, resample, crop_resize)   # a later image of another size
+        images[i] = image
     if corrupt:
-        shown = ", ".join(str(p) for p in corrupt[:3]) + (f" and {len(corrupt) - 3} more" if len(corrupt) > 3 else "")
-        raise OODBenchError(f"{len(corrupt)} corrupt or unreadable image file(s) under {folder}: {shown}; "
-                            f"delete or replace them")
+        raise corrupt_error(folder, corrupt)
     if channels is None and all_gray:
         images = images[:, :1]
     return make_raw(images, folder_labels(folder, paths))
+
+
+class CorruptImage(Exception):
+    """An image file that PIL cannot decode."""
+
+
+def decode_file(path, channels=None, size=None, resample="bilinear", crop_resize=None) -> tuple[np.ndarray, bool]:
+    """One image file → (uint8 (C, H, W), whether the file was grayscale). Raises CorruptImage.
+
+    channels 1 gives PIL luminance, otherwise RGB. size (H, W): a plain PIL resize with `resample`; with
+    `crop_resize` R, the ImageNet recipe instead: shorter side resized to R, then a centre crop of `size` (what
+    torchvision's weights transforms do on PIL images).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # e.g. PIL's palette-transparency warnings
+            with Image.open(path) as im:
+                im.load()
+                gray = im.mode in GRAY_MODES
+                im = im.convert("L" if channels == 1 else "RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptImage(str(path)) from e
+    if size is not None:
+        size = (int(size[0]), int(size[1]))
+        method = check_method(resample)
+        if crop_resize:
+            short, long = sorted((im.width, im.height))
+            new_long = int(int(crop_resize) * long / short)   # torchvision's rounding (truncation)
+            im = im.resize((int(crop_resize), new_long) if im.width <= im.height else (new_long, int(crop_resize)),
+                           resample=method)
+            left, top = int(round((im.width - size[1]) / 2.0)), int(round((im.height - size[0]) / 2.0))
+            im = im.crop((left, top, left + size[1], top + size[0]))
+        elif (im.height, im.width) != size:
+            im = im.resize((size[1], size[0]), resample=method)
+    return from_pil(im), gray
+
+
+def corrupt_error(folder, corrupt: list) -> OODBenchError:
+    shown = ", ".join(str(p) for p in corrupt[:3]) + (f" and {len(corrupt) - 3} more" if len(corrupt) > 3 else "")
+    return OODBenchError(f"{len(corrupt)} corrupt or unreadable image file(s) under {folder}: {shown}; "
+                         f"delete or replace them")
 
 
 def folder_labels(folder: Path, paths: list[Path]) -> Optional[np.ndarray]:

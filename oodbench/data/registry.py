@@ -14,13 +14,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from oodbench.data import convert, folders, sources, synthetic
+from oodbench.data import convert, folders, imglists, sources, stream as streaming, synthetic
 from oodbench.data.imageset import ImageSet
 from oodbench.errors import OODBenchError
 
 RESIZE_DEFAULT = (32, 32)
 DERIVED = ("vflip", "hflip", "gray", "classes", "resize", "mnistlike")
-NAMES = tuple(sources.TORCHVISION) + ("digits",) + tuple(folders.FOLDER_SETS)
+NAMES = tuple(sources.TORCHVISION) + ("digits",) + tuple(folders.FOLDER_SETS) + tuple(imglists.IMGLIST_SETS)
 
 
 class Hint(NamedTuple):
@@ -28,6 +28,7 @@ class Hint(NamedTuple):
     channels: Optional[int] = None
     size: Optional[tuple] = None
     resample: str = "bilinear"
+    crop_resize: Optional[int] = None   # decoded files: shorter side to this, then a centre crop of `size`
 
 
 class Resolved(NamedTuple):
@@ -38,17 +39,32 @@ class Resolved(NamedTuple):
 
 
 def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
-         download: Optional[bool] = None) -> ImageSet:
-    """The dataset `spec` as an ImageSet on `device`.
+         download: Optional[bool] = None, stream=None, decode_to=None, crop_resize: Optional[int] = None):
+    """The dataset `spec` as an ImageSet on `device` (a StreamedImageSet for large image folders).
 
     root: data root (default $OODBENCH_DATA, else ~/.cache/oodbench/data). like: (C, H, W) to convert to (channels
     by replication or luminance, size by antialiased bilinear resize on the device); the rule is logged once per
     (set, rule).
     download: allow torchvision downloads (default: $OODBENCH_DOWNLOAD, on unless 0).
+    stream: True/False forces streaming of a file-backed set (folders, image lists); None/"auto" streams it when an
+    in-memory copy would pass stream.stream_threshold(). OpenOOD image-list sets always stream unless False.
+    decode_to (C, H, W) and crop_resize R: file-backed sets are decoded straight to the model's input (shorter side R,
+    centre crop) instead of to `like`; other sets keep `like`.
     """
     spec = check_spec(spec)
     like = _check_like(like)
-    hint = Hint() if like is None else Hint(like[0], (like[1], like[2]))
+    files = _file_source(spec, split, sources.data_root(root))
+    if files is not None:
+        target = _check_like(decode_to) or like
+        if _should_stream(stream, files, target, spec):
+            return _streamed(spec, files, target, crop_resize if decode_to is not None else None, device)
+        if decode_to is not None:
+            like, hint_crop = target, crop_resize
+        else:
+            hint_crop = None
+    else:
+        hint_crop = None
+    hint = Hint() if like is None else Hint(like[0], (like[1], like[2]), crop_resize=hint_crop)
     r = _resolve(spec, split, sources.data_root(root), sources.download_allowed(download), hint)
     images = r.images.to(device)
     labels = None if r.labels is None else r.labels.to(device)
@@ -147,8 +163,79 @@ def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> R
         return _tensor(sources.cached_torchvision(head, split, root, download))
     if head == "digits":
         return _tensor(sources.load_digits(split))
-    raw = folders.load_folder_set(head, root, hint.size, hint.channels, hint.resample)
+    if head in imglists.IMGLIST_SETS:   # forced in memory (data.stream=false): streamed, then held whole
+        paths, labels, images = imglists.read_list(head, split, root)
+        whole = _streamed(spec, (paths, labels, images), hint_shape(hint), hint.crop_resize, "cpu").materialize()
+        return Resolved(whole.images, whole.labels, "", _decode_notes(hint))
+    raw = folders.load_folder_set(head, root, hint.size, hint.channels, hint.resample, crop_resize=hint.crop_resize)
     return _tensor(raw, _decode_notes(hint))
+
+
+def _file_source(spec: str, split: str, root: Path):
+    """(paths, labels, folder) of a file-backed spec (folder:PATH, a named image folder, an OpenOOD image list), or
+    None for every other spec."""
+    head, _, rest = spec.partition(":")
+    if head == "folder":
+        folder = Path(rest).expanduser().resolve()
+        if not folder.is_dir():
+            return None                  # the in-memory path gives its error
+        paths = folders.list_images(folder)
+        return (paths, folders.folder_labels(folder, paths), folder) if paths else None
+    if rest:
+        return None
+    if head in folders.FOLDER_SETS:
+        folder = folders.folder_set_found(head, root)
+        if folder is None:
+            return None
+        paths = folders.list_images(folder, folders.FOLDER_SETS[head].exclude)
+        return (paths, folders.folder_labels(folder, paths), folder) if paths else None
+    if head in imglists.IMGLIST_SETS:
+        return imglists.read_list(head, split, root)
+    return None
+
+
+def _should_stream(stream, files, target, spec: str) -> bool:
+    if stream in (True, "true"):
+        return True
+    if stream in (False, "false"):
+        return False
+    if stream not in (None, "auto"):
+        raise OODBenchError(f"data.stream must be auto, true or false, got {stream!r}")
+    if spec.partition(":")[0] in imglists.IMGLIST_SETS:
+        return True
+    shape = target or _probe(files[0])[0]
+    return streaming.decoded_bytes(len(files[0]), shape) > streaming.stream_threshold()
+
+
+def _probe(paths) -> tuple[tuple, bool]:
+    """((C, H, W) of the first image, C = 1 when the first 16 are all grayscale), from the file headers only."""
+    from PIL import Image
+
+    modes = []
+    for p in paths[:16]:
+        try:
+            with Image.open(p) as im:
+                modes.append(im.mode)
+                if p is paths[0]:
+                    size = (im.height, im.width)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise folders.corrupt_error(Path(p).parent, [p]) from e
+    gray = all(m in folders.GRAY_MODES for m in modes)
+    return (1 if gray else 3, *size), gray
+
+
+def _streamed(spec: str, files, target, crop_resize, device):
+    paths, labels, folder = files
+    shape = target or _probe(paths)[0]
+    how = f"shorter side {crop_resize}, centre crop {shape[1]}x{shape[2]}" if crop_resize else \
+        f"{shape[1]}x{shape[2]} (PIL bilinear)"
+    log_once(spec, f"streamed from {folder} ({len(paths)} files, decoded per batch: {how})")
+    return streaming.StreamedImageSet(paths, labels, spec, shape[0], shape[1:], "bilinear", crop_resize, device,
+                                      root=folder)
+
+
+def hint_shape(hint: Hint):
+    return None if hint.size is None else (hint.channels or 3, *hint.size)
 
 
 def _decode_notes(hint: Hint):
@@ -162,7 +249,8 @@ def _decode_notes(hint: Hint):
 def _folder(path: str, hint: Hint) -> Resolved:
     if not path:
         raise OODBenchError("folder: needs a path, e.g. folder:/data/my_images")
-    return _tensor(folders.read_folder(path, hint.size, hint.channels, hint.resample), _decode_notes(hint))
+    return _tensor(folders.read_folder(path, hint.size, hint.channels, hint.resample, crop_resize=hint.crop_resize),
+                   _decode_notes(hint))
 
 
 def _synthetic_parts(spec: str) -> tuple[str, int]:
@@ -250,6 +338,11 @@ def dataset_status(root=None) -> list[dict]:
     for name, fs in folders.FOLDER_SETS.items():
         found = folders.folder_set_found(name, root)
         rows.append(dict(name=name, found=None if found is None else str(found), how_to_get=fs.how))
+    for name, entry in imglists.IMGLIST_SETS.items():
+        found = imglists.found(name, root)
+        rows.append(dict(name=name, found=None if found is None else str(found),
+                         how_to_get=f"{entry.how}; reads {', '.join(entry.lists.values())} (paths relative to "
+                                    f"{entry.images}/)"))
     return rows
 
 

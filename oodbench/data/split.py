@@ -29,5 +29,30 @@ def run_split(cfg: dict, device="cpu") -> tuple[ImageSet, ImageSet]:
     from oodbench.data.registry import load
 
     d = cfg["data"]
-    full = load(d["in"], split="train", root=d.get("root"), device=device).head(d.get("limit"))
+    full = load(d["in"], split="train", root=d.get("root"), device=device, stream=d.get("stream"),
+                decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"))
+    if d.get("sample") == "per_class":   # --fit-limit: a seeded, class-balanced subset
+        full = per_class_sample(full, d.get("limit"), cfg["seed"])
+    else:
+        full = full.head(d.get("limit"))
     return train_val_split(full, d["val_fraction"], cfg["seed"])
+
+
+def per_class_sample(imageset, n, seed: int):
+    """A seeded subset of n images with (as nearly as possible) the same number per class, in the set's order;
+    the first n images for an unlabelled set. All images when n is None or not smaller than the set."""
+    if n is None or n >= len(imageset):
+        return imageset
+    if imageset.labels is None:
+        return imageset.head(n)
+    labels = imageset.labels.cpu()
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(labels), generator=g)
+    classes = labels.unique()
+    rank = torch.empty(len(labels), dtype=torch.int64)       # an image's position among its class, in shuffled order
+    for c in classes:
+        members = order[labels[order] == c]
+        rank[members] = torch.arange(len(members))
+    keep = torch.argsort(rank * len(labels) + torch.argsort(order), stable=True)[:n]   # round robin over classes
+    index = keep.sort().values
+    return imageset.subset(index.to(imageset.device), f"{imageset.name}[{n} per-class sample]")

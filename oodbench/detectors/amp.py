@@ -1,12 +1,14 @@
 """AMP: OOD detection with neural network anchoring (Anirudh & Thiagarajan, 2022). See docs/amp.md.
 
 Training: an anchored classifier sees cat([c, x - c]) with anchors c drawn from the shuffled minibatch; every
-`corrupt_every`-th step the anchors are corrupted. Scoring: K fixed anchors from a seeded pool of training images
-give logits (K, B, C); mu = mean over anchors, sigma_c = std over anchors of sigmoid(logits_c),
+`corrupt_every`-th step the reference half c is corrupted (the residual keeps the clean anchor). Scoring: K anchors
+from the training images (`amp.anchors`: fresh per test batch as in the original, or a fixed pool) give logits
+(K, B, C); mu = mean over anchors, sigma_c = std over anchors of sigmoid(logits_c),
 T(x) = 1 + exp(mean_c sigma_c), z = mu / T; a score of z (higher = in-distribution) is negated into an OOD score.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Dict
 
 import torch
@@ -17,11 +19,12 @@ from oodbench.detectors.base import Detector, register
 from oodbench.data.transforms import augment as augment_batch
 from oodbench.engine import TrainSpec, seed_everything
 from oodbench.errors import OODBenchError
-from oodbench.nets.anchoring import build_anchored, corrupt_anchors
+from oodbench.nets.anchoring import anchor_corruption, build_anchored
 
 SCORE_TYPES = ("xent", "energy", "entropy", "msp")
 CPU_PAIRS_PER_FORWARD = 128  # on a CPU, cache-sized forwards beat one K*B batch by up to 2x
 ANCHOR_SAMPLING = ("per_batch", "per_sample")
+ANCHOR_MODES = ("shared", "per_image", "fixed")
 
 
 # ---- the scoring math (pure functions of the logits) ------------------------------------------------------------
@@ -52,9 +55,11 @@ def ood_scores(z: torch.Tensor) -> Dict[str, torch.Tensor]:
 def anchored_loss(mean, std, anchor_sampling: str = "per_batch", corrupt_every: int = 5,
                   augment: str = "crop_flip", crop_padding: int = 4):
     """`loss_fn(model, (x_uint8, y))` for `engine.fit`: augmentation on the device (`augment` as in the classifier
-    config), anchors from the shuffled batch (one shared anchor for `per_batch`, one per image for `per_sample`),
-    anchors corrupted every `corrupt_every`-th step (0 = never), cross-entropy. The step count lives in the model
-    (`Anchored.train_steps`), so a resumed run corrupts on the same steps."""
+    config), normalisation, anchors from the shuffled batch (one shared anchor for `per_batch`, one per image for
+    `per_sample`), cross-entropy. On every `corrupt_every`-th step (0 = never) the reference half is corrupted
+    (`anchor_corruption`, one draw per batch, on normalised tensors) and the residual x - c keeps the uncorrupted
+    anchor, as in the original's `process_batch`. The step count lives in the model (`Anchored.train_steps`), so a
+    resumed run corrupts on the same steps."""
     _check_choice("anchor_sampling", anchor_sampling, ANCHOR_SAMPLING)
 
     def loss_fn(model, batch):
@@ -62,14 +67,15 @@ def anchored_loss(mean, std, anchor_sampling: str = "per_batch", corrupt_every: 
         core = getattr(model, "module", model)  # the Anchored module under DistributedDataParallel
         step = int(core.train_steps)
         core.train_steps += 1
-        u = transforms.to_unit(augment_batch(x, augment, crop_padding))
-        n = u.shape[0]
-        pick = (torch.randint(n, (1,), device=u.device) if anchor_sampling == "per_batch"
-                else torch.randperm(n, device=u.device))
-        anchors = u[pick]
+        xn = transforms.normalize(transforms.to_unit(augment_batch(x, augment, crop_padding)), mean, std)
+        n = xn.shape[0]
+        pick = (torch.randint(n, (1,), device=xn.device) if anchor_sampling == "per_batch"
+                else torch.randperm(n, device=xn.device))
+        anchors = xn[pick]
+        refs = anchors
         if corrupt_every and step % corrupt_every == 0:
-            anchors = corrupt_anchors(anchors)
-        logits = model(transforms.normalize(u, mean, std), transforms.normalize(anchors, mean, std))
+            refs = anchor_corruption(*xn.shape[-2:])(anchors)
+        logits = model(xn, refs, anchors)
         loss = F.cross_entropy(logits.float(), y)
         return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
 
@@ -121,6 +127,7 @@ class AMP(Detector):
     def fit(self, train, val, engine) -> None:
         tc = self.cfg["train"]
         self._score_type()
+        self._anchor_mode()
         pool_size = int(tc["pool_size"])
         self._k(min(pool_size, len(train)))
         model_kw = {k: v for k, v in self.cfg["model"].items() if k != "arch"}
@@ -153,19 +160,54 @@ class AMP(Detector):
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return transforms.normalize(transforms.to_unit(x), self.state["mean"], self.state["std"])
 
+    def _anchor_mode(self) -> str:
+        mode = self.options.get("anchors", "shared")
+        _check_choice("anchors", mode, ANCHOR_MODES)
+        return mode
+
+    def _batch_generator(self, x: torch.Tensor) -> torch.Generator:
+        """A generator seeded by the run's seed and the batch's pixels: the fresh anchors of a batch are drawn at
+        random as in the original, yet the same batch always gets the same anchors (scores are reproducible)."""
+        digest = hashlib.sha1(f"{self.cfg.get('seed', 0)}:{tuple(x.shape)}".encode())
+        digest.update(x.detach().cpu().contiguous().numpy().tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
+
+    def anchors_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised anchors of a uint8 batch, by `amp.anchors`:
+        - `shared` (default; the paper-era code): a fresh pool of `train.pool_size` training images per batch and
+          K distinct anchors from it, shared by every image of the batch -> (K, C, H, W);
+        - `per_image` (the code at HEAD): a fresh pool per batch and, for every image, K anchors drawn from it with
+          replacement -> (K, B, C, H, W);
+        - `fixed`: the first K of the pool stored in the run, for every image (scores independent of batching).
+        The fresh pools come from the in-distribution training split (`fit_data`), drawn by `_batch_generator`."""
+        mode = self._anchor_mode()
+        if mode == "fixed":
+            pool = self.state["pool"]
+            k = self._k(len(pool))
+            if self._anchors is None or len(self._anchors) != k or self._anchors.device != x.device:
+                self._anchors = self._normalise(pool[:k].to(x.device))
+            return self._anchors
+        train = self.require_fit_data().split()[0].images
+        pool_size = min(int(self.cfg["train"]["pool_size"]), len(train))
+        k = self._k(pool_size)
+        g = self._batch_generator(x)
+        pool = torch.randperm(len(train), generator=g)[:pool_size]
+        if mode == "shared":
+            pick = pool[torch.randperm(pool_size, generator=g)[:k]]
+        else:
+            pick = pool[torch.randint(pool_size, (k, x.shape[0]), generator=g)]
+        return self._normalise(train[pick.to(train.device)].to(x.device))
+
     def anchor_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (K, B, C) of a uint8 batch with the K fixed anchors (the first K of the seeded pool)."""
+        """Logits (K, B, C) of a uint8 batch with its K anchors (`anchors_for`)."""
         if self.model is None:
             raise OODBenchError("amp: the detector is not fitted; train it first (oodbench train --method amp)")
-        pool = self.state["pool"]
-        k = self._k(len(pool))
-        if self._anchors is None or len(self._anchors) != k or self._anchors.device != x.device:
-            self._anchors = self._normalise(pool[:k].to(x.device))
+        anchors = self.anchors_for(x)
         max_batch = int(self.options.get("max_batch", 0))
         if max_batch <= 0:
             max_batch = CPU_PAIRS_PER_FORWARD if x.device.type == "cpu" else 0
         with torch.no_grad():
-            return self.model.logits_per_anchor(self._normalise(x), self._anchors, max_batch).float()
+            return self.model.logits_per_anchor(self._normalise(x), anchors, max_batch).float()
 
     def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Row `amp` is the configured score type (amp.score); `amp-<type>` the other three; `_temperature` T(x)."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oodbench.detectors.base import Detector, register
-from oodbench.diffusion import Diffusion
+from oodbench.diffusion import SAMPLERS, Diffusion
 from oodbench.errors import OODBenchError
 from oodbench.nets.unet import build_unet
 
@@ -112,7 +112,10 @@ class LPIPS(nn.Module):
 
 
 def lpips_weight_paths(options: dict) -> tuple[Path, Path]:
-    """Where the AlexNet and LPIPS weights are looked for: the config paths, else the torch hub cache / lpips package."""
+    """Where the AlexNet and LPIPS weights are looked for: the config paths, else torchvision's cache (AlexNet) and the
+    installed `lpips` package (`pip install oodbench[lpips]`: its wheel ships the v0.1 linear layers), else the hub
+    cache. Our LPIPS equals the package's (tested); we load its weights rather than call `lpips.LPIPS`, whose
+    constructor fetches AlexNet itself and cannot be pointed at a local file."""
     alex = options.get("alexnet_weights")
     if not alex:
         alex = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
@@ -132,8 +135,14 @@ def load_lpips(options: dict) -> tuple[Optional[LPIPS], str]:
     paths = lpips_weight_paths(options)
     missing = [f"{what} ({p})" for what, p in zip(("AlexNet weights", "LPIPS linear weights"), paths) if not p.is_file()]
     if missing:
-        return None, (f"LPIPS needs pretrained weights that were not found: {', '.join(missing)}; set "
-                      f"ddpm.alexnet_weights / ddpm.lpips_weights to local files")
+        hints = []
+        if not paths[0].is_file():
+            hints.append("torchvision's AlexNet: run python -c \"import torchvision; torchvision.models.alexnet("
+                         "weights='DEFAULT')\" once where the internet is reachable, or set ddpm.alexnet_weights")
+        if not paths[1].is_file():
+            hints.append("the linear layers: pip install 'oodbench[lpips]' (the lpips package ships them), or set "
+                         "ddpm.lpips_weights")
+        return None, f"LPIPS needs pretrained weights that were not found: {', '.join(missing)}; {'; '.join(hints)}"
     try:
         states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
         return LPIPS(*states), ""
@@ -220,10 +229,10 @@ class DDPM(Detector):
 
     def _check_options(self) -> None:
         o = self.options
-        n, skip = o.get("num_inference_steps", 100), o.get("inference_skip_factor", 16)
+        n, skip = o.get("num_inference_steps", 100), o.get("inference_skip_factor", 4)
         self.diffusion.starting_points(n, skip, int(self._opt("min_t", 0)), self._opt("max_t"))
-        if self._opt("sampler", "plms") not in ("ddim", "plms"):
-            raise OODBenchError(f"ddpm.sampler={o.get('sampler')!r}: use ddim or plms")
+        if self._opt("sampler", "plms") not in SAMPLERS:
+            raise OODBenchError(f"ddpm.sampler={o.get('sampler')!r}: use one of {', '.join(SAMPLERS)}")
         metrics = self._opt("metrics", "auto")
         if metrics != "auto":
             metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -259,7 +268,8 @@ class DDPM(Detector):
     # --- networks ---------------------------------------------------------------------------------------------
     def _build(self, net_cfg: dict) -> nn.Module:
         size = net_cfg.get("size", "small")
-        keys = ("base", "mults", "blocks", "attn_levels", "heads", "dropout") if size == "custom" else ("heads", "dropout")
+        keys = (("base", "mults", "blocks", "attn_levels", "heads", "head_channels", "dropout") if size == "custom"
+                else ("dropout",))
         kw = {k: (tuple(net_cfg[k]) if isinstance(net_cfg[k], list) else net_cfg[k]) for k in keys if k in net_cfg}
         return build_unet(size, int(net_cfg["in_channels"]), **kw).to(self.device)
 
@@ -333,7 +343,7 @@ class DDPM(Detector):
             raise OODBenchError("the DDPM detector has no trained network; run `oodbench train --method ddpm` first")
         self.net.eval()
         n = self.options.get("num_inference_steps", 100)
-        starts = self.diffusion.starting_points(n, self.options.get("inference_skip_factor", 16),
+        starts = self.diffusion.starting_points(n, self.options.get("inference_skip_factor", 4),
                                                 int(self._opt("min_t", 0)), self._opt("max_t"))
         x = x.to(self.device)
         h, w = x.shape[-2:]

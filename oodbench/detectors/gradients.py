@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from oodbench.data.validation import validation_ood
 from oodbench.errors import OODBenchError
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -294,13 +295,15 @@ class GradLayer(ClassifierDetector):
             self.cache.save_json("gradlayer_choice.json", saved)
 
     def choose_layer(self, val, load_train_split) -> None:
-        """Pick the layer with the best AUROC: validation split (ID) vs `gradlayer.val_ood`, whose training split
-        `load_train_split(spec, like)` gives."""
+        """Pick the layer with the best AUROC: validation split (ID) vs `gradlayer.val_ood`, never a test split
+        (`data.validation.validation_ood`: derived from `val` when it derives from the in-distribution dataset,
+        else the training split `load_train_split(spec, like)` gives)."""
         spec, n = self.options["val_ood"], int(self.options["val_size"])
         if val is None or len(val) == 0:
             raise OODBenchError("gradlayer chooses its layer on the validation split, which is empty; set "
                                 "data.val_fraction > 0 or name the layer with --set gradlayer.layer=<weight name>")
-        ood = load_train_split(spec, tuple(val.shape))
+        ood = validation_ood(spec, str((self.cfg.get("data") or {}).get("in", "")), val, load_train_split,
+                             tuple(val.shape))
         id_norms, ood_norms = self._set_norms(_sample(val, n, self.cfg["seed"])), self._set_norms(
             _sample(ood, n, self.cfg["seed"]))
         self.chosen_layer, self.layer_aurocs = select_layer(id_norms, ood_norms)

@@ -3,7 +3,7 @@
 One run (kind "llr") trains a foreground PixelCNN++ on the data and a grid of background PixelCNN++ models on
 perturbed data (each pixel-channel replaced with probability mu by a uniform 0..255 value, redrawn every step, plus
 an L2 penalty lambda * sum(w^2) over weights). The background model with the best validation AUROC of the ratio
-(held-out `val` split vs the validation OOD set `llr.val_ood`, never a test set) is kept.
+(held-out `val` split vs the validation OOD set `llr.val_ood`, never a test split: `data.validation`) is kept.
 
 Rows, all "higher = more OOD": `llr` = -(log p_fg - log p_bg), `likelihood` = -log p_fg; `_bpd` is the foreground's
 bits per dimension. Method "llr" reports all three from one pass; method "likelihood" reports the baseline only.
@@ -123,7 +123,7 @@ class LikelihoodRatioRun(Detector):
         batch = int(opts.get("eval_batch_size", 256))
         limit = opts.get("val_limit")
         val_in = None if val is None or len(val) == 0 else val.head(limit).images.to(engine.device)
-        val_ood = self.load_val_ood(train, engine)
+        val_ood = self.load_val_ood(train, val, engine)
         if len(grid) > 1 and (val_in is None or val_ood is None):
             raise OODBenchError(f"{len(grid)} background models need a validation pair to choose from: set "
                                 f"llr.val_ood (e.g. hflip:fashion_mnist) and data.val_fraction > 0, or give one "
@@ -164,15 +164,24 @@ class LikelihoodRatioRun(Detector):
         if engine.is_main:
             self.report_selection(engine.run_dir)
 
-    def load_val_ood(self, train, engine):
+    def load_val_ood(self, train, val, engine):
+        """`llr.val_ood` ({in} = data.in) through `data.validation.validation_ood`: a set derived from the
+        in-distribution dataset is built from its validation split (gray:cifar10 = the grayscale validation tail, as
+        the original), any other from its training split; never a test split."""
         spec = self.llr_options.get("val_ood")
         if not spec:
             return None
         from oodbench.data import load
+        from oodbench.data.validation import validation_ood
 
-        spec = str(spec).replace("{in}", str(self.cfg.get("data", {}).get("in", "")))
+        d = self.cfg.get("data", {})
+        spec = str(spec).replace("{in}", str(d.get("in", "")))
         self.val_ood_spec = spec
-        return load(spec, "test", root=self.cfg.get("data", {}).get("root"), device=engine.device, like=train.shape)
+
+        def load_train_split(name, like):
+            return load(name, "train", root=d.get("root"), device=engine.device, like=like)
+
+        return validation_ood(spec, str(d.get("in", "")), val, load_train_split, train.shape)
 
     def report_selection(self, run_dir) -> None:
         """Write llr_selection.csv / .json in the run directory and print the table."""

@@ -110,8 +110,9 @@ class MSMA(Detector):
             return AUX_MODELS["gmm"](o["gmm_components"], o["gmm_cv_folds"], o["gmm_reg_covar"], seed)
         if name == "knn":
             return AUX_MODELS["knn"](o["knn_k"])
-        return AUX_MODELS["flow"](o["flow_layers"], o["flow_hidden"], o["flow_steps"], o["flow_batch_size"],
-                                  o["flow_lr"], o["flow_holdout"], seed)
+        return AUX_MODELS["flow"](o.get("flow", "original"), o["flow_hidden"], o.get("flow_epochs", 1000),
+                                  o["flow_batch_size"], o["flow_lr"], o["flow_layers"], o["flow_steps"],
+                                  o["flow_holdout"], seed)
 
     def n_train_vectors(self, n_train: int) -> int:
         cap = self.options.get("max_train_vectors")
@@ -211,6 +212,6 @@ class MSMA(Detector):
 
 def aux_options(model) -> dict:
     """The constructor options of an auxiliary model (to tell whether a stored fit matches the config)."""
-    state_keys = {"components", "cv_folds", "reg_covar", "seed", "k", "layers", "hidden", "steps", "batch_size",
-                  "lr", "holdout"}
+    state_keys = {"components", "cv_folds", "reg_covar", "seed", "k", "variant", "layers", "hidden", "epochs",
+                  "steps", "batch_size", "lr", "holdout"}
     return {k: getattr(model, k) for k in sorted(state_keys) if hasattr(model, k)}

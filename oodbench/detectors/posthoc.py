@@ -8,7 +8,9 @@ hands it through `fit_data`. Those outputs are computed once per model and split
 Reference outputs always hold both features and logits, whatever a method's own `outputs` computes per batch.
 Subclasses implement `fit_outputs(ref) -> stats` (optional) and `score_outputs(out) -> (B,)`, where `ref`/`out` are
 dicts of float32 tensors on the device: "features" (N, D), "logits" (N, K) and, in `ref`, "labels" (N,). `sweep`
-names the options `--tune` may choose, with OpenOOD v1.5's `postprocessor_sweep` grids.
+names the options `--tune` may choose, with OpenOOD v1.5's `postprocessor_sweep` grids. Methods whose outputs
+depend on their options or read other maps (multilayer.py) say so in `outputs_key` and bring their own
+`reference_pass`.
 """
 from __future__ import annotations
 
@@ -53,13 +55,17 @@ class PostHoc(ClassifierDetector):
         """{name: (N,) scores} of a whole set. The model's outputs on it are shared by every post-hoc method of
         this process (SET_OUTPUTS), so scoring 20 methods on one set runs the network over it once."""
         outputs = type(self).outputs
-        key = (self.cache_tag or self.model.digest, imageset.fingerprint, len(imageset), outputs.__qualname__)
+        key = (self.cache_tag or self.model.digest, imageset.fingerprint, len(imageset), *self.outputs_key())
         arrays = SET_OUTPUTS.get(key)
         if arrays is None:
             arrays = outputs_of(lambda x: outputs(self, x), imageset, self.name, batch_size)
             SET_OUTPUTS.put(key, arrays)
         out = {k: torch.as_tensor(v, device=self.device) for k, v in arrays.items()}
         return {self.name: self.score_fitted(out)}
+
+    def outputs_key(self) -> tuple:
+        """What `outputs` computes besides the model and the set (part of the key of outputs shared in a process)."""
+        return (type(self).outputs.__qualname__,)
 
     def score_fitted(self, out: dict) -> torch.Tensor:
         """Scores of precomputed outputs, fitting the statistics first if they are not fitted yet."""
@@ -78,17 +84,28 @@ class PostHoc(ClassifierDetector):
             held[split] = self._load_reference(split)
         return held[split]
 
+    def reference_pass(self) -> tuple:
+        """(cache file stem, per-batch outputs, key material) of the reference outputs: by default the penultimate
+        features and logits every method shares (<split>_outputs.npz); methods reading other maps name their own."""
+        return "outputs", lambda x: PostHoc.outputs(self, x), ()
+
     def _load_reference(self, split: str) -> dict:
         train, val = self.require_fit_data().split()
         imageset = {"train": train, "val": val}[split]
-        name, key = f"{split}_outputs.npz", self.cache_key(split, imageset.fingerprint)
+        stem, outputs, material = self.reference_pass()
+        half = bool((self.cfg.get("features") or {}).get("float16", False))
+        name = f"{split}_{stem}.npz"
+        key = self.cache_key(split, imageset.fingerprint, *material, *(["float16"] if half else []))
         saved = self.cache.load_npz(name, key) if self.cache is not None else None
         if saved is None:
-            saved = outputs_of(lambda x: PostHoc.outputs(self, x), imageset, self.name)
+            saved = outputs_of(outputs, imageset, self.name)
+            if half:   # features.float16: half the cache on disk and in memory (a big training sample)
+                saved = {k: v.astype(np.float16) for k, v in saved.items()}
             saved["labels"] = imageset.labels.cpu().numpy()
             if self.cache is not None:
                 self.cache.save_npz(name, key, saved)
-        return {k: torch.as_tensor(v, device=self.device) for k, v in saved.items()}
+        return {k: torch.as_tensor(v, device=self.device).float() if v.dtype == np.float16 else
+                torch.as_tensor(v, device=self.device) for k, v in saved.items()}
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The final linear layer's weight (K, D) and bias (K,) as float32 tensors on the device."""

@@ -6,8 +6,9 @@ the "up" stream (`u`) sees only rows above the current pixel (down-shifted 2x3 c
 resnet blocks with concat_elu, optional hierarchies (strided down/up sampling between blocks; 1 = none), dropout.
 
 `forward(x)` returns log p(x) per image in nats, summed over pixels and channels; x holds integer pixel values
-0..255 (uint8 or float). For RGB, the mean of channel c is shifted by tanh-bounded coefficients times the earlier
-channels of the same pixel (g depends on r; b on r and g). `rescale=True` feeds the network x/127.5 - 1 and reads
+0..255 (uint8 or float). For RGB, the mean of channel c is shifted by unbounded coefficients times the raw 0..255
+values of the earlier channels of the same pixel (g depends on r; b on r and g), before the mean is mapped to pixel
+units, as the original (genomics_ood `pixel_cnn.py`, `_log_prob`). `rescale=True` feeds the network x/127.5 - 1 and reads
 means/scales in that range (CIFAR in the original); `rescale=False` feeds raw 0..255 values and predicts
 scales as max(255 * sigmoid(s), 0.25) pixel units (Fashion-MNIST in the original).
 """
@@ -201,9 +202,9 @@ class PixelCNNpp(nn.Module):
         logits = out[:, :, 0]
         means = out[:, :, 1:1 + c]
         raw_scales = out[:, :, 1 + c:1 + 2 * c]
-        if c > 1:
-            coeffs = torch.tanh(out[:, :, 1 + 2 * c:])
-            seen = self.network_input(x).unsqueeze(1)                      # (B, 1, C, H, W)
+        if c > 1:  # as the original: raw coefficients times the raw 0..255 values, in the network's units
+            coeffs = out[:, :, 1 + 2 * c:]
+            seen = x.to(out.dtype).unsqueeze(1)                             # (B, 1, C, H, W)
             shifts, n = [torch.zeros_like(means[:, :, 0])], 0
             for ch in range(1, c):
                 shift = 0

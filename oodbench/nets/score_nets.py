@@ -1,10 +1,17 @@
-"""Noise-conditional score networks (NCSN-v1 style) for MSMA.
+"""Noise-conditional score networks for MSMA.
 
 Every network maps (x, level) -> s(x, level) with x a float image batch (B, C, H, W) in [0, 1] and `level` a long
 tensor (B,) of noise-level indices in 0..num_L-1. Conditioning is through conditional instance norm++ on the
 level index; activations are ELU; the output has the input's channels and is **not** divided by sigma (the loss
 weights it by sigma instead). Each sample is normalised on its own, so a batch of B*L (image, level) pairs gives
 the same result as L separate forwards.
+
+- `refinenet` (`MSMARefineNet`): the original's RefineNet (ahsanMah/msma `model/refinenet.py`, `model/layers.py`):
+  4 pre-activation blocks, CIN++ γ·IN(x) + β + α·(μ − m)/√v with γ, α initialised to ones and ε = 1e-6, input in
+  [0, 1], Keras' initialisers (Glorot-uniform kernels, zero biases).
+- `refinenet_ncsn` (`CondRefineNet`): the NCSN-v1 PyTorch layout (8 residual blocks, CIN++ γ·(IN(x) + α·…) + β,
+  N(1, 0.02) initialisation, ε = 1e-5, input 2x − 1) that oodbench used before.
+- `resnet` (`CondResNet`): a smaller net of oodbench's own, in the NCSN style.
 """
 from __future__ import annotations
 
@@ -14,23 +21,28 @@ import torch.nn.functional as F
 
 from oodbench.errors import OODBenchError
 
-SCORE_NETS = ("refinenet", "resnet", "baseline")
+SCORE_NETS = ("refinenet", "refinenet_ncsn", "resnet", "baseline")
 
 
 class CondInstanceNormPlus(nn.Module):
-    """Instance norm++ with per-level scale (gamma), mean-shift weight (alpha) and bias (beta).
+    """Instance norm++ with per-level scale (gamma), mean-shift weight (alpha) and bias (beta); mu = the per-channel
+    spatial means, m and v their mean and (population) variance over channels.
 
-    out = gamma_l * (IN(x) + alpha_l * (mu - mean_c(mu)) / std_c(mu)) + beta_l, with mu the per-channel spatial means.
+    - `original=True` (MSMA's layer): gamma_l * IN(x) + beta_l + alpha_l * (mu - m) / sqrt(v + eps), gamma and alpha
+      initialised to ones, eps = 1e-6 (also inside IN);
+    - `original=False` (NCSN-v1): gamma_l * (IN(x) + alpha_l * (mu - m) / sqrt(v + eps)) + beta_l, gamma and alpha
+      drawn from N(1, 0.02), eps = 1e-5.
     """
 
-    def __init__(self, channels: int, num_L: int, eps: float = 1e-5):
+    def __init__(self, channels: int, num_L: int, original: bool = False):
         super().__init__()
-        self.eps = eps
+        self.original = original
+        self.eps = 1e-6 if original else 1e-5
         self.gamma = nn.Embedding(num_L, channels)
         self.alpha = nn.Embedding(num_L, channels)
         self.beta = nn.Embedding(num_L, channels)
-        nn.init.normal_(self.gamma.weight, 1.0, 0.02)
-        nn.init.normal_(self.alpha.weight, 1.0, 0.02)
+        for w in (self.gamma.weight, self.alpha.weight):
+            nn.init.ones_(w) if original else nn.init.normal_(w, 1.0, 0.02)
         nn.init.zeros_(self.beta.weight)
 
     def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -39,9 +51,10 @@ class CondInstanceNormPlus(nn.Module):
         v = mu.var(dim=1, keepdim=True, unbiased=False)
         gamma = self.gamma(level)[:, :, None, None]
         shift = self.alpha(level)[:, :, None, None] * (mu - m) / torch.sqrt(v + self.eps)
-        # gamma * (IN(x) + shift) + beta, with the per-(sample, channel) terms folded into one fused multiply-add
-        return torch.addcmul(gamma * shift + self.beta(level)[:, :, None, None], gamma,
-                             F.instance_norm(x, eps=self.eps))
+        if not self.original:
+            shift = gamma * shift
+        # gamma * IN(x) + (shift + beta), the per-(sample, channel) terms folded into one fused multiply-add
+        return torch.addcmul(shift + self.beta(level)[:, :, None, None], gamma, F.instance_norm(x, eps=self.eps))
 
 
 def elu(x: torch.Tensor) -> torch.Tensor:
@@ -206,13 +219,109 @@ class CondResNet(nn.Module):
         return self.end(elu(self.end_norm(h, level)))
 
 
+# ---- the original MSMA RefineNet ---------------------------------------------------------------------------------
+
+class PreActBlock(nn.Module):
+    """MSMA's conditional full pre-activation block: (CIN++, ELU, conv) x 2, the first conv already to `cout`; a 1x1
+    skip conv when the channels change; with `pool`, 2x2 mean pooling of both branches after the convolutions."""
+
+    def __init__(self, cin: int, cout: int, num_L: int, dilation: int = 1, pool: bool = False):
+        super().__init__()
+        self.norm1 = CondInstanceNormPlus(cin, num_L, original=True)
+        self.conv1 = conv3x3(cin, cout, dilation)
+        self.norm2 = CondInstanceNormPlus(cout, num_L, original=True)
+        self.conv2 = conv3x3(cout, cout, dilation)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(elu(self.norm2(self.conv1(elu(self.norm1(x, level))), level)))
+        skip = x if self.skip is None else self.skip(x)
+        if self.pool:
+            h, skip = F.avg_pool2d(h, 2, ceil_mode=True), F.avg_pool2d(skip, 2, ceil_mode=True)
+        return skip + h
+
+
+class MSMARefineBlock(nn.Module):
+    """MSMA's refine block: 2 RCUs (pre-activation blocks) per input, fusion (CIN++ then conv per input, the low
+    one bilinearly resized to the high one's size) when there are two, chained residual pooling (ELU, then 2 x
+    (CIN++, 5x5 mean pool, conv) chained and summed), `end` RCUs."""
+
+    def __init__(self, in_channels: list[int], ch: int, num_L: int, end: int = 1):
+        super().__init__()
+        self.rcus = nn.ModuleList(nn.ModuleList(PreActBlock(c if i == 0 else ch, ch, num_L) for i in range(2))
+                                  for c in in_channels)
+        fused = len(in_channels) if len(in_channels) > 1 else 0
+        self.fuse_norms = nn.ModuleList(CondInstanceNormPlus(ch, num_L, original=True) for _ in range(fused))
+        self.fuse_convs = nn.ModuleList(conv3x3(ch, ch) for _ in range(fused))
+        self.crp_norms = nn.ModuleList(CondInstanceNormPlus(ch, num_L, original=True) for _ in range(2))
+        self.crp_convs = nn.ModuleList(conv3x3(ch, ch) for _ in range(2))
+        self.end = nn.ModuleList(PreActBlock(ch, ch, num_L) for _ in range(end))
+
+    def forward(self, xs: list[torch.Tensor], level: torch.Tensor) -> torch.Tensor:
+        hs = list(xs)
+        for i in range(2):
+            hs = [rcu[i](h, level) for rcu, h in zip(self.rcus, hs)]
+        if len(hs) == 2:
+            size = hs[0].shape[2:]
+            high, low = (conv(norm(h, level)) for norm, conv, h in zip(self.fuse_norms, self.fuse_convs, hs))
+            x = high + F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+        else:
+            x = hs[0]
+        x = h = elu(x)
+        for norm, conv in zip(self.crp_norms, self.crp_convs):
+            h = conv(F.avg_pool2d(norm(h, level), 5, stride=1, padding=2, count_include_pad=False))
+            x = x + h
+        for block in self.end:
+            x = block(x, level)
+        return x
+
+
+class MSMARefineNet(nn.Module):
+    """The original MSMA RefineNet: conv to `filters`; pre-activation blocks f (full res), 2f (pooled to half res),
+    2f (dilation 2), 2f (dilation 4); refine blocks back up (2f, 2f, 2f, then f with 3 end RCUs); CIN++, ELU, conv
+    back to the image's channels. The input is x in [0, 1] as it is (no 2x - 1)."""
+
+    def __init__(self, channels: int, filters: int = 128, num_L: int = 10):
+        super().__init__()
+        f = filters
+        self.begin = conv3x3(channels, f)
+        self.preact = nn.ModuleList([PreActBlock(f, f, num_L), PreActBlock(f, 2 * f, num_L, pool=True),
+                                     PreActBlock(2 * f, 2 * f, num_L, dilation=2),
+                                     PreActBlock(2 * f, 2 * f, num_L, dilation=4)])
+        self.refine4 = MSMARefineBlock([2 * f], 2 * f, num_L)
+        self.refine3 = MSMARefineBlock([2 * f, 2 * f], 2 * f, num_L)
+        self.refine2 = MSMARefineBlock([2 * f, 2 * f], 2 * f, num_L)
+        self.refine1 = MSMARefineBlock([f, 2 * f], f, num_L, end=3)
+        self.end_norm = CondInstanceNormPlus(f, num_L, original=True)
+        self.end = conv3x3(f, channels)
+        for m in self.modules():  # Keras' defaults: Glorot-uniform kernels, zero biases
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        h, outs = self.begin(x), []
+        for block in self.preact:
+            h = block(h, level)
+            outs.append(h)
+        r = self.refine4([outs[3]], level)
+        r = self.refine3([outs[2], r], level)
+        r = self.refine2([outs[1], r], level)
+        r = self.refine1([outs[0], r], level)
+        return self.end(elu(self.end_norm(r, level)))
+
+
 def build_score_net(model: str, channels: int, filters: int, num_L: int) -> nn.Module:
-    """`refinenet` (and `baseline`, the same net trained with one level) or `resnet`."""
+    """`refinenet` (the original MSMA RefineNet; `baseline` is the same net trained with one level),
+    `refinenet_ncsn` (the NCSN-v1 layout) or `resnet`."""
     if num_L < 1:
         raise OODBenchError(f"num_L must be >= 1, got {num_L}; set model.num_L to the number of noise levels")
     if filters < 1:
         raise OODBenchError(f"filters must be >= 1, got {filters}; set model.filters")
     if model in ("refinenet", "baseline"):
+        return MSMARefineNet(channels, filters, num_L)
+    if model == "refinenet_ncsn":
         return CondRefineNet(channels, filters, num_L)
     if model == "resnet":
         return CondResNet(channels, filters, num_L)

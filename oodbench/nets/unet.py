@@ -2,7 +2,9 @@
 
 `build_unet(size, in_channels)` gives the two sizes of the DDPM-OOD paper:
 - `small`: base 128 channels, multipliers (1, 2, 2), 1 residual block per level, attention at the lowest level;
-- `paper`: base 256 channels, multipliers (1, 2, 3), 2 residual blocks per level, attention at the two lower levels.
+- `paper`: base 256 channels, multipliers (1, 2, 3), 2 residual blocks per level, attention at all three levels;
+both with 256 channels per attention head (1, 2, 3 heads at 256, 512, 768 channels), as the original's MONAI
+`DiffusionModelUNet(num_head_channels=256)` (ddpm-ood `src/trainers/base.py`).
 `size="custom"` takes `base`, `mults`, `blocks`, `attn_levels` (tiny networks for tests and quick runs).
 
 `forward(x, t)`: x float (B, C, H, W) with H and W divisible by 2**(len(mults) - 1); t integer timesteps (B,).
@@ -20,8 +22,8 @@ import torch.nn.functional as F
 from oodbench.errors import OODBenchError
 
 SIZES = {
-    "small": dict(base=128, mults=(1, 2, 2), blocks=1, attn_levels=(2,)),
-    "paper": dict(base=256, mults=(1, 2, 3), blocks=2, attn_levels=(1, 2)),
+    "small": dict(base=128, mults=(1, 2, 2), blocks=1, attn_levels=(2,), head_channels=256),
+    "paper": dict(base=256, mults=(1, 2, 3), blocks=2, attn_levels=(0, 1, 2), head_channels=256),
 }
 
 
@@ -90,8 +92,13 @@ class Step(nn.ModuleList):
 
 class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, base: int = 128, mults=(1, 2, 2), blocks: int = 1,
-                 attn_levels=(2,), heads: int = 1, dropout: float = 0.0):
+                 attn_levels=(2,), heads: int = 1, dropout: float = 0.0, head_channels: int = 0):
+        """`heads` attention heads everywhere, or channels // `head_channels` heads when head_channels > 0."""
         super().__init__()
+
+        def attention(channels):
+            return Attention(channels, channels // head_channels if head_channels > 0 else heads)
+
         if not mults or blocks < 1 or base < 1:
             raise OODBenchError("UNet needs base >= 1, blocks >= 1 and at least one channel multiplier")
         self.levels = len(mults)
@@ -107,13 +114,13 @@ class UNet(nn.Module):
                 step = Step([ResBlock(ch, base * m, emb_dim, dropout)])
                 ch = base * m
                 if level in attn_levels:
-                    step.append(Attention(ch, heads))
+                    step.append(attention(ch))
                 self.down.append(step)
                 skips.append(ch)
             if level < self.levels - 1:
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
-        self.mid = Step([ResBlock(ch, ch, emb_dim, dropout), Attention(ch, heads), ResBlock(ch, ch, emb_dim, dropout)])
+        self.mid = Step([ResBlock(ch, ch, emb_dim, dropout), attention(ch), ResBlock(ch, ch, emb_dim, dropout)])
 
         self.up = nn.ModuleList()
         for level, m in reversed(list(enumerate(mults))):
@@ -121,7 +128,7 @@ class UNet(nn.Module):
                 step = Step([ResBlock(ch + skips.pop(), base * m, emb_dim, dropout)])
                 ch = base * m
                 if level in attn_levels:
-                    step.append(Attention(ch, heads))
+                    step.append(attention(ch))
                 if level > 0 and i == blocks:
                     step.append(Upsample(ch))
                 self.up.append(step)
@@ -161,10 +168,11 @@ class Upsample(nn.Module):
 
 
 def build_unet(size: str = "small", in_channels: int = 1, **custom) -> UNet:
-    """`small` / `paper` (the paper's two networks), or `custom` with base, mults, blocks, attn_levels, heads."""
+    """`small` / `paper` (the paper's two networks), or `custom` with base, mults, blocks, attn_levels, heads,
+    head_channels."""
     if size == "custom":
         return UNet(in_channels, **custom)
     if size not in SIZES:
         raise OODBenchError(f"unknown UNet size {size!r}; use small, paper or custom")
-    extra = {k: v for k, v in custom.items() if k in ("heads", "dropout")}
+    extra = {k: v for k, v in custom.items() if k in ("dropout",)}
     return UNet(in_channels, **SIZES[size], **extra)

@@ -38,7 +38,7 @@ def sync(device):
 def make_detector(args, device) -> MSMA:
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg.pop("presets")
-    cfg["msma"].update(score_chunk=args.chunk, gmm_components=[2, 4, 8], gmm_cv_folds=3, flow_steps=200)
+    cfg["msma"].update(score_chunk=args.chunk, gmm_components=[2, 4, 8], gmm_cv_folds=3, flow_epochs=100)
     det = MSMA(cfg, device)
     torch.manual_seed(0)
     det.sigmas = sigma_schedule(0.01, 1.0, args.num_L).to(device)

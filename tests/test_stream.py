@@ -1,0 +1,208 @@
+"""Streamed image folders: the same pixels and scores as in memory, bounded memory, corrupt files reported, a
+class-balanced --fit-limit, and the OpenOOD image-list sets."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oodbench import data, runs
+from oodbench.data.stream import StreamedImageSet
+from oodbench.errors import OODBenchError
+
+
+def make_folder(root: Path, per_class: int, classes=3, seed=0) -> Path:
+    rng = np.random.RandomState(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = (40, 52) if i % 2 else (48, 48)
+            base = rng.randint(0, 256, (1, 1, 3)) * (c + 1) // classes
+            pixels = np.clip(base + rng.randint(-30, 31, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("jpegs") / "set", per_class=70)
+
+
+def all_images(imageset):
+    return torch.cat([x for x, _ in imageset.batches(37)])
+
+
+@pytest.mark.parametrize("decode", [dict(), dict(like=(3, 32, 32)), dict(decode_to=(3, 32, 32), crop_resize=36)])
+def test_streamed_and_in_memory_give_the_same_pixels_and_labels(folder, decode):
+    streamed = data.load(f"folder:{folder}", stream=True, **decode)
+    whole = data.load(f"folder:{folder}", stream=False, **decode)
+    assert isinstance(streamed, StreamedImageSet) and not isinstance(whole, StreamedImageSet)
+    assert len(streamed) == len(whole) == 210 and streamed.shape == whole.shape
+    assert torch.equal(all_images(streamed), whole.images)
+    assert torch.equal(streamed.labels, whole.labels) and set(whole.labels.tolist()) == {0, 1, 2}
+    assert torch.equal(all_images(streamed.head(50)), whole.images[:50])
+    with pytest.raises(OODBenchError, match="streamed"):
+        streamed.images
+
+
+def test_the_crop_recipe_is_torchvisions_on_pil_images(folder):
+    from torchvision.transforms import v2
+
+    streamed = data.load(f"folder:{folder}", stream=True, decode_to=(3, 32, 32), crop_resize=36)
+    recipe = v2.Compose([v2.Resize(36), v2.CenterCrop(32), v2.PILToTensor()])
+    path = sorted(folder.rglob("*.jpg"))[1]
+    with Image.open(path) as im:
+        expected = recipe(im.convert("RGB"))
+    assert torch.equal(all_images(streamed)[1], expected)
+
+
+def test_auto_streams_above_the_threshold_and_fingerprint_follows_the_files(folder, tmp_path, monkeypatch):
+    assert not isinstance(data.load(f"folder:{folder}"), StreamedImageSet)        # 210 small images: in memory
+    monkeypatch.setenv("OODBENCH_STREAM_ABOVE_MB", "0.5")
+    copy = make_folder(tmp_path / "copy", per_class=70)
+    streamed = data.load(f"folder:{copy}")
+    assert isinstance(streamed, StreamedImageSet)
+    before = streamed.fingerprint
+    assert data.load(f"folder:{copy}").fingerprint == before                        # stable
+    victim = sorted(copy.rglob("*.jpg"))[5]
+    Image.new("RGB", (48, 48), (9, 9, 9)).save(victim, quality=90)
+    assert data.load(f"folder:{copy}").fingerprint != before                        # a replaced file is seen
+    with pytest.raises(OODBenchError, match="data.stream must be"):
+        data.load(f"folder:{copy}", stream="sometimes")
+
+
+def test_a_corrupt_jpeg_is_reported_by_name(tmp_path):
+    bad_folder = make_folder(tmp_path / "bad", per_class=5)
+    bad = sorted(bad_folder.rglob("*.jpg"))[3]
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    streamed = data.load(f"folder:{bad_folder}", stream=True, like=(3, 16, 16))
+    with pytest.raises(OODBenchError, match=f"1 corrupt or unreadable image file.*{bad.name}"):
+        list(streamed.batches(4))
+    with pytest.raises(OODBenchError, match=bad.name):
+        data.load(f"folder:{bad_folder}", stream=False, like=(3, 16, 16))
+
+
+def test_scores_streamed_equal_in_memory_through_a_model_run(folder, tmp_path, monkeypatch):
+    import oodbench
+
+    model = oodbench.load_model("torchvision:resnet18:none")
+    rows = {}
+    for mode, threshold in (("memory", "100000"), ("streamed", "0")):
+        monkeypatch.setenv("OODBENCH_STREAM_ABOVE_MB", threshold)
+        run = runs.ModelRun(model, f"folder:{folder}", fit_limit=90, runs_dir=tmp_path / mode)
+        if mode == "streamed":
+            assert isinstance(run.load_set(f"folder:{folder}"), StreamedImageSet)
+        rows[mode] = runs.evaluate(run, ["msp", "knn", "vim"], ["noise:gaussian"], limit=120, device="cpu",
+                                   overrides=["knn.k=5"])
+        scores = {m: np.load(run.path / "scores" / m / f"{runs.safe_name(f'folder:{folder}')}.npz")[m]
+                  for m in ("msp", "knn", "vim")}
+        rows[mode + "_scores"] = scores
+    for m in ("msp", "knn", "vim"):
+        np.testing.assert_allclose(rows["memory_scores"][m], rows["streamed_scores"][m], rtol=1e-5, atol=1e-6)
+    assert [r["auroc"] for r in rows["memory"]] == pytest.approx([r["auroc"] for r in rows["streamed"]], abs=1e-9)
+
+
+PEAK = """
+import resource, sys
+import torch
+from oodbench import data
+s = data.load("folder:" + sys.argv[1], stream=True, like=(3, 64, 64))
+total = 0
+for x, _ in s.batches(32):
+    total += int(x.float().mean() > -1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, total)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_set(tmp_path):
+    small = make_folder(tmp_path / "small", per_class=40)
+    large = make_folder(tmp_path / "large", per_class=160, seed=1)
+    env = {"OODBENCH_WORKERS": "0", "PATH": "/usr/bin:/bin"}
+    peaks = {}
+    for name, f in (("small", small), ("large", large)):
+        out = subprocess.run([sys.executable, "-c", PEAK, str(f)], capture_output=True, text=True, env={
+            **env, "PYTHONPATH": str(Path(__file__).parent.parent)}, check=True).stdout.split()
+        peaks[name] = int(out[0])
+    # 4x the images (64x64x3 uint8: 4.7 MB more in memory) must not raise the peak by more than a few MB
+    assert peaks["large"] - peaks["small"] < 20_000, peaks      # KiB
+
+
+def test_fit_limit_samples_per_class():
+    from oodbench.data.split import per_class_sample
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    imageset = data.ImageSet(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), labels, "toy")
+    sample = per_class_sample(imageset, 30, seed=0)
+    assert torch.bincount(sample.labels).tolist() == [10, 10, 10]
+    assert per_class_sample(imageset, 30, seed=0).fingerprint == sample.fingerprint        # seeded
+    assert per_class_sample(imageset, 70, seed=0).labels.bincount().tolist() == [25, 25, 20]
+    assert per_class_sample(imageset, 200, seed=0) is imageset
+
+
+def write_openood(root: Path) -> None:
+    """A miniature OpenOOD data folder: image lists + images for imagenet and ssb_hard."""
+    images = root / "images_largescale"
+    lists = root / "benchmark_imglist" / "imagenet"
+    lists.mkdir(parents=True)
+    for name, split, n, labelled in (("imagenet_1k/train", "train_imagenet", 12, True),
+                                     ("imagenet_1k/val", "test_imagenet", 6, True),
+                                     ("ssb_hard", "test_ssb_hard", 5, False)):
+        (images / name).mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            Image.new("RGB", (30 + i, 24), (10 * i, 80, 160)).save(images / name / f"{i}.jpg")
+            lines.append(f"{name}/{i}.jpg {i % 3 if labelled else -1}")
+        (lists / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_openood_image_lists_stream_from_the_data_root(tmp_path):
+    write_openood(tmp_path)
+    test = data.load("imagenet", root=tmp_path, like=(3, 16, 16))
+    assert isinstance(test, StreamedImageSet) and len(test) == 6 and test.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert all_images(test).shape == (6, 3, 16, 16)
+    ood = data.load("ssb_hard", root=tmp_path, like=(3, 16, 16))
+    assert ood.labels is None and len(ood) == 5
+    assert len(data.load("imagenet", split="train", root=tmp_path, like=(3, 16, 16))) == 12
+    with pytest.raises(OODBenchError, match="no 'train' split"):
+        data.load("ssb_hard", split="train", root=tmp_path)
+    with pytest.raises(OODBenchError, match="ninco.*not found.*benchmark_imglist"):
+        data.load("ninco", root=tmp_path)
+    names = {row["name"]: row for row in data.dataset_status(tmp_path)}
+    assert names["imagenet"]["found"] and not names["ninco"]["found"] and "download.py" in names["ninco"]["how_to_get"]
+
+
+def test_imagenet_protocol_validates_and_names_missing_sets_offline(tmp_path, capsys, monkeypatch):
+    from oodbench import bench
+
+    grid = bench.load_bench("imagenet")
+    assert grid.ins == ["imagenet"] and {"ssb_hard", "ninco", "inaturalist", "imagenet_textures",
+                                         "openimage_o"} <= set(grid.outs)
+    assert all(e.model == "torchvision:resnet50:IMAGENET1K_V1" for e in grid.entries)
+    assert bench.load_bench("imagenet200").ins == ["imagenet200"]
+    monkeypatch.setenv("OODBENCH_DOWNLOAD", "0")
+    from oodbench.cli import main
+
+    assert main(["bench", "imagenet", "--data-root", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
+                 "--out", str(tmp_path / "report")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("oodbench: not available")]
+    for name in ("imagenet", "ssb_hard", "ninco", "inaturalist", "imagenet_textures", "openimage_o"):
+        line = next(line for line in lines if line.startswith(f"oodbench: not available, skipped: {name}: "))
+        assert str(tmp_path / "benchmark_imglist") in line and ("download.py" in line or "image-net.org" in line)
+
+
+def test_reference_features_can_be_cached_in_float16(tmp_path):
+    import shutil
+
+    folder = tmp_path / "classifier-fashion_mnist-s0"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "tiny_run", folder)
+    run = runs.Run(folder)
+    full = run.detector("knn", device="cpu").reference_outputs("train")
+    half = run.detector("knn", ["features.float16=true"], device="cpu").reference_outputs("train")
+    with np.load(folder / "cache" / "train_outputs.npz") as f:
+        assert f["features"].dtype == np.float16 and f["labels"].dtype == np.int64
+    assert half["features"].dtype == torch.float32
+    torch.testing.assert_close(half["features"], full["features"], rtol=1e-3, atol=1e-3)
