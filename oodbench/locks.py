@@ -30,6 +30,7 @@ class FileLock:
         self.owner = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex[:8]}\n"
         self._stop = threading.Event()
         self._beat = None
+        self._made: list = []       # the folders acquire() created, deepest first
 
     def __enter__(self) -> "FileLock":
         self.acquire()
@@ -39,9 +40,15 @@ class FileLock:
         self.release()
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         mine = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}")
-        mine.write_text(self.owner)
+        while True:   # another lock's release may remove a folder this one just made: make it again
+            self._made = missing_folders(self.path.parent)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                mine.write_text(self.owner)
+                break
+            except FileNotFoundError:
+                continue
         try:
             while True:
                 try:
@@ -68,6 +75,11 @@ class FileLock:
             self._beat = None
         if self._holder() == self.owner:
             self.path.unlink(missing_ok=True)
+        for folder in self._made:   # a lock leaves no folder behind (e.g. a training refused before it wrote)
+            try:
+                folder.rmdir()
+            except OSError:
+                break               # not empty: in use
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -105,6 +117,15 @@ class FileLock:
         except OSError:
             pass
         aside.unlink(missing_ok=True)
+
+
+def missing_folders(folder: Path) -> list:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    found = []
+    while not folder.exists() and folder != folder.parent:
+        found.append(folder)
+        folder = folder.parent
+    return found
 
 
 def alive(pid: int) -> bool:

@@ -135,6 +135,9 @@ def test_run_lock_waits_for_its_holder_and_breaks_a_dead_holders_lock(tmp_path):
     path.write_text("otherhost 1 x\n")            # another host's, refreshed recently: not stale
     assert not locks.FileLock(path, stale_s=60)._stale("otherhost 1 x\n")
     assert locks.FileLock(path, stale_s=0)._stale("otherhost 1 x\n")
+    with locks.FileLock(tmp_path / "new" / "runs" / ".run.lock"):
+        assert (tmp_path / "new" / "runs").is_dir()
+    assert not (tmp_path / "new").exists()        # a lock leaves no folder behind
 
 
 def test_submitit_local_job_is_pickled_and_requeued_on_preemption_and_resumes(tmp_path, monkeypatch):
