@@ -219,3 +219,29 @@ def test_report_only_shows_finished_cells_and_cli_prints_auroc_from_results(sequ
     assert f"{100 * msp['auroc']:.2f} ± {100 * msp['auroc_std']:.2f}" in shown
     assert "| maxlogit | failed [1] | failed [1] |" in shown
     assert bench.auroc_tables(res) in (report / "report.md").read_text()   # the report's own tables
+
+
+def test_bad_executor_options_from_the_command_line_are_one_line_errors(tmp_path, capsys):
+    config = tmp_path / "grid.yaml"
+    config.write_text("in: [fashion_mnist]\nout: [digits]\nmethods: [msp]\n")
+    for flags, message in ((["--executor", "local", "--jobs", "0"], "jobs must be a positive integer"),
+                           (["--executor", "slurm", "--time-limit", "soon"], "time must be minutes"),
+                           (["--executor", "slurm", "--sbatch", "qos=high"], "an sbatch flag is written --name")):
+        assert main(["bench", str(config), "--out", str(tmp_path / "r"), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (flags, err)
+
+
+def test_a_multi_gpu_job_gives_each_task_torchruns_variables(monkeypatch):
+    submitit = pytest.importorskip("submitit")
+
+    class Rank1Of2:
+        num_tasks, global_rank, local_rank, hostnames, job_id = 2, 1, 1, ["node7", "node8"], "4242_3"
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "unset")                        # restored after the test
+    monkeypatch.setattr(submitit, "JobEnvironment", Rank1Of2)
+    seen = slurm.SlurmTask(lambda: {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")},
+                           ())()
+    assert seen == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node7"}
+    assert os.environ["MASTER_PORT"] == str(20000 + 42423 % 20000)    # the same on every rank of the job
