@@ -229,10 +229,10 @@ class LocalExecutor:
     """`jobs` worker processes (spawned, so CUDA and threads start clean), each with cpu_count // jobs threads and
     one task at a time. A worker that dies is replaced, and its task is returned as TaskFailed (the grid retries)."""
 
-    def __init__(self, jobs: int, threads: int | None = None):
+    def __init__(self, jobs: int):
         self.ctx = get_context("spawn")
         self.jobs = jobs
-        self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.queue = deque()
         self.busy: dict = {}        # connection -> (process, key)
         self.idle: list = []        # (process, connection)
@@ -244,7 +244,8 @@ class LocalExecutor:
         return len(self.busy)
 
     def wait(self) -> list:
-        while self.queue and (self.idle or len(self.busy) < self.jobs):
+        self.idle = [(p, c) for p, c in self.idle if p.is_alive()]   # one that died while idle is replaced
+        while self.queue and len(self.busy) < self.jobs:
             process, conn = self.idle.pop() if self.idle else self._start()
             key, _, fn, args = self.queue.popleft()
             conn.send((fn, args))
