@@ -245,3 +245,21 @@ def test_a_multi_gpu_job_gives_each_task_torchruns_variables(monkeypatch):
                            ())()
     assert seen == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node7"}
     assert os.environ["MASTER_PORT"] == str(20000 + 42423 % 20000)    # the same on every rank of the job
+
+
+def test_one_progress_bar_over_the_cells_with_failed_and_running_counts(sequential, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from oodbench import progress
+
+    shutil.copytree(sequential, tmp_path / "report")
+    config = grid(tmp_path)
+    config.write_text(config.read_text().replace("methods: [msp, energy]", "methods: [msp, energy, nope]"))
+    monkeypatch.delenv("OODBENCH_PROGRESS")
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)          # a plain line at every update
+    capsys.readouterr()
+    bench.run_bench(config, runs_dir=sequential.parent / "runs", device="cpu", out=tmp_path / "report",
+                    report_only=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "bench: cells" in ln]
+    assert lines[-1].startswith("oodbench: bench: cells: 12/12 cell (100%) [4 failed, 0 task(s) running]")
+    assert lines[-1].endswith(", done") and len(lines) >= 6    # the 4 cells of `nope` fail at once, then per unit
