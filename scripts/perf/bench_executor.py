@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     if folder.exists() and any(folder.iterdir()):
         raise SystemExit(f"{folder} is not empty; a from-scratch time needs an empty folder")
     config = str(Path(a.config).resolve()) if Path(a.config).is_file() else a.config
+    load = os.getloadavg()[0]
     sequential = run(config, folder / "sequential", a.device, [], a.sequential_threads)
     local = run(config, folder / "local", a.device, ["--executor", "local", "--jobs", str(a.jobs)])
     seq, par = auroc(folder / "sequential"), auroc(folder / "local")
@@ -66,7 +67,9 @@ def main(argv=None) -> int:
     print(f"bench {a.config} from scratch on {a.device} ({os.cpu_count()} CPUs): sequential ({threads}) "
           f"{sequential:.1f} s, local --jobs {a.jobs} ({max(1, (os.cpu_count() or 1) // a.jobs)} thread(s) each) "
           f"{local:.1f} s, ratio {local / sequential:.2f}x (goal <= 0.65x); per-seed AUROC "
-          + ("equal" if worst == 0 else f"max difference {worst:.4f}") + f"; folders in {folder}")
+          + ("equal" if worst == 0 else f"max difference {worst:.4f}")
+          + f"; 1-min load average {load:.2f} before, {os.getloadavg()[0]:.2f} after (other processes skew the ratio)"
+          + f"; folders in {folder}")
     return 0
 
 
