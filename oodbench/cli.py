@@ -33,6 +33,9 @@ EPILOGS = {
   oodbench bench                              # = oodbench bench quick: the offline quick benchmark
   oodbench bench cifar10 --device cuda        # a shipped protocol, by name
   oodbench bench my_grid.yaml --out reports/mine
+  oodbench bench cifar10 --executor local --jobs 2      # two worker processes on this machine
+  oodbench bench cifar10 --executor slurm --partition gpu --gpus-per-job 1 --time-limit 4:00:00
+  oodbench bench cifar10 --report-only                  # the report of the cells finished so far
 shipped protocols: {protocols}""",
 }
 DATA_ROOT_HELP = "data root (default: $OODBENCH_DATA, else ~/.cache/oodbench/data)"
@@ -126,6 +129,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     b.add_argument("--device", default="auto", help=DEVICE_HELP)
     b.add_argument("--out", default=None, help="report folder (default: the config's)")
+    b.add_argument("--report-only", action="store_true", help="train and score nothing: write the report of the "
+                   "cells finished so far (the others are listed as not computed)")
+    x = b.add_argument_group("executor (default: the YAML's `executor:` section, else sequential; docs/bench.md)")
+    x.add_argument("--executor", choices=("sequential", "local", "slurm"), default=None,
+                   help="sequential: one process; local: --jobs worker processes; slurm: SLURM jobs via submitit")
+    x.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="local: worker processes (default: the CPU count); slurm: jobs running at once")
+    x.add_argument("--partition", default=None, help="slurm: partition")
+    x.add_argument("--gpus-per-job", type=int, default=None, metavar="N",
+                   help="slurm: GPUs per job; a training with N > 1 runs as one DDP job, a rank per GPU")
+    x.add_argument("--cpus-per-job", type=int, default=None, metavar="N", help="slurm: CPUs per job (per task)")
+    x.add_argument("--time-limit", default=None, metavar="T", help="slurm: time limit of a job, minutes or H:MM:SS")
+    x.add_argument("--sbatch", action="append", default=[], metavar="FLAG",
+                   help="slurm: an extra sbatch flag, e.g. --sbatch=--qos=high (repeatable)")
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -239,26 +256,16 @@ def cmd_data(a) -> None:
 def cmd_bench(a) -> None:
     from oodbench import bench
 
-    folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out)
-    for skipped in json.loads((folder / "results.json").read_text()).get("skipped", []):
+    time_limit = int(a.time_limit) if a.time_limit and a.time_limit.isdigit() else a.time_limit
+    executor = {"name": a.executor, "jobs": a.jobs, "partition": a.partition, "gpus": a.gpus_per_job,
+                "cpus": a.cpus_per_job, "time": time_limit, "sbatch": tuple(a.sbatch)}
+    folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out,
+                             executor=executor, report_only=a.report_only)
+    results = json.loads((folder / "results.json").read_text())
+    for skipped in results["skipped"]:
         print(f"oodbench: not available, skipped: {skipped['dataset']}: {skipped['reason']}", file=sys.stderr)
-    print(auroc_sections((folder / "report.md").read_text()))
+    print(bench.auroc_tables(results))
     print(f"full report (all metrics, confidence intervals, plots): {folder / 'report.md'}")
-
-
-def auroc_sections(report_md: str) -> str:
-    """The AUROC table(s) of a bench report, with their in-distribution headings."""
-    keep, out = False, []
-    for line in report_md.splitlines():
-        if line.startswith("## "):
-            keep = line != "## Notes"
-            out += [line] if keep else []
-        elif line.startswith("### "):
-            keep = line.startswith("### AUROC")
-            out += [line] if keep else []
-        elif keep:
-            out.append(line)
-    return "\n".join(out).strip()
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,11 @@ import numpy as np
 
 from oodbench.errors import OODBenchError
 
-METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error")
+# The one list of metric names (and their table titles) that evaluation, `eval` output and bench reports use.
+METRIC_TITLES = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "fpr95": "FPR@95",
+                 "fpr95_openood": "FPR@95 (OpenOOD)", "detection_error": "DetErr"}
+METRIC_NAMES = tuple(METRIC_TITLES)
+TABLE_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "detection_error")   # the columns of result tables
 
 _TPR_LEVEL = 0.95
 _BOOT_CHUNK_ELEMENTS = 4_000_000  # bootstrap rows are processed in chunks of about this many sampled indices

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
+from oodbench.metrics import METRIC_TITLES, TABLE_METRICS
 from oodbench.runs import rows_to_csv
 
-COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"), ("fpr95", "FPR@95"),
-           ("detection_error", "DetErr"))
-JSON_KEYS = ("method", "in", "out", "auroc", "aupr_in", "aupr_out", "fpr95", "detection_error")
+COLUMNS = tuple((m, METRIC_TITLES[m]) for m in TABLE_METRICS)
+JSON_KEYS = ("method", "in", "out") + TABLE_METRICS
 
 
 def markdown_table(rows: list) -> str:

@@ -5,6 +5,7 @@ A run is `runs/<kind>-<in>-s<seed>[-<name>]/` holding `config.yaml` (fully resol
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from oodbench import config as configs
-from oodbench import data, metrics, progress
+from oodbench import data, locks, metrics, progress
 from oodbench.detectors import base as registry
 from oodbench.engine import Engine, TrainSpec, checkpoint, distributed, setup_device
 from oodbench.errors import OODBenchError
@@ -369,25 +370,29 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
 
     engine = Engine(run_dir, device, cfg["seed"], resume=resume, config=cfg, begin=write_config)
     train_set, val_set = data.run_split(cfg, engine.device)  # before anything is written: bad data leaves no run
-    if existing.is_file():
-        old = configs.read_yaml(existing)
-        diff = differing_keys(old, cfg)
-        if diff:
-            raise OODBenchError(f"{run_dir} exists with a different config ({', '.join(diff[:4])}); give this one "
-                                f"its own --run-name, or delete that folder to retrain")
-        if finished(run_dir):
-            return Run(run_dir, reused=True)
-    det = registry.trainer_for(cls)(cfg, engine.device)
-    det.fit(train_set, val_set, engine)
-    if engine.is_main:
-        engine.begin()   # a detector that trained no network here (oe.from_run) still gets its config
-        meta = {"kind": cls.kind, "method": method, "in": cfg["data"]["in"], "shape": list(train_set.shape),
-                "train_size": len(train_set), "val_size": len(val_set), "torch": torch.__version__}
-        write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
-        checkpoint.save_atomic(det.state_dict(), run_dir / "detector.pt")
-        checkpoint.load(run_dir / "detector.pt")   # success is reported only for a detector file that loads back
-    distributed.barrier(engine.world_size)
-    return Run(run_dir)
+    # One process trains a run at a time (bench workers, SLURM jobs, other hosts; oodbench/locks.py); under
+    # torchrun the main rank holds the lock and the others wait for it at the barrier.
+    with locks.FileLock(run_dir.with_name(f".{run_dir.name}.lock")) if engine.is_main else contextlib.nullcontext():
+        distributed.barrier(engine.world_size)
+        if existing.is_file():
+            old = configs.read_yaml(existing)
+            diff = differing_keys(old, cfg)
+            if diff:
+                raise OODBenchError(f"{run_dir} exists with a different config ({', '.join(diff[:4])}); give this one "
+                                    f"its own --run-name, or delete that folder to retrain")
+            if finished(run_dir):
+                return Run(run_dir, reused=True)
+        det = registry.trainer_for(cls)(cfg, engine.device)
+        det.fit(train_set, val_set, engine)
+        if engine.is_main:
+            engine.begin()   # a detector that trained no network here (oe.from_run) still gets its config
+            meta = {"kind": cls.kind, "method": method, "in": cfg["data"]["in"], "shape": list(train_set.shape),
+                    "train_size": len(train_set), "val_size": len(val_set), "torch": torch.__version__}
+            write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+            checkpoint.save_atomic(det.state_dict(), run_dir / "detector.pt")
+            checkpoint.load(run_dir / "detector.pt")   # success is reported only for a detector file that loads back
+        distributed.barrier(engine.world_size)
+        return Run(run_dir)
 
 
 def check_training_config(cfg: dict) -> None:

@@ -132,16 +132,6 @@ def test_data_commands(tmp_path, capsys):
     assert main(["data", "make-resize-benchmark", "--src", "digits", "--out", str(tmp_path / "rz")]) == 2
 
 
-def test_bench_prints_the_auroc_tables():
-    from oodbench.cli import auroc_sections
-
-    report = "# R\n\n## Notes\n\n- a note\n\n## cifar10 (in-distribution)\n\n### AUROC (%)\n\n| m | svhn |\n" \
-             "|---|---|\n| msp | 90.00 |\n\n### FPR@95 (%)\n\n| m | svhn |\n"
-    shown = auroc_sections(report)
-    assert "## cifar10" in shown and "| msp | 90.00 |" in shown
-    assert "a note" not in shown and "FPR@95" not in shown
-
-
 def test_train_says_when_it_reused_a_run(runs_dir, capsys):
     capsys.readouterr()
     assert main(["train", "--method", "msp", "--in", "fashion_mnist", "--runs-dir", str(runs_dir), *FAST]) == 0

@@ -1,0 +1,310 @@
+"""The bench YAML (`Bench`, its method `Entry`s and `executor:` section) and the work it plans: the trained runs
+(`RunJob`) and the scoring units (method × ID set × seed) of the grid. The format is in docs/bench.md."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from oodbench import config as configs
+from oodbench import protocols
+from oodbench.detectors import base as registry
+from oodbench.errors import OODBenchError
+
+BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
+              "plots", "methods", "tune", "executor")
+ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit", "tune")
+EXECUTORS = ("sequential", "local", "slurm")
+EXECUTOR_KEYS = ("name", "jobs", "partition", "gpus", "cpus", "time", "sbatch", "folder")
+
+
+# ---------------------------------------------------------------------------------------------------- the config
+@dataclass
+class Entry:
+    """One method of the grid: its registered name, the label its rows get, and its own settings."""
+    method: str
+    label: str
+    preset: Optional[str]
+    train_overrides: list       # change the trained run (seed/data/model/train keys)
+    score_overrides: list       # change scoring options only
+    limit: Optional[int]
+    kind: str = ""
+    error: str = ""             # set when the method cannot be used at all (e.g. not registered)
+    model: Optional[str] = None     # a model spec: score that classifier (no training) instead of a trained run
+    fit_limit: Optional[int] = None
+    tune: bool = False              # choose the method's options on validation data first (oodbench.tuning)
+
+
+@dataclass
+class ExecutorOptions:
+    """How the grid's jobs run (the YAML's `executor:` section; `oodbench bench --executor ...` options win)."""
+    name: str = "sequential"        # sequential | local | slurm
+    jobs: Optional[int] = None      # local: worker processes (default: the CPU count); slurm: jobs at once
+    partition: Optional[str] = None
+    gpus: int = 0                   # per job; a training with gpus > 1 is one DDP job with a task per GPU
+    cpus: Optional[int] = None      # per job (per task)
+    time: int = 60                  # time limit of a job, minutes
+    sbatch: tuple = ()              # extra sbatch flags, e.g. ("--qos=high", "--account=lab")
+    folder: Optional[str] = None    # submitit's job folder (default: <report>/slurm)
+
+    def updated(self, given: dict, where: str = "oodbench bench") -> "ExecutorOptions":
+        """These options with the values of `given` that are not None (checked as the YAML's are)."""
+        raw = {**self.__dict__, **{k: v for k, v in given.items() if v is not None and v != ()}}
+        return executor_options(raw, where)
+
+
+@dataclass
+class Bench:
+    path: Path
+    name: str
+    report: Path
+    preset: Optional[str]
+    seeds: list
+    ins: list
+    outs: list                  # every OOD spec, in order, once
+    groups: dict                # group name -> its specs (empty when `out` is a plain list)
+    limit: Optional[int]
+    bootstrap: int
+    train_overrides: dict       # kind (or "all") -> overrides
+    run_name: Optional[str]
+    plots: bool
+    entries: list = field(default_factory=list)
+    tune: bool = False
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
+
+    def settings(self) -> dict:
+        return {"name": self.name, "config": str(self.path), "preset": self.preset, "seeds": self.seeds,
+                "in": self.ins, "out": self.outs, "groups": self.groups, "limit": self.limit,
+                "bootstrap": self.bootstrap, "train_overrides": self.train_overrides, "run_name": self.run_name,
+                "methods": [e.label for e in self.entries],
+                "limits": {e.label: e.limit for e in self.entries if e.limit != self.limit}}
+
+    def run_jobs(self, missing: dict) -> dict:
+        """{RunJob: method that trains it} for every run the grid needs on the sets that are on disk."""
+        jobs: dict = {}
+        for entry in self.entries:
+            if entry.error or entry.model:
+                continue
+            for in_spec in (i for i in self.ins if i not in missing):
+                for seed in self.seeds:
+                    jobs.setdefault(run_job(self, entry, in_spec, seed), entry.method)
+        return jobs
+
+    def units(self, missing: dict) -> list:
+        """The scoring units (entry, ID set, seed) on the sets that are on disk, in report order."""
+        return [(e, i, s) for e in self.entries for i in self.ins if i not in missing for s in self.seeds]
+
+
+def load_bench(config) -> Bench:
+    """Read and check a bench YAML, given by path or shipped protocol name (unknown keys are errors)."""
+    path = protocols.bench_path(config)
+    raw = configs.read_yaml(path)
+    where = f"bench config {path}"
+    _check_keys(raw, BENCH_KEYS, where)
+    for key in ("in", "out", "methods"):
+        if not raw.get(key):
+            raise OODBenchError(f"{where}: `{key}` is missing or empty; see docs/bench.md for the format")
+    ins = _spec_list(raw["in"], f"{where}: in")
+    outs, groups = _out_specs(raw["out"], where)
+    seeds = raw.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise OODBenchError(f"{where}: seeds must be an integer or a list of integers, got {raw.get('seeds')!r}")
+    name = str(raw.get("name") or path.stem)
+    bench = Bench(path=path, name=name, report=Path(raw.get("report") or f"reports/{name}"),
+                  preset=raw.get("preset"), seeds=seeds, ins=ins, outs=outs, groups=groups,
+                  limit=_limit(raw.get("limit"), where), bootstrap=_count(raw.get("bootstrap", 0), where),
+                  train_overrides=_train_overrides(raw.get("train_overrides"), where),
+                  run_name=raw.get("run_name"), plots=bool(raw.get("plots", True)))
+    bench.tune = _flag(raw.get("tune", False), f"{where}: tune")
+    bench.executor = executor_options(raw.get("executor") or {}, f"{where}: executor")
+    bench.entries = [_entry(item, bench, where) for item in raw["methods"]]
+    labels = [e.label for e in bench.entries]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise OODBenchError(f"{where}: method(s) {', '.join(twice)} listed twice; give one of them a `label:`")
+    return bench
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise OODBenchError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _check_keys(raw: dict, allowed, where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(allowed)}."
+            raise OODBenchError(f"{where}: unknown key {key!r}.{hint}")
+
+
+def _spec_list(value, where: str) -> list:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s.strip() for s in items):
+        raise OODBenchError(f"{where} must be a dataset spec or a list of specs, got {value!r}")
+    return list(dict.fromkeys(s.strip() for s in items))
+
+
+def _out_specs(value, where: str):
+    if isinstance(value, dict):
+        groups = {str(g): _spec_list(specs, f"{where}: out.{g}") for g, specs in value.items()}
+        outs = list(dict.fromkeys(s for specs in groups.values() for s in specs))
+        clash = [g for g in groups if g in outs]
+        if clash:
+            raise OODBenchError(f"{where}: group name {clash[0]!r} is also an OOD set; rename the group")
+        return outs, groups
+    return _spec_list(value, f"{where}: out"), {}
+
+
+def _limit(value, where: str) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise OODBenchError(f"{where}: limit must be a positive integer or null, got {value!r}")
+    return value
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OODBenchError(f"{where}: bootstrap must be a number of resamples >= 0 (0 = off), got {value!r}")
+    return value
+
+
+def _overrides(value, where: str) -> list:
+    items = [] if value is None else ([value] if isinstance(value, str) else value)
+    if not isinstance(items, list) or not all(isinstance(s, str) and "=" in s for s in items):
+        raise OODBenchError(f"{where} must be a list of key=value strings (e.g. train.steps=100), got {value!r}")
+    return list(items)
+
+
+def _train_overrides(value, where: str) -> dict:
+    """A list applies to every kind; a mapping gives overrides per kind (`all` for every kind)."""
+    if isinstance(value, dict):
+        return {str(k): _overrides(v, f"{where}: train_overrides.{k}") for k, v in value.items()}
+    return {"all": _overrides(value, f"{where}: train_overrides")}
+
+
+def _entry(item, bench: Bench, where: str) -> Entry:
+    if isinstance(item, str):
+        item = {"method": item}
+    if not isinstance(item, dict) or not isinstance(item.get("method"), str):
+        raise OODBenchError(f"{where}: each methods entry is a method name or a mapping with `method:`, "
+                            f"got {item!r}")
+    _check_keys(item, ENTRY_KEYS, f"{where}: method {item['method']}")
+    overrides = _overrides(item.get("overrides"), f"{where}: method {item['method']} overrides")
+    training = [o for o in overrides if configs.is_training_option(o.split("=", 1)[0].strip())]
+    entry = Entry(method=item["method"], label=str(item.get("label") or item["method"]),
+                  preset=item.get("preset", bench.preset), train_overrides=training,
+                  score_overrides=[o for o in overrides if o not in training],
+                  limit=_limit(item.get("limit", bench.limit), f"{where}: method {item['method']}"),
+                  model=item.get("model"), fit_limit=_limit(item.get("fit_limit"), f"{where}: fit_limit"),
+                  tune=_flag(item.get("tune", bench.tune), f"{where}: method {item['method']} tune"))
+    try:
+        entry.kind = registry.get(entry.method).kind
+    except OODBenchError as e:
+        entry.error = str(e)
+    if entry.model is not None:
+        if not isinstance(entry.model, str) or not entry.model.strip():
+            raise OODBenchError(f"{where}: method {entry.method}: model must be a model spec, e.g. "
+                                f"torchvision:resnet18:none")
+        if training:
+            raise OODBenchError(f"{where}: method {entry.method} scores model {entry.model}; it has no training "
+                                f"overrides ({', '.join(training)})")
+        if not entry.error and entry.kind != "classifier":
+            entry.error = f"method {entry.method!r} trains its own {entry.kind!r} model; `model:` takes classifier methods"
+    return entry
+
+
+def executor_options(raw, where: str) -> ExecutorOptions:
+    """Checked executor options from a mapping (the YAML's `executor:` section, or CLI values)."""
+    if not isinstance(raw, dict):
+        raise OODBenchError(f"{where} must be a mapping (name, jobs, partition, gpus, cpus, time, sbatch), "
+                            f"got {raw!r}")
+    _check_keys(raw, EXECUTOR_KEYS, where)
+    name = raw.get("name", "sequential")
+    if name not in EXECUTORS:
+        raise OODBenchError(f"{where}: executor {name!r} is not one of {', '.join(EXECUTORS)}")
+    for key in ("jobs", "cpus"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OODBenchError(f"{where}: {key} must be a positive integer, got {value!r}")
+    gpus = raw.get("gpus", 0)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise OODBenchError(f"{where}: gpus must be a number of GPUs per job >= 0, got {gpus!r}")
+    partition, folder = raw.get("partition"), raw.get("folder")
+    for key, value in (("partition", partition), ("folder", folder)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise OODBenchError(f"{where}: {key} must be a name, got {value!r}")
+    sbatch = raw.get("sbatch") or ()
+    sbatch = (sbatch,) if isinstance(sbatch, str) else tuple(sbatch)
+    for flag in sbatch:
+        sbatch_flag(flag, where)
+    return ExecutorOptions(name=name, jobs=raw.get("jobs"), partition=partition, gpus=gpus, cpus=raw.get("cpus"),
+                           time=minutes(raw.get("time", 60), where), sbatch=sbatch, folder=folder)
+
+
+def minutes(value, where: str) -> int:
+    """A time limit as whole minutes: a number of minutes, or `H:MM:SS` / `D-HH:MM:SS` as sbatch writes it."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str):
+        days, _, clock = value.strip().rpartition("-")
+        parts = clock.split(":")
+        if (not days or days.isdigit()) and len(parts) == 3 and all(p.isdigit() for p in parts):
+            h, m, s = map(int, parts)
+            total = int(days or 0) * 1440 + h * 60 + m + (s > 0)
+            if total >= 1:
+                return total
+    raise OODBenchError(f"{where}: time must be minutes (e.g. 120) or H:MM:SS / D-HH:MM:SS, got {value!r}")
+
+
+def sbatch_flag(flag, where: str = "--sbatch") -> tuple:
+    """`--qos=high` → ("qos", "high"); `--exclusive` → ("exclusive", True)."""
+    if not isinstance(flag, str) or not flag.startswith("--") or len(flag) < 3 or " " in flag.split("=", 1)[0]:
+        raise OODBenchError(f"{where}: an sbatch flag is written --name or --name=value (e.g. --qos=high), "
+                            f"got {flag!r}")
+    key, eq, value = flag[2:].partition("=")
+    return key, (value if eq else True)
+
+
+# ---------------------------------------------------------------------------------------------------- the grid
+@dataclass(frozen=True)
+class RunJob:
+    """One trained run the grid needs (methods of one kind with the same training settings share it)."""
+    kind: str
+    in_spec: str
+    seed: int
+    preset: Optional[str]
+    overrides: tuple
+    run_name: Optional[str]
+
+    def describe(self) -> str:
+        return f"{self.kind} on {self.in_spec}, seed {self.seed}" + (f" ({self.run_name})" if self.run_name else "")
+
+
+def run_job(bench: Bench, entry: Entry, in_spec: str, seed: int) -> RunJob:
+    overrides = bench.train_overrides.get("all", []) + bench.train_overrides.get(entry.kind, [])
+    own = list(entry.train_overrides) + ([f"preset={entry.preset}"] if entry.preset != bench.preset else [])
+    name = bench.run_name
+    if own:  # this method's own training settings get their own run folder
+        suffix = hashlib.sha1("\n".join(own).encode()).hexdigest()[:6]
+        name = f"{name}-{suffix}" if name else suffix
+    return RunJob(entry.kind, in_spec, seed, entry.preset, tuple(overrides + entry.train_overrides), name)
+
+
+class TaskFailed:
+    """What an executor returns for a task that gave no result (its worker died, its job failed)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def renamer(entry: Entry):
+    """Row names carry the entry's label when it has one (odin → odin_t1; msma_gmm → msma-big_gmm)."""
+    if entry.label == entry.method:
+        return lambda row: row
+    return lambda row: entry.label + row[len(entry.method):] if row.startswith(entry.method) else \
+        f"{entry.label}:{row}"
+

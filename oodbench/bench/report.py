@@ -1,0 +1,259 @@
+"""The report folder: results.json, results.csv, results_per_seed.csv, report.md, errors.log and plots/."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from oodbench import plots, progress, report, runs
+from oodbench.bench.aggregate import BELOW_CHANCE, collapse, describe_timing, failures, report_notes
+from oodbench.bench.cells import load_plot_scores, plot_scores_path
+from oodbench.bench.plan import Bench, renamer
+from oodbench.metrics import METRIC_TITLES, TABLE_METRICS
+
+
+def write_report(bench, folder, recorder, summary, missing, plot_note, took: dict, device) -> dict:
+    """Write every report file; returns the results (what results.json holds)."""
+    failed = failures(bench, recorder.cells)
+    skipped = [{"dataset": spec, "reason": why} for spec, why in missing.items()]
+    public = [{k: v for k, v in r.items() if k != "group"} | {"kind": "group" if r["group"] else "set"}
+              for r in summary["summary"]]
+    per_seed = [{k: v for k, v in r.items() if k not in ("group",)} for r in summary["per_seed"] if not r["group"]]
+    notes = report_notes(bench, recorder.cells, summary["summary"])
+    results = {"settings": bench.settings(), "timing": {**took, "device": str(device)}, "summary": public,
+               "per_seed": per_seed, "notes": notes, "failed": failed, "skipped": skipped}
+    runs.write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    runs.write_atomic(folder / "results.csv", report.csv_rows(csv_ready(public, failed)))
+    runs.write_atomic(folder / "results_per_seed.csv", report.csv_rows(csv_ready(per_seed, [])))
+    if recorder.errors:
+        runs.write_atomic(folder / "errors.log", "\n\n".join(recorder.errors) + "\n")
+    elif (folder / "errors.log").is_file():
+        (folder / "errors.log").unlink()
+    text = markdown_report(bench, summary["summary"], failed, skipped, plot_note, took, device, folder, notes)
+    runs.write_atomic(folder / "report.md", text)
+    return results
+
+
+def csv_ready(rows: list, failed: list) -> list:
+    """Flat rows for CSV: intervals split into _lo/_hi, failed cells as rows with status failed and the error."""
+    flat = []
+    for r in rows:
+        row = {"status": "ok"}
+        for k, v in r.items():
+            if k.endswith("_ci"):
+                row[f"{k}_lo"], row[f"{k}_hi"] = v
+            elif isinstance(v, list):
+                row[k] = " ".join(map(str, v))
+            else:
+                row[k] = v
+        flat.append(row)
+    for f in failed:
+        flat.append({"status": "failed", "method": f["method"], "in": f["in"], "out": f["out"],
+                     "seeds": " ".join(map(str, f["seeds"])), "error": f["error"]})
+    return flat
+
+
+def pct(row: dict, metric: str, n_seeds: int) -> str:
+    value = f"{100 * row[metric]:.2f}"
+    return value + (f" ± {100 * row[metric + '_std']:.2f}" if n_seeds > 1 else "")
+
+
+def footnotes(failed: list) -> tuple:
+    """(the failures merged per note, {(method, in, out): [note numbers]} for the table cells)."""
+    merged = collapse(failed)
+    foot: dict = {}
+    for i, f in enumerate(merged):
+        for out in f["outs"]:
+            foot.setdefault((f["method"], f["in"], out), []).append(str(i + 1))
+    return merged, foot
+
+
+def markdown_report(bench, summary, failed, skipped, plot_note, took, device, folder, caveats=()) -> str:
+    n_seeds = len(bench.seeds)
+    lines = [f"# Benchmark report: {bench.name}", "",
+             f"Config `{bench.path}`; {len(bench.entries)} method entries × {len(bench.ins)} in-distribution "
+             f"set(s) × {len(bench.outs)} OOD set(s) × seeds {bench.seeds}; preset `{bench.preset}`; "
+             f"test-set limit {bench.limit or 'none'}; device {device}; {describe_timing(took)}.", "",
+             "Metrics in percent (higher = better, except FPR@95 and DetErr). OOD is the positive class; "
+             "FPR@95 is the classic definition (OOD accepted at 95% ID TPR); see docs/metrics.md."
+             + (f" Values are mean ± std over {n_seeds} seeds (numpy std, ddof=0)." if n_seeds > 1 else "")
+             + (f" 95% CI: percentile bootstrap over the test sets ({bench.bootstrap} resamples)"
+                + (", averaged over seeds." if n_seeds > 1 else ".") if bench.bootstrap else ""),
+             ""]
+    notes = []
+    for s in skipped:
+        notes.append(f"- **skipped** `{s['dataset']}` (not available): {s['reason']}")
+    notes_failed, foot = footnotes(failed)
+    if failed:
+        notes.append(f"- **{len(failed)} failed cell(s)** (method × OOD set), listed under Failures below; the rest "
+                     f"completed; tracebacks of errors, if any, are in errors.log.")
+    gone = {s["dataset"] for s in skipped}
+    for group, specs in bench.groups.items():
+        lost = [s for s in specs if s in gone]
+        notes.append(f"- Group `{group}` = plain mean of the per-set metrics of {', '.join(specs)}"
+                     + (f" (not available, left out: {', '.join(lost)})" if lost else "") + ".")
+    tuned = {(r["entry"], json.dumps(r["tuned"])): r["tuned"] for r in summary if r.get("tuned")}
+    for (label, _), choice in tuned.items():
+        text = "; ".join(", ".join(f"{k}={v}" for k, v in c.items()) for c in
+                         (choice if isinstance(choice, list) else [choice]))
+        notes.append(f"- `{label}`: options chosen on validation data (--tune: ID validation split vs the "
+                     f"training split of tune.val_ood): {text}.")
+    if any(BELOW_CHANCE in n["note"] for n in caveats):
+        notes.append(f"- A note `{BELOW_CHANCE} SET AUROC` marks a row that ranks that OOD set as more "
+                     f"in-distribution than the ID test set (AUROC < 50%).")
+    notes.append(f"- Plots: {plot_note}")
+    lines += ["## Notes", ""] + notes + [""]
+    for in_spec in bench.ins:
+        lines += in_section(bench, in_spec, summary, failed, foot, skipped, folder,
+                            {n["method"]: n["note"] for n in caveats if n["in"] == in_spec})
+    if failed:
+        lines += ["## Failures", ""]
+        for i, f in enumerate(notes_failed):
+            seeds = f" (seed{'s' if len(f['seeds']) > 1 else ''} {', '.join(map(str, f['seeds']))})"
+            lines.append(f"{i + 1}. `{f['method']}` on {f['in']} → {', '.join(f['outs'])}{seeds}: {f['error']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def entry_rows(labels: list, summary: list, in_spec: str) -> list:
+    """(entry label, row name) pairs in config order; an entry with no results gets one line under its label."""
+    pairs = []
+    for label in labels:
+        names = list(dict.fromkeys(r["method"] for r in summary if r["entry"] == label and r["in"] == in_spec))
+        pairs += [(label, n) for n in names] or [(label, label)]
+    return pairs
+
+
+def table_columns(outs: list, groups: dict, skipped: list) -> list:
+    """The OOD sets on disk, then the groups."""
+    gone = {s["dataset"] for s in skipped}
+    return [s for s in outs if s not in gone] + list(groups)
+
+
+def metric_table(metric: str, labels: list, summary: list, in_spec: str, columns: list, groups: dict, foot: dict,
+                 n_seeds: int, notes: dict) -> list:
+    """One metric of one ID set as method × OOD set (and group); `failed [n]` where a cell failed, n its note."""
+    index = {(r["entry"], r["method"], r["out"]): r for r in summary if r["in"] == in_spec}
+    lines = [f"### {METRIC_TITLES[metric]} (%)", "", "| method | " + " | ".join(columns)
+             + (" | note |" if notes else " |"), "|---|" + "---|" * (len(columns) + bool(notes))]
+    for label, name in entry_rows(labels, summary, in_spec):
+        cells = []
+        for col in columns:
+            row = index.get((label, name, col))
+            cell = pct(row, metric, n_seeds) if row else "—"
+            refs = [n for o in (groups.get(col) or [col]) for n in foot.get((label, in_spec, o), [])]
+            if refs:
+                cell = ("failed" if not row else cell) + f" [{','.join(refs)}]"
+            elif row and len(row["seeds"]) < n_seeds:
+                cell += f" (seeds {row['seeds']})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells + ([notes.get(name, "")] if notes else [])) + " |")
+    return lines + [""]
+
+
+def auroc_tables(results: dict) -> str:
+    """The AUROC table of each in-distribution set, as report.md shows it, from a bench's results.json."""
+    s = results["settings"]
+    columns = table_columns(s["out"], s["groups"], results["skipped"])
+    _, foot = footnotes(results["failed"])
+    lines = []
+    for in_spec in s["in"]:
+        lines += [f"## {in_spec} (in-distribution)", ""]
+        if in_spec in {x["dataset"] for x in results["skipped"]}:
+            lines += ["Skipped: the dataset is not available.", ""]
+            continue
+        notes = {n["method"]: n["note"] for n in results["notes"] if n["in"] == in_spec}
+        lines += metric_table("auroc", s["methods"], results["summary"], in_spec, columns, s["groups"], foot,
+                              len(s["seeds"]), notes)
+    return "\n".join(lines).strip()
+
+
+def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: dict) -> list:
+    """The tables of one ID set; a `note` column holds the caveats of the rows that have one."""
+    if in_spec in {s["dataset"] for s in skipped}:
+        return [f"## {in_spec} (in-distribution)", "", "Skipped: the dataset is not available (see Notes).", ""]
+    n_seeds, labels = len(bench.seeds), [e.label for e in bench.entries]
+    columns = table_columns(bench.outs, bench.groups, skipped)
+    index = {(r["entry"], r["method"], r["out"]): r for r in summary if r["in"] == in_spec}
+    lines = [f"## {in_spec} (in-distribution)", ""]
+    for metric in ("auroc", "fpr95"):
+        lines += metric_table(metric, labels, summary, in_spec, columns, bench.groups, foot, n_seeds, notes)
+    lines += ["### All metrics (%)", "",
+              "| method | out | " + " | ".join(METRIC_TITLES[m] for m in TABLE_METRICS)
+              + (" | AUROC 95% CI" if bench.bootstrap else "") + " |",
+              "|---|---|" + "---|" * (len(TABLE_METRICS) + bool(bench.bootstrap))]
+    for label, name in entry_rows(labels, summary, in_spec):
+        for col in columns:
+            row = index.get((label, name, col))
+            if not row:
+                continue
+            cells = [pct(row, m, n_seeds) for m in TABLE_METRICS]
+            if bench.bootstrap:
+                ci = row.get("auroc_ci")
+                cells.append(f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
+            lines.append(f"| {name} | {col} | " + " | ".join(cells) + " |")
+    lines.append("")
+    images = sorted((folder / "plots").glob(f"*{runs.safe_name(in_spec)}*.png")) if (folder / "plots").is_dir() else []
+    if images:
+        lines += ["### Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images] + [""]
+    return lines
+
+
+def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
+    """ROC curves per OOD set, ID-vs-OOD histograms per method, an AUROC heatmap; first seed. Returns a note."""
+    plot_dir = folder / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    for old in plot_dir.glob("*.png"):
+        old.unlink()
+    seed = bench.seeds[0]
+    jobs = []
+    for in_spec in bench.ins:
+        outs = [o for o in bench.outs if any(cells.get((e.label, in_spec, seed, o), {}).get("status") == "ok"
+                                             for e in bench.entries)]
+        if outs:
+            jobs.append(("heatmap", in_spec, None))
+        jobs += [("roc", in_spec, o) for o in outs]
+        jobs += [("hist", in_spec, e) for e in bench.entries]
+    written = 0
+    for what, in_spec, arg in progress.bar(jobs, desc="bench: plots", unit="plot"):
+        tag = runs.safe_name(in_spec)
+        if what == "heatmap":
+            written += heatmap(bench, summary["summary"], in_spec, plot_dir / f"heatmap_auroc_{tag}.png")
+        elif what == "roc":
+            curves = {}
+            for entry in bench.entries:
+                if cells.get((entry.label, in_spec, seed, arg), {}).get("status") != "ok":
+                    continue
+                ids = load_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec))
+                oods = load_plot_scores(plot_scores_path(folder, entry, in_spec, arg))
+                curves.update({renamer(entry)(r): (ids[r], oods[r]) for r in ids if r in oods})
+            if curves:
+                plots.roc_curves(curves, f"ROC: {in_spec} (ID) vs {arg} (OOD), seed {seed}",
+                                 plot_dir / f"roc_{tag}_vs_{runs.safe_name(arg)}.png")
+                written += 1
+        else:
+            entry = arg
+            outs = [o for o in bench.outs if cells.get((entry.label, in_spec, seed, o), {}).get("status") == "ok"]
+            ids = load_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec))
+            per_out = {o: load_plot_scores(plot_scores_path(folder, entry, in_spec, o)) for o in outs}
+            for r in ids:
+                name = renamer(entry)(r)
+                plots.score_histograms(ids[r], {o: s[r] for o, s in per_out.items() if r in s},
+                                       f"{name}: scores on {in_spec} (ID) and OOD sets, seed {seed}",
+                                       plot_dir / f"hist_{tag}_{runs.safe_name(name)}.png")
+                written += 1
+    return f"{written} PNG file(s) in plots/ (first seed)."
+
+
+def heatmap(bench: Bench, summary: list, in_spec: str, path: Path) -> int:
+    columns = [o for o in bench.outs] + list(bench.groups)
+    pairs = entry_rows([e.label for e in bench.entries], summary, in_spec)
+    index = {(r["entry"], r["method"], r["out"]): r["auroc"] for r in summary if r["in"] == in_spec}
+    values = np.array([[index.get((label, name, c), np.nan) for c in columns] for label, name in pairs])
+    keep = ~np.all(np.isnan(values), axis=0)
+    if not keep.any():
+        return 0
+    plots.auroc_heatmap(100 * values[:, keep], [n for _, n in pairs], [c for c, k in zip(columns, keep) if k],
+                        f"AUROC (%), {in_spec} (ID), mean over seeds", path)
+    return 1
