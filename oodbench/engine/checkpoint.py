@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from oodbench.errors import OODBenchError
+from oodbench.locks import alive
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 MAGIC = b"oodbench-checkpoint sha256 "
@@ -68,22 +69,12 @@ def clean_stale_temporaries(folder: Path) -> list:
         try:
             own_host = m["host"] == _HOST and m["pid"] is not None
             age = time.time() - p.stat().st_mtime
-            if (own_host and age > GRACE_S and not _alive(int(m["pid"]))) or age > STALE_AGE_S:
+            if (own_host and age > GRACE_S and not alive(int(m["pid"]))) or age > STALE_AGE_S:
                 p.unlink()
                 removed.append(p)
         except FileNotFoundError:   # another process cleaned it first
             continue
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def save_atomic(obj, path: Path) -> None:
