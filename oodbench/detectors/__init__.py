@@ -1,9 +1,9 @@
 """Detector registry: importing a module here registers its methods (one line per detector module)."""
 from oodbench.detectors.base import REGISTRY, TRAINERS, Detector, get, register, trainer_for  # noqa: F401
 from oodbench.detectors import classifier  # noqa: F401,E402  msp, maxlogit, energy, odin
-from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, knn
+from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, rmds, knn
 from oodbench.detectors import logit_scores  # noqa: F401,E402  entropy, gen, tempscale, klm
-from oodbench.detectors import feature_space  # noqa: F401,E402  vim, residual, rmds, she, nnguide, fdbd, nci
+from oodbench.detectors import feature_space  # noqa: F401,E402  vim, residual, she, nnguide, fdbd, nci
 from oodbench.detectors import shaping  # noqa: F401,E402  react, ash_p, ash_b, ash_s, scale, dice
 from oodbench.detectors import multilayer  # noqa: F401,E402  gram, mds_ensemble, rankfeat
 from oodbench.detectors import openmax  # noqa: F401,E402  openmax

@@ -1,4 +1,5 @@
-"""Post-hoc scores in the penultimate feature space: ViM, Residual, RMDS, SHE, NNGuide, fDBD, NCI.
+"""Post-hoc scores in the penultimate feature space: ViM, Residual, SHE, NNGuide, fDBD, NCI (RMDS is beside
+Mahalanobis in features.py).
 
 Each fits on the ID training split's features (never a test set) and follows OpenOOD v1.5's postprocessor of the same
 name for its defaults; docs/baselines.md gives each formula and where pytorch-ood's convention differs.
@@ -59,31 +60,6 @@ class Residual(HeadOrigin):
     def score_outputs(self, out):
         u, basis = self.stats
         return ((out["features"] - u) @ basis).norm(dim=1)
-
-
-@register("rmds")
-class RMDS(PostHoc):
-    summary = "relative Mahalanobis: class distance minus the distance to one background Gaussian (Ren et al. 2021)"
-
-    def fit_outputs(self, ref):
-        feats, labels = ref["features"].double(), ref["labels"].long()
-        classes, index = labels.unique(return_inverse=True)
-        means = torch.stack([feats[labels == c].mean(0) for c in classes])
-        return means, _precision(feats - means[index]), feats.mean(0), _precision(feats - feats.mean(0))
-
-    def score_outputs(self, out):
-        means, precision, mean0, precision0 = self.stats
-        f = out["features"].double()
-        diff = f[:, None, :] - means[None]
-        class_d = torch.einsum("bcd,de,bce->bc", diff, precision, diff)
-        d0 = f - mean0
-        background = ((d0 @ precision0) * d0).sum(1)
-        return (class_d - background[:, None]).amin(1).float()
-
-
-def _precision(centred: torch.Tensor) -> torch.Tensor:
-    """Inverse of the (biased) covariance of centred rows, as scikit-learn's EmpiricalCovariance(assume_centered)."""
-    return torch.linalg.pinv(centred.T @ centred / len(centred), hermitian=True)
 
 
 @register("she")

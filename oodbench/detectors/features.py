@@ -1,15 +1,16 @@
-"""Feature-space baselines: Mahalanobis (MDS) and deep nearest neighbours (KNN), on the ID training features.
+"""Feature-space baselines: Mahalanobis (MDS), relative Mahalanobis (RMDS) and deep nearest neighbours (KNN), on the
+ID training features.
 
-Mahalanobis uses class means and one tied covariance (scikit-learn's EmpiricalCovariance, in float64, once per fit).
-KNN searches exactly: with faiss installed (`oodbench[faiss]`, an `IndexFlatL2` on the CPU) or, without it, a chunked
-matrix product and top-k on the device; `knn.backend` forces one.
+Mahalanobis and RMDS use class means and one tied covariance, in float64 on the device, inverted as scikit-learn's
+`EmpiricalCovariance` does (`tied_gaussian`, `squared_distances`; mds_ensemble uses them per layer too). KNN searches
+exactly: with faiss installed (`oodbench[faiss]`, an `IndexFlatL2` on the CPU) or, without it, a chunked matrix
+product and top-k on the device; `knn.backend` forces one.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.covariance import EmpiricalCovariance
 
 from oodbench.detectors.base import register
 from oodbench.detectors.feature_space import chunked_topk
@@ -17,23 +18,52 @@ from oodbench.detectors.posthoc import PostHoc
 from oodbench.errors import OODBenchError
 
 
+def precision_of(centred: torch.Tensor) -> torch.Tensor:
+    """Inverse of the (biased) covariance of centred rows, as scikit-learn's EmpiricalCovariance(assume_centered)."""
+    return torch.linalg.pinv(centred.T @ centred / len(centred), hermitian=True)
+
+
+def tied_gaussian(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class means (C, D), tied precision (D, D)) in float64, over the classes present in `labels` (the
+    in-distribution classes, not the model's)."""
+    feats = feats.double()
+    classes, index = labels.long().unique(return_inverse=True)
+    means = torch.stack([feats[index == i].mean(0) for i in range(len(classes))])
+    return means, precision_of(feats - means[index])
+
+
+def squared_distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distances (B, C) of rows f to the class means under one precision matrix (float64;
+    expanded, so memory is B·D + B·C, not B·C·D)."""
+    f = f.double()
+    fp = f @ precision
+    return (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ precision) * means).sum(1)
+
+
 @register("mahalanobis")
 class Mahalanobis(PostHoc):
     summary = "min Mahalanobis distance to class means, tied covariance, penultimate features (Lee et al. 2018)"
 
     def fit_outputs(self, ref):
-        feats, labels = ref["features"].cpu().double().numpy(), ref["labels"].cpu().numpy()
-        classes, index = np.unique(labels, return_inverse=True)  # the in-distribution classes, not the model's
-        means = np.stack([feats[labels == c].mean(0) for c in classes])
-        precision = EmpiricalCovariance(assume_centered=True).fit(feats - means[index]).precision_
-        return means, precision
+        return tied_gaussian(ref["features"], ref["labels"])
 
     def score_outputs(self, out):
-        means, precision = self.stats
-        f = out["features"].cpu().double().numpy()
-        diff = f[:, None, :] - means[None]                         # (B, C, D)
-        d2 = np.einsum("bcd,de,bce->bc", diff, precision, diff)
-        return torch.as_tensor(d2.min(1), dtype=torch.float32, device=out["features"].device)
+        return squared_distances(out["features"], *self.stats).amin(1).float()
+
+
+@register("rmds")
+class RMDS(PostHoc):
+    summary = "relative Mahalanobis: class distance minus the distance to one background Gaussian (Ren et al. 2021)"
+
+    def fit_outputs(self, ref):
+        feats = ref["features"].double()
+        mean0 = feats.mean(0)
+        return (*tied_gaussian(feats, ref["labels"]), mean0[None], precision_of(feats - mean0))
+
+    def score_outputs(self, out):
+        means, precision, mean0, precision0 = self.stats
+        background = squared_distances(out["features"], mean0, precision0)          # (B, 1)
+        return (squared_distances(out["features"], means, precision) - background).amin(1).float()
 
 
 @register("knn")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from oodbench.detectors.base import register
-from oodbench.detectors.feature_space import _precision
+from oodbench.detectors.features import squared_distances, tied_gaussian
 from oodbench.detectors.posthoc import PostHoc
 from oodbench.errors import OODBenchError
 from oodbench.models import auto_layers
@@ -149,7 +149,7 @@ class MDSEnsemble(PostHoc):
             maps, _ = self.model.forward_maps(inp, layers)
             for i, name in enumerate(layers):
                 # Lee et al.'s input pre-processing: a step against the gradient of the distance to the closest class
-                d = self.distances(maps[name].flatten(2).mean(2), *self.stats[name])
+                d = squared_distances(maps[name].flatten(2).mean(2), *self.stats[name])
                 (grad,) = torch.autograd.grad(d.amin(1).sum(), inp, retain_graph=i < len(layers) - 1)
                 step = torch.where(grad >= 0, 1.0, -1.0)
                 with torch.no_grad():
@@ -163,22 +163,8 @@ class MDSEnsemble(PostHoc):
     def reference_pass(self):
         return "mds_ensemble", self.clean, (self.model.layer_names(),)
 
-    @staticmethod
-    def distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distances (B, C) of rows f to the class means under one tied precision matrix."""
-        f = f.double()
-        fp = f @ precision
-        return (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ precision) * means).sum(1)
-
     def fit_outputs(self, ref):
-        labels = ref["labels"].long()
-        classes, index = labels.unique(return_inverse=True)
-        stats = {}
-        for name in self.model.layer_names():
-            f = ref[self.key(name, 0.0)].double()
-            means = torch.stack([f[labels == c].mean(0) for c in classes])
-            stats[name] = means, _precision(f - means[index])
-        return stats
+        return {name: tied_gaussian(ref[self.key(name, 0.0)], ref["labels"]) for name in self.model.layer_names()}
 
     def score_outputs(self, out):
         noise, total = self.noise(), 0.0
@@ -186,7 +172,7 @@ class MDSEnsemble(PostHoc):
             if self.key(name, noise) not in out:
                 raise OODBenchError(f"mds_ensemble: no features of layer {name} with noise {noise} in these outputs "
                                     f"(computed with another mds_ensemble.noise or model.layers)")
-            total = total + alpha * 0.5 * self.distances(out[self.key(name, noise)], *self.stats[name]).amin(1)
+            total = total + alpha * 0.5 * squared_distances(out[self.key(name, noise)], *self.stats[name]).amin(1)
         return total.float()
 
 
