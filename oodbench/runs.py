@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from oodbench import config as configs
-from oodbench import data, locks, metrics, progress
+from oodbench import data, locks, metrics, progress, tuning
 from oodbench.detectors import base as registry
 from oodbench.engine import Engine, TrainSpec, checkpoint, distributed, setup_device
 from oodbench.errors import OODBenchError
@@ -463,20 +463,19 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
     detectors = {method: run.detector(method, overrides, device) for method in methods}
     for det in detectors.values():
         check_dataset_options(det.cfg)
-    rows = []
+    rows, accuracies = [], {}
     in_spec = run.in_distribution()
     check_available(run, [in_spec] + out_specs)
     for method, det in detectors.items():
         extra = {}
         if tune:
-            from oodbench import tuning
-
             extra["tuned"] = tuning.tune(det)
         id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
-            accuracy = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
-            if accuracy is not None:
-                extra["id_accuracy"] = accuracy
+            if det.cache_tag not in accuracies:   # one model for all the run's classifier methods: once
+                accuracies[det.cache_tag] = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
+            if accuracies[det.cache_tag] is not None:
+                extra["id_accuracy"] = accuracies[det.cache_tag]
         if "_bpd" in id_scores:  # likelihood models: mean bits per dimension of both sets beside the rows
             extra["id_bpd"] = float(np.mean(id_scores["_bpd"]))
         for out in out_specs:

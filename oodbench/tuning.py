@@ -1,5 +1,7 @@
 """`--tune`: choose a post-hoc method's options on validation data, never on a test set.
 
+The validation OOD set follows data/validation.py, as llr's and gradlayer's do: `gray:`/`vflip:`/`hflip:` of the
+in-distribution set are built from its validation split, any other set comes from its training split.
 The grid is the method's `sweep` (OpenOOD v1.5's `postprocessor_sweep`); `tune.grid` replaces it per option, e.g.
 `--set 'tune.grid={react.percentile: [80, 90, 95]}'`. Each grid point is scored on the ID
 validation split against the *training* split of a validation OOD set (`tune.val_ood`, `tune.val_size` images of
@@ -15,6 +17,7 @@ import itertools
 import torch
 
 from oodbench import metrics
+from oodbench.data.validation import validation_ood
 from oodbench.detectors.posthoc import PostHoc, outputs_of
 from oodbench.errors import OODBenchError
 
@@ -37,7 +40,8 @@ def tune(det) -> dict:
     saved = det.cache.load_json("tuning.json") if det.cache is not None else {}
     choice = saved.get(key)
     if not (isinstance(choice, dict) and set(choice.get("chosen", {})) == set(grid)):
-        ood = fit.load(val_ood, like=train.shape).head(val_size)
+        in_name = str((det.cfg.get("data") or {}).get("in", ""))   # never a test split (data/validation.py)
+        ood = validation_ood(val_ood, in_name, val, fit.load, tuple(train.shape)).head(val_size)
         sets = [_tensors(outputs_of(det.outputs, s, det.name), det.device) for s in (val.head(val_size), ood)]
         best = None
         for point in itertools.product(*grid.values()):

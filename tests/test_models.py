@@ -326,3 +326,20 @@ def test_openood_imagenet200_resnet18_loads_with_openoods_test_transform(tmp_pat
     source.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.logits(x), source(model.prepare(x)))
+
+
+def test_the_accuracy_of_a_model_is_computed_once_for_all_its_methods(tmp_path, monkeypatch):
+    from oodbench import runs
+    from oodbench.detectors.classifier import ClassifierDetector
+
+    calls = []
+    real = ClassifierDetector.accuracy
+    monkeypatch.setattr(ClassifierDetector, "accuracy", lambda self, s: calls.append(1) or real(self, s))
+    import torchvision
+
+    torch.manual_seed(0)
+    model = oodbench.wrap(torchvision.models.resnet18(num_classes=10), name="r18-10")   # digits' 10 classes
+    run = runs.ModelRun(model, "digits", fit_limit=60, runs_dir=tmp_path)
+    rows = runs.evaluate(run, ["msp", "energy", "knn"], ["noise:gaussian"], limit=20, device="cpu",
+                         overrides=["knn.k=3"])
+    assert len(calls) == 1 and len({r["id_accuracy"] for r in rows}) == 1 and len(rows) == 3

@@ -145,3 +145,16 @@ def test_tune_grid_from_the_command_line_in_either_form():
         schema = load_config("classifier")
         apply_override(det.cfg, item, schema)
         assert tuning.tune(det)["react.percentile"] in (50, 99)
+
+
+def test_a_validation_ood_set_derived_from_the_in_distribution_set_comes_from_its_validation_split():
+    det = detector("react")
+    det.cfg["data"]["in"] = "fashion_mnist"
+    det.cfg["tune"]["val_ood"] = "vflip:fashion_mnist"
+    fit = det.fit_data
+    chosen = tuning.tune(det)
+    assert fit.loaded == [] and set(chosen) == {"react.percentile"}    # built from fit.val, nothing loaded
+    det.cfg["tune"]["val_ood"] = "classes:0,1:fashion_mnist"
+    det.cache = None
+    with pytest.raises(OODBenchError, match="test split is never used for selection"):
+        tuning.tune(det)
