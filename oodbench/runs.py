@@ -91,7 +91,6 @@ class Run:
 
     def bind(self, det, cache_tag: str):
         """Hand `det` what it may derive data from and keep it in: this run's cache and its fit split."""
-        self.stream = det.cfg.get("data", {}).get("stream", "auto")
         det.cache_tag = cache_tag
         det.cache, det.fit_data = RunCache(self.path / "cache"), FitData(det.cfg, det.device)
         return det
@@ -113,20 +112,19 @@ class Run:
     def in_distribution(self) -> str:
         return self.config["data"]["in"]
 
-    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
+    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto"):
+        """`spec` as this run scores it: converted to its input shape; `stream` is the scoring config's data.stream."""
         shape = tuple(self.meta["shape"]) if "shape" in self.meta else None
         d = self.config["data"]
         return data.load(spec, split=split, root=d.get("root"), device=device, like=shape,
-                         stream=self.stream, decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize")).head(limit)
-
-    stream = "auto"   # data.stream for the sets this run scores; Run.detector sets it from the scoring config
+                         stream=stream, decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize")).head(limit)
 
     def score(self, method: str, spec: str, limit: Optional[int] = None, overrides: Iterable[str] = (),
               device="auto", batch_size: int = 256, detector=None) -> dict:
         """Scores of `method` on dataset `spec` ({row: (N,) array, '_extra': array}), cached in scores/."""
         check_limit(limit)
         det = detector or self.detector(method, overrides, device)
-        imageset = self.load_set(spec, limit=limit, device=det.device)
+        imageset = self.load_set(spec, limit=limit, device=det.device, stream=det.cfg["data"].get("stream", "auto"))
         key = self.cache_key(det, imageset, limit)
         path = self.path / "scores" / method / f"{safe_name(spec)}.npz"
         cached = read_npz(path, "_cache_key", key)
@@ -185,10 +183,10 @@ class ModelRun(Run):
                                   crop_resize=crop)   # checks the set before anything is written
         self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(self._in_test.shape)}
 
-    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu"):
+    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto"):
         if spec == self.in_distribution() and split == "test":   # loaded once, in __init__
             return self._in_test.head(limit).to(device)
-        return super().load_set(spec, split, limit, device)
+        return super().load_set(spec, split, limit, device, stream)
 
     @property
     def trained(self) -> bool:
@@ -406,7 +404,8 @@ def check_training_config(cfg: dict) -> None:
 
 
 def check_dataset_options(cfg: dict) -> None:
-    """The dataset specs named by options (config.DATASET_OPTIONS), checked as --out specs are."""
+    """The dataset specs named by options (config.DATASET_OPTIONS), checked as --out specs are; and data.stream."""
+    data.stream_choice((cfg.get("data") or {}).get("stream"))
     for key, spec in configs.dataset_options(cfg).items():
         try:
             data.check_spec(spec)

@@ -1,6 +1,5 @@
 """Streamed image folders: the same pixels and scores as in memory, bounded memory, corrupt files reported, a
 class-balanced --fit-limit, and the OpenOOD image-list sets."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +205,28 @@ def test_reference_features_can_be_cached_in_float16(tmp_path):
         assert f["features"].dtype == np.float16 and f["labels"].dtype == np.int64
     assert half["features"].dtype == torch.float32
     torch.testing.assert_close(half["features"], full["features"], rtol=1e-3, atol=1e-3)
+
+
+def test_set_data_stream_at_eval_time_streams_the_sets_it_scores(folder, tmp_path, monkeypatch):
+    import oodbench
+
+    streamed = []
+    real = StreamedImageSet.batches
+    monkeypatch.setattr(StreamedImageSet, "batches", lambda self, n: streamed.append(self.name) or real(self, n))
+    run = runs.ModelRun(oodbench.load_model("torchvision:resnet18:none"), "digits", fit_limit=30,
+                        runs_dir=tmp_path)
+    runs.evaluate(run, ["msp"], [f"folder:{folder}"], limit=20, device="cpu")
+    assert streamed == []                                                   # small: in memory
+    runs.evaluate(run, ["energy"], [f"folder:{folder}"], limit=20, device="cpu", overrides=["data.stream=true"])
+    assert streamed == [f"folder:{folder}[:20]"]
+
+
+def test_a_bad_data_stream_value_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    from oodbench.cli import main
+
+    code = main(["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "noise:gaussian",
+                 "--method", "msp", "--fit-limit", "30", "--set", "data.stream=maybe",
+                 "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "oodbench: error: data.stream must be auto, true or false, got 'maybe'"
+    assert not (tmp_path / "runs").exists()

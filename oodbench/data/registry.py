@@ -54,16 +54,12 @@ def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
     spec = check_spec(spec)
     like = _check_like(like)
     files = _file_source(spec, split, sources.data_root(root))
+    hint_crop = None
     if files is not None:
-        target = _check_like(decode_to) or like
-        if _should_stream(stream, files, target, spec):
-            return _streamed(spec, files, target, crop_resize if decode_to is not None else None, device)
-        if decode_to is not None:
-            like, hint_crop = target, crop_resize
-        else:
-            hint_crop = None
-    else:
-        hint_crop = None
+        if decode_to is not None:   # decoded straight to the model's input
+            like, hint_crop = _check_like(decode_to), crop_resize
+        if _should_stream(stream, files, like, spec):
+            return _streamed(spec, files, like, hint_crop, device)
     hint = Hint() if like is None else Hint(like[0], (like[1], like[2]), crop_resize=hint_crop)
     r = _resolve(spec, split, sources.data_root(root), sources.download_allowed(download), hint)
     images = r.images.to(device)
@@ -194,13 +190,18 @@ def _file_source(spec: str, split: str, root: Path):
     return None
 
 
-def _should_stream(stream, files, target, spec: str) -> bool:
-    if stream in (True, "true"):
-        return True
-    if stream in (False, "false"):
-        return False
-    if stream not in (None, "auto"):
+def stream_choice(stream) -> str:
+    """data.stream as "auto", "true" or "false" (--set gives True/False, a config string "True"), or an error."""
+    choice = "auto" if stream is None else str(stream).lower()
+    if choice not in ("auto", "true", "false"):
         raise OODBenchError(f"data.stream must be auto, true or false, got {stream!r}")
+    return choice
+
+
+def _should_stream(stream, files, target, spec: str) -> bool:
+    choice = stream_choice(stream)
+    if choice != "auto":
+        return choice == "true"
     if spec.partition(":")[0] in imglists.IMGLIST_SETS:
         return True
     shape = target or _probe(files[0])[0]
