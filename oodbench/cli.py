@@ -84,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    "torchvision:NAME[:WEIGHTS], timm:NAME[:pretrained], openood:resnet18_32x32:PATH, "
                    "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH")
     s.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset of --model")
-    s.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on the first N "
-                   "training images (default: the whole training split)")
+    s.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on a seeded, "
+                   "class-balanced sample of N training images (default: the whole training split)")
     s.add_argument("--data", required=True, help="comma-separated dataset specs")
     s.add_argument("--method", default=None, help="method of the run's kind (default: the one it was trained for)")
     s.add_argument("--limit", type=int, default=None, help="score only the first N images of each set")
@@ -99,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="evaluate this classifier instead of a run (needs --in): "
                    "torchvision:NAME[:WEIGHTS], timm:NAME[:pretrained], openood:resnet18_32x32:PATH, "
                    "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH")
-    e.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on the first N "
-                   "training images (default: the whole training split)")
+    e.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on a seeded, "
+                   "class-balanced sample of N training images (default: the whole training split)")
     e.add_argument("--out", required=True, help="comma-separated OOD dataset specs")
     e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
     e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")
