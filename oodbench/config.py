@@ -43,7 +43,7 @@ def dataset_options(cfg: dict) -> dict:
 
 
 # Keys inside a training section that only change how data is read, never what a model learns.
-SCORING_EXCEPTIONS = ("data.stream",)
+SCORING_EXCEPTIONS = ("data.stream", "data.decode")
 
 
 def is_training_option(key: str) -> bool:

@@ -112,19 +112,23 @@ class Run:
     def in_distribution(self) -> str:
         return self.config["data"]["in"]
 
-    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto"):
-        """`spec` as this run scores it: converted to its input shape; `stream` is the scoring config's data.stream."""
+    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto",
+                 decode="auto"):
+        """`spec` as this run scores it: converted to its input shape; `stream` and `decode` are the scoring config's
+        data.stream and data.decode."""
         shape = tuple(self.meta["shape"]) if "shape" in self.meta else None
         d = self.config["data"]
         return data.load(spec, split=split, root=d.get("root"), device=device, like=shape,
-                         stream=stream, decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize")).head(limit)
+                         stream=stream, decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"),
+                         decode=decode).head(limit)
 
     def score(self, method: str, spec: str, limit: Optional[int] = None, overrides: Iterable[str] = (),
               device="auto", batch_size: int = 256, detector=None) -> dict:
         """Scores of `method` on dataset `spec` ({row: (N,) array, '_extra': array}), cached in scores/."""
         check_limit(limit)
         det = detector or self.detector(method, overrides, device)
-        imageset = self.load_set(spec, limit=limit, device=det.device, stream=det.cfg["data"].get("stream", "auto"))
+        imageset = self.load_set(spec, limit=limit, device=det.device, stream=det.cfg["data"].get("stream", "auto"),
+                                 decode=det.cfg["data"].get("decode", "auto"))
         key = self.cache_key(det, imageset, limit)
         path = self.path / "scores" / method / f"{safe_name(spec)}.npz"
         cached = read_npz(path, "_cache_key", key)
@@ -183,10 +187,11 @@ class ModelRun(Run):
                                   crop_resize=crop)   # checks the set before anything is written
         self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(self._in_test.shape)}
 
-    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto"):
+    def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto",
+                 decode="auto"):
         if spec == self.in_distribution() and split == "test":   # loaded once, in __init__
             return self._in_test.head(limit).to(device)
-        return super().load_set(spec, split, limit, device, stream)
+        return super().load_set(spec, split, limit, device, stream, decode)
 
     @property
     def trained(self) -> bool:
@@ -244,7 +249,8 @@ class FitData:
     def load(self, spec: str, like) -> "data.ImageSet":
         d = self.cfg["data"]
         return data.load(spec, split="train", root=d.get("root"), device=self.device, like=like,
-                         stream=d.get("stream"), decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"))
+                         stream=d.get("stream"), decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"),
+                         decode=d.get("decode"))
 
 
 def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
@@ -404,8 +410,10 @@ def check_training_config(cfg: dict) -> None:
 
 
 def check_dataset_options(cfg: dict) -> None:
-    """The dataset specs named by options (config.DATASET_OPTIONS), checked as --out specs are; and data.stream."""
+    """The dataset specs named by options (config.DATASET_OPTIONS), checked as --out specs are; data.stream and
+    data.decode."""
     data.stream_choice((cfg.get("data") or {}).get("stream"))
+    data.decode_choice((cfg.get("data") or {}).get("decode"))
     for key, spec in configs.dataset_options(cfg).items():
         try:
             data.check_spec(spec)

@@ -181,6 +181,10 @@ def test_imagenet_protocol_validates_and_names_missing_sets_offline(tmp_path, ca
     assert grid.ins == ["imagenet"] and {"ssb_hard", "ninco", "inaturalist", "imagenet_textures",
                                          "openimage_o"} <= set(grid.outs)
     assert all(e.model == "torchvision:resnet50:IMAGENET1K_V1" for e in grid.entries)
+    # OpenOOD's parameter search: tuned on OpenImage-O's validation list (our openimage_o train split)
+    for name in ("imagenet", "imagenet200"):
+        entries = bench.load_bench(name).entries
+        assert all(e.tune and "tune.val_ood=openimage_o" in e.score_overrides for e in entries)
     assert bench.load_bench("imagenet200").ins == ["imagenet200"]
     monkeypatch.setenv("OODBENCH_DOWNLOAD", "0")
     from oodbench.cli import main
@@ -230,3 +234,103 @@ def test_a_bad_data_stream_value_is_a_one_line_error_before_any_work(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "oodbench: error: data.stream must be auto, true or false, got 'maybe'"
     assert not (tmp_path / "runs").exists()
+
+
+# -- decoding on the device (data.decode): the torchvision.io path, run here on the CPU ---------------------------
+def on_device(streamed: StreamedImageSet) -> StreamedImageSet:
+    """The same set decoded by torchvision.io on its own device (what data.decode=gpu does on CUDA)."""
+    return StreamedImageSet(streamed.paths, streamed.labels, streamed.name, streamed.channels, streamed.size,
+                            crop_resize=streamed.crop_resize, root=streamed.root, decode="torchvision")
+
+
+@pytest.mark.parametrize("decode", [dict(), dict(like=(3, 32, 32)), dict(decode_to=(3, 32, 32), crop_resize=36),
+                                    dict(like=(1, 24, 24))])
+def test_decoding_on_the_device_gives_the_weights_transforms_on_tensors(folder, decode):
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
+    pil = data.load(f"folder:{folder}", stream=True, **decode)
+    tv = on_device(pil)
+    got, ref = all_images(tv), all_images(pil)
+    assert got.shape == ref.shape and got.dtype == torch.uint8 and torch.equal(tv.labels, pil.labels)
+    # the pixels are torchvision's tensor decode + transforms, file by file
+    mode = ImageReadMode.GRAY if pil.channels == 1 else ImageReadMode.RGB
+    for k in (0, 1, 77):
+        image = decode_image(pil.paths[k], mode=mode)
+        if pil.crop_resize:
+            image = F.center_crop(F.resize(image, [36], antialias=True), [32, 32])
+        elif tuple(image.shape[-2:]) != pil.size:
+            image = F.resize(image, list(pil.size), antialias=True)
+        assert torch.equal(got[k], image)
+    # and PIL's within rounding (same libjpeg; resize and luminance round differently)
+    assert (got.float() - ref.float()).abs().mean() < 1.5
+    assert tv.fingerprint != pil.fingerprint                # different pixels, never the same score cache
+
+
+def test_decoding_on_the_device_handles_png_and_names_corrupt_files(tmp_path):
+    folder = make_folder(tmp_path / "mixed", per_class=4)
+    png = sorted(folder.rglob("*.jpg"))[2]
+    with Image.open(png) as im:
+        im.save(png.with_suffix(".png"))
+    png.unlink()
+    streamed = on_device(data.load(f"folder:{folder}", stream=True, like=(3, 16, 16)))
+    images = all_images(streamed)
+    whole = data.load(f"folder:{folder}", stream=False, like=(3, 16, 16)).images
+    assert images.shape == (12, 3, 16, 16) and (images.float() - whole.float()).abs().mean() < 1.5
+    bad = sorted(folder.rglob("*.jpg"))[5]
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(OODBenchError, match=f"1 corrupt or unreadable image file.*{bad.name}"):
+        list(on_device(data.load(f"folder:{folder}", stream=True, like=(3, 16, 16))).batches(4))
+
+
+def test_data_decode_auto_uses_pil_off_cuda_and_gpu_off_cuda_is_an_error(folder, tmp_path, capsys):
+    from oodbench.cli import main
+
+    assert data.load(f"folder:{folder}", stream=True).decoder == "pil"
+    assert data.load(f"folder:{folder}", stream=True, decode="auto").decoder == "pil"     # no CUDA here
+    with pytest.raises(OODBenchError, match="data.decode=gpu: cannot decode JPEGs on cpu"):
+        list(data.load(f"folder:{folder}", stream=True, decode="gpu").batches(8))
+    with pytest.raises(OODBenchError, match="data.decode must be"):
+        data.load(f"folder:{folder}", stream=True, decode="nvjpeg")
+    code = main(["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "noise:gaussian",
+                 "--method", "msp", "--fit-limit", "30", "--set", "data.decode=nvjpeg",
+                 "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("oodbench: error: data.decode must be auto") and "\n" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_decoding_is_probed_once_per_device(monkeypatch):
+    from oodbench.data import stream
+
+    stream.gpu_decode_problem.cache_clear()
+    assert "not a CUDA device" in stream.gpu_decode_problem("cpu")
+    if not torch.cuda.is_available():
+        assert stream.gpu_decode_problem("cuda")                 # a reason, never an exception
+    stream.gpu_decode_problem.cache_clear()
+
+
+def test_streamed_batches_are_contiguous_nchw(folder):
+    for streamed in (data.load(f"folder:{folder}", stream=True), on_device(data.load(f"folder:{folder}",
+                                                                                     stream=True))):
+        x, _ = next(iter(streamed.batches(16)))
+        assert x.is_contiguous() and x.shape == (16, 3, 48, 48)
+
+
+def test_tuning_on_openimage_o_reads_openoods_validation_list(tmp_path, capsys):
+    from oodbench.cli import main
+
+    write_openood(tmp_path)
+    images, lists = tmp_path / "images_largescale" / "openimage_o", tmp_path / "benchmark_imglist" / "imagenet"
+    images.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (28, 30 + i), (200, 20 * i, 40)).save(images / f"v{i}.jpg")
+    (lists / "val_openimage_o.txt").write_text("".join(f"openimage_o/v{i}.jpg -1\n" for i in range(4)))
+    code = main(["eval", "--model", "torchvision:resnet18:none", "--in", "imagenet", "--out", "ssb_hard",
+                 "--method", "react", "--tune", "--set", "tune.val_ood=openimage_o", "--set", "tune.val_size=4",
+                 "--set", "tune.grid={react.percentile: [80, 90]}",
+                 "--fit-limit", "12", "--data-root", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "tuned on validation data: react.percentile=" in out.out
+    assert "openimage_o: streamed from" in out.err and "(4 files," in out.err     # the val list, not the test one

@@ -39,7 +39,8 @@ class Resolved(NamedTuple):
 
 
 def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
-         download: Optional[bool] = None, stream=None, decode_to=None, crop_resize: Optional[int] = None):
+         download: Optional[bool] = None, stream=None, decode_to=None, crop_resize: Optional[int] = None,
+         decode=None):
     """The dataset `spec` as an ImageSet on `device` (a StreamedImageSet for large image folders).
 
     root: data root (default $OODBENCH_DATA, else ~/.cache/oodbench/data). like: (C, H, W) to convert to (channels
@@ -50,6 +51,7 @@ def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
     in-memory copy would pass stream.stream_threshold(). OpenOOD image-list sets always stream unless False.
     decode_to (C, H, W) and crop_resize R: file-backed sets are decoded straight to the model's input (shorter side R,
     centre crop) instead of to `like`; other sets keep `like`.
+    decode: how a streamed set is decoded, "auto" (None), "pil" or "gpu" (see data/stream.py).
     """
     spec = check_spec(spec)
     like = _check_like(like)
@@ -59,7 +61,7 @@ def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
         if decode_to is not None:   # decoded straight to the model's input
             like, hint_crop = _check_like(decode_to), crop_resize
         if _should_stream(stream, files, like, spec):
-            return _streamed(spec, files, like, hint_crop, device)
+            return _streamed(spec, files, like, hint_crop, device, decode)
     hint = Hint() if like is None else Hint(like[0], (like[1], like[2]), crop_resize=hint_crop)
     r = _resolve(spec, split, sources.data_root(root), sources.download_allowed(download), hint)
     images = r.images.to(device)
@@ -225,14 +227,18 @@ def _probe(paths) -> tuple[tuple, bool]:
     return (1 if gray else 3, *size), gray
 
 
-def _streamed(spec: str, files, target, crop_resize, device):
+def _streamed(spec: str, files, target, crop_resize, device, decode="pil"):
     paths, labels, folder = files
     shape = target or _probe(paths)[0]
+    streamed = streaming.StreamedImageSet(paths, labels, spec, shape[0], shape[1:], "bilinear", crop_resize, device,
+                                          root=folder, decode=decode)
+    decoder = "PIL in workers" if streamed.decoder == "pil" else f"torchvision.io on {streamed.device}"
+    if streamed.decode == "auto" and streamed.device.type == "cuda" and streamed.decoder == "pil":
+        decoder += f" (no GPU decoding: {streaming.gpu_decode_problem(str(streamed.device))})"
     how = f"shorter side {crop_resize}, centre crop {shape[1]}x{shape[2]}" if crop_resize else \
-        f"{shape[1]}x{shape[2]} (PIL bilinear)"
-    log_once(spec, f"streamed from {folder} ({len(paths)} files, decoded per batch: {how})")
-    return streaming.StreamedImageSet(paths, labels, spec, shape[0], shape[1:], "bilinear", crop_resize, device,
-                                      root=folder)
+        f"{shape[1]}x{shape[2]} (bilinear)"
+    log_once(spec, f"streamed from {folder} ({len(paths)} files, decoded per batch by {decoder}: {how})")
+    return streamed
 
 
 def hint_shape(hint: Hint):

@@ -30,7 +30,7 @@ def run_split(cfg: dict, device="cpu") -> tuple[ImageSet, ImageSet]:
 
     d = cfg["data"]
     full = load(d["in"], split="train", root=d.get("root"), device=device, stream=d.get("stream"),
-                decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"))
+                decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"), decode=d.get("decode"))
     if d.get("sample") == "per_class":   # --fit-limit: a seeded, class-balanced subset
         full = per_class_sample(full, d.get("limit"), cfg["seed"])
     else:

@@ -2,7 +2,9 @@
 transforms (shorter side R, centre crop S, uint8), same model; plus the peak RSS of streamed scoring at two set sizes.
 
 A folder of generated JPEGs (varied sizes, class sub-folders) is written to a temporary directory. Both sides run the
-model's `logits` on every batch. Goal: images/s ratio >= 1.0x; peak RSS flat in the set size.
+model's `logits` on every batch. Goal: images/s ratio >= 1.0x; peak RSS flat in the set size. On CUDA it also times
+data.decode=gpu (workers read bytes, nvJPEG decodes the batch on the GPU) against data.decode=pil (PIL in the CPU
+workers), both streamed, same workers and model.
 
     python scripts/perf/bench_stream.py [--images 1500] [--size 64] [--workers N] [--device cpu|cuda]
 """
@@ -68,9 +70,9 @@ def main():
         folder = write_folder(Path(tmp) / "set", args.images)
         os.environ["OODBENCH_WORKERS"] = str(args.workers)
 
-        def ours():
+        def ours(decode="pil"):
             s = data.load(f"folder:{folder}", stream=True, decode_to=(3, size, size), crop_resize=resize,
-                          device=args.device)
+                          device=args.device, decode=decode)
             return sum(len(model.logits(x)) for x, _ in s.batches(args.batch))
 
         def torchvision_loader():
@@ -90,6 +92,11 @@ def main():
         print(f"{args.images} JPEGs, {args.workers} workers, model input {size}px on {args.device}: "
               f"ImageFolder+DataLoader {n_ref / t_ref:.0f} img/s, streamed {n_ours / t_ours:.0f} img/s "
               f"→ {t_ref / t_ours:.2f}x (goal >= 1.0x)")
+        if torch.device(args.device).type == "cuda":
+            ours("gpu")                                           # warm-up: nvJPEG handles
+            t_gpu = min(timed(lambda: ours("gpu"))[0] for _ in range(3))
+            print(f"decode on the GPU (nvJPEG) {args.images / t_gpu:.0f} img/s vs PIL in {args.workers} CPU workers "
+                  f"{args.images / t_ours:.0f} img/s → {t_ours / t_gpu:.2f}x")
         small = write_folder(Path(tmp) / "small", args.images // 4)
         peaks = {}
         for name, f in (("1/4 set", small), ("full set", folder)):

@@ -7,6 +7,7 @@
 #   (issue goals: >= 50x and >= 5x), ResNet-18 and ResNet-20, peak GPU memory of the chosen micro-batch.
 # - llr: engine vs bare-loop training steps/s (goal >= 0.9) and log-likelihood images/s, quick and paper networks.
 # - msma (bf16 and fp32 scoring), ddpm (bf16 reconstruction), amp (anchored scoring): throughput vs bare forwards.
+# - streamed folders: data.decode=gpu (nvJPEG) vs PIL in CPU workers, and vs ImageFolder + DataLoader.
 # - end to end: `oodbench train` + `eval` of a classifier on scikit-learn digits with bf16 autocast (no download).
 #
 # Uses .venv/bin/python when there is one, else python3 (a machine with torch, torchvision, scikit-learn, scipy,
@@ -41,6 +42,7 @@ check() {
   check scripts/perf/bench_msma.py --device "$DEVICE" --model refinenet
   check scripts/perf/bench_ddpm.py --device "$DEVICE" --batch 64 --amp bf16
   check scripts/perf/bench_amp.py --device "$DEVICE" --arch resnet20 --batch 512
+  check scripts/perf/bench_stream.py --device "$DEVICE" --images 3000 --size 224
   check -m oodbench train --method msp --in digits --runs-dir "$RUNS" --device "$DEVICE" \
     --set train.steps=600 --set data.val_fraction=0.1
   check -m oodbench eval --method msp,energy,gradnorm,mahalanobis --in digits --runs-dir "$RUNS" --device "$DEVICE" \
