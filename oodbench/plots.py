@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from oodbench import metrics
+from oodbench.engine.checkpoint import atomic_file
 
 
 def _pyplot():
@@ -22,10 +23,13 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    """Written whole or not at all (a temporary file replaces `path`), as every other file of a report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
 
 
 LINE_STYLES = ("-", "--", ":", "-.")

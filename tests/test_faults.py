@@ -439,3 +439,37 @@ def test_device_strings_are_checked(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(OODBenchError, match="only 2 CUDA GPU"):
         resolve_device("cuda:2")
+
+
+def test_a_plot_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import numpy as np
+
+    from oodbench import plots
+
+    path = tmp_path / "hist.png"
+    plots.score_histograms(np.arange(50.0), {"ood": np.arange(50.0) + 3}, "t", path)
+    before = path.read_bytes()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.figure
+
+    def broken(self, f, **kw):
+        f.write(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        plots.score_histograms(np.arange(50.0), {"ood": np.arange(50.0)}, "t", path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["hist.png"]
+
+
+def test_log_lines_are_whole_json_lines(tmp_path):
+    import json
+
+    from oodbench.engine.loop import Engine
+
+    engine = Engine.__new__(Engine)
+    engine.is_main, engine._begin, engine.run_dir = True, None, tmp_path
+    for i in range(3):
+        engine.log({"step": i, "loss": 0.5})
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]

@@ -24,6 +24,7 @@ from oodbench.nets.unet import build_unet
 
 log = logging.getLogger("oodbench")
 METRICS = ("mse", "lpips", "ssim")
+_WARNED: set = set()                         # LPIPS-missing messages already logged
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"     # torchvision's ImageNet AlexNet
 LPIPS_FILE = "alex.pth"                       # LPIPS v0.1 linear layers for AlexNet (lpips package: weights/v0.1/)
 
@@ -252,7 +253,9 @@ class DDPM(Detector):
             if net is None:
                 if not auto:
                     raise OODBenchError(message + " (or drop lpips from ddpm.metrics)")
-                log.warning("%s; using MSE only", message)
+                if message not in _WARNED:          # once per process, not once per detector instance
+                    _WARNED.add(message)
+                    log.warning("%s; using MSE only", message)
                 wanted = [m for m in wanted if m != "lpips"]
             else:
                 self._lpips = net.to(self.device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -98,8 +99,12 @@ class Engine:
             return
         self.begin()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        line = (json.dumps({"time": round(time.time(), 3), **record}) + "\n").encode()
+        fd = os.open(self.run_dir / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:                         # one write(2) of the whole line in append mode: lines never interleave or
+            os.write(fd, line)       # tear across processes (a crash mid-line is the only torn line possible)
+        finally:
+            os.close(fd)
 
     def autocast(self, amp: str = "auto"):
         """bf16/fp16 autocast on CUDA (auto = bf16); a no-op on CPU unless asked for explicitly."""
