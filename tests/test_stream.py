@@ -269,15 +269,16 @@ def test_decoding_on_the_device_gives_the_weights_transforms_on_tensors(folder, 
 
 def test_decoding_on_the_device_handles_png_and_names_corrupt_files(tmp_path):
     folder = make_folder(tmp_path / "mixed", per_class=4)
-    png = sorted(folder.rglob("*.jpg"))[2]
-    with Image.open(png) as im:
-        im.save(png.with_suffix(".png"))
-    png.unlink()
+    for k, suffix in ((2, ".png"), (7, ".bmp")):          # decode_image reads PNG; BMP falls back to PIL
+        other = sorted(folder.rglob("*.jpg"))[k]
+        with Image.open(other) as im:
+            im.save(other.with_suffix(suffix))
+        other.unlink()
     streamed = on_device(data.load(f"folder:{folder}", stream=True, like=(3, 16, 16)))
     images = all_images(streamed)
     whole = data.load(f"folder:{folder}", stream=False, like=(3, 16, 16)).images
     assert images.shape == (12, 3, 16, 16) and (images.float() - whole.float()).abs().mean() < 1.5
-    bad = sorted(folder.rglob("*.jpg"))[5]
+    bad = sorted(folder.rglob("*.jpg"))[4]
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(OODBenchError, match=f"1 corrupt or unreadable image file.*{bad.name}"):
         list(on_device(data.load(f"folder:{folder}", stream=True, like=(3, 16, 16))).batches(4))

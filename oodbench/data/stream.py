@@ -10,8 +10,8 @@ Decoders (`decode`, the data.decode option):
   (`folders.decode_file`), so a set streamed or held in memory gives the same pixels, and the ImageNet recipe equals
   torchvision's weights transforms on PIL images.
 - "gpu" (the default on CUDA, "auto"): the workers only read the files' bytes; the batch's JPEGs are decoded together
-  by `torchvision.io.decode_jpeg(device=...)` (nvJPEG) on the set's device, other formats by `decode_image`, and
-  resized and cropped there by torchvision's tensor transforms (antialiased bilinear): the weights transforms on
+  by `torchvision.io.decode_jpeg(device=...)` (nvJPEG) on the set's device, other formats by `decode_image` (and
+  those it lacks, such as BMP or TIFF, by PIL), and resized and cropped there by torchvision's tensor transforms (antialiased bilinear): the weights transforms on
   tensors. Pixels differ from PIL's by rounding, so the decoder is part of the fingerprint. "auto" falls back to PIL,
   with a note, when this torchvision cannot decode JPEGs on the device.
 Corrupt files are an error naming them, raised by the batch that holds them (never skipped).
@@ -124,7 +124,7 @@ def decode_tensors(encoded: list, channels: int, size, crop_resize, device) -> l
     def on_cpu(data):
         try:
             return decode_image(data, mode=mode).to(device)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             return None
 
     jpegs = [k for k, data in enumerate(encoded) if _is_jpeg(data)]
@@ -278,6 +278,7 @@ class StreamedImageSet:
                 buffer, ends, index = batch
                 images = decode_tensors(_split_bytes(buffer, ends), self.channels, self.size, self.crop_resize,
                                         self.device)
+                images = [self._pil_fallback(i) if image is None else image for image, i in zip(images, index)]
                 corrupt = [i for image, i in zip(images, index) if image is None]
             else:
                 images, index, corrupt = batch
@@ -286,6 +287,14 @@ class StreamedImageSet:
             images = torch.stack(images) if on_device else images.to(self.device, non_blocking=True)
             labels = None if self.labels is None else self.labels[index[0]:index[-1] + 1]
             yield images, labels
+
+    def _pil_fallback(self, i: int) -> Optional[torch.Tensor]:
+        """File i decoded by PIL (formats torchvision.io lacks: BMP, TIFF, PPM, ...), or None when corrupt."""
+        try:
+            image, _ = folders.decode_file(self.paths[i], self.channels, self.size, self.resample, self.crop_resize)
+        except folders.CorruptImage:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
 
     def materialize(self):
         """The whole set as an in-memory ImageSet (for training, which needs random access)."""
