@@ -26,12 +26,12 @@ from oodbench import data
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_folder(root: Path, n: int, classes: int = 10) -> Path:
+def write_folder(root: Path, n: int, classes: int = 10, side: int = 140) -> Path:
     rng = np.random.RandomState(0)
     for i in range(n):
         folder = root / f"c{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
-        h, w = rng.randint(100, 180), rng.randint(100, 180)
+        h, w = rng.randint(side * 5 // 7, side * 9 // 7, size=2)
         Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=85)
     return root
 
@@ -59,6 +59,7 @@ def main():
     parser.add_argument("--size", type=int, default=64, help="model input side S (resize to S * 256/224, crop S)")
     parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--side", type=int, default=140, help="generated JPEGs' typical side (ImageNet's is ~400)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     from torchvision import datasets
@@ -67,7 +68,7 @@ def main():
     size, resize = args.size, round(args.size * 256 / 224)
     model = oodbench.wrap(__import__("torchvision").models.resnet18(), size=size, resize=resize).to(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_folder(Path(tmp) / "set", args.images)
+        folder = write_folder(Path(tmp) / "set", args.images, side=args.side)
         os.environ["OODBENCH_WORKERS"] = str(args.workers)
 
         def ours(decode="pil"):
@@ -89,7 +90,7 @@ def main():
             t, n_ours = timed(ours)
             t_ours = min(t_ours, t)
         assert n_ref == n_ours == args.images
-        print(f"{args.images} JPEGs, {args.workers} workers, model input {size}px on {args.device}: "
+        print(f"{args.images} JPEGs (~{args.side}px), {args.workers} workers, model input {size}px on {args.device}: "
               f"ImageFolder+DataLoader {n_ref / t_ref:.0f} img/s, streamed {n_ours / t_ours:.0f} img/s "
               f"→ {t_ref / t_ours:.2f}x (goal >= 1.0x)")
         if torch.device(args.device).type == "cuda":
@@ -97,7 +98,7 @@ def main():
             t_gpu = min(timed(lambda: ours("gpu"))[0] for _ in range(3))
             print(f"decode on the GPU (nvJPEG) {args.images / t_gpu:.0f} img/s vs PIL in {args.workers} CPU workers "
                   f"{args.images / t_ours:.0f} img/s → {t_ours / t_gpu:.2f}x")
-        small = write_folder(Path(tmp) / "small", args.images // 4)
+        small = write_folder(Path(tmp) / "small", args.images // 4, side=args.side)
         peaks = {}
         for name, f in (("1/4 set", small), ("full set", folder)):
             out = subprocess.run([sys.executable, "-c", PEAK, str(f)], capture_output=True, text=True, check=True,

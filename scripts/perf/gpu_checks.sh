@@ -42,7 +42,7 @@ check() {
   check scripts/perf/bench_msma.py --device "$DEVICE" --model refinenet
   check scripts/perf/bench_ddpm.py --device "$DEVICE" --batch 64 --amp bf16
   check scripts/perf/bench_amp.py --device "$DEVICE" --arch resnet20 --batch 512
-  check scripts/perf/bench_stream.py --device "$DEVICE" --images 3000 --size 224
+  check scripts/perf/bench_stream.py --device "$DEVICE" --images 3000 --size 224 --side 400
   check -m oodbench train --method msp --in digits --runs-dir "$RUNS" --device "$DEVICE" \
     --set train.steps=600 --set data.val_fraction=0.1
   check -m oodbench eval --method msp,energy,gradnorm,mahalanobis --in digits --runs-dir "$RUNS" --device "$DEVICE" \
