@@ -343,7 +343,13 @@ def _from_torchvision(rest: str, spec: str, seed: int):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = torchvision.models.get_model(name, weights=None)
-        return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "channels": 3}
+        prep = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "channels": 3}
+        fixed = getattr(net, "image_size", None)          # e.g. ViTs: only this input size is accepted
+        if isinstance(fixed, int):
+            default = torchvision.models.get_model_weights(name).DEFAULT.transforms()   # metadata, no download
+            prep.update(size=[fixed, fixed], resize=max(fixed, int(default.resize_size[0] * fixed /
+                                                                   default.crop_size[0])))
+        return net, prep
     try:
         weights = torchvision.models.get_model_weights(name)[weights_name]
     except (KeyError, ValueError):

@@ -162,6 +162,25 @@ class Run:
         write_atomic(self.path / "metrics.csv", rows_to_csv(merged))
 
 
+def check_model_takes(model, shape, in_spec: str) -> None:
+    """One forward of a blank image of the ID set's `shape`, before any work: a model that cannot take the set's
+    images (a ViT given 8x8 inputs, a 1-channel net given RGB) is a one-line error, not a traceback mid-run."""
+    blank = torch.zeros((1, *shape), dtype=torch.uint8)
+    net = model.net
+    training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            model.features_and_logits(blank.to(next(net.parameters(), blank).device))
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OODBenchError(f"model {model.name} cannot score {in_spec}'s images (prepared from {tuple(shape)}): "
+                            f"{first}; give the model its input size (weights with a preprocessing size, or "
+                            f"size=/resize= in oodbench.load_model/wrap)") from None
+    finally:
+        net.train(training)
+
+
 class ModelRun(Run):
     """Post-hoc classifier methods on a model that oodbench did not train (`--model SPEC`, `oodbench.Evaluator`).
 
@@ -186,6 +205,7 @@ class ModelRun(Run):
         self._in_test = data.load(in_spec, split="test", root=data_root, decode_to=decode_to,
                                   crop_resize=crop)   # checks the set before anything is written
         self.meta = {"kind": "classifier", "model": label, "in": in_spec, "shape": list(self._in_test.shape)}
+        check_model_takes(model, self._in_test.shape, in_spec)
 
     def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto",
                  decode="auto"):

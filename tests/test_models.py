@@ -343,3 +343,36 @@ def test_the_accuracy_of_a_model_is_computed_once_for_all_its_methods(tmp_path, 
     rows = runs.evaluate(run, ["msp", "energy", "knn"], ["noise:gaussian"], limit=20, device="cpu",
                          overrides=["knn.k=3"])
     assert len(calls) == 1 and len({r["id_accuracy"] for r in rows}) == 1 and len(rows) == 3
+
+
+def test_random_weights_of_a_fixed_size_architecture_get_its_input_size():
+    """A ViT accepts only its image_size: `none` weights take it (and the default weights' resize ratio) without a
+    download, so any ID set can be scored."""
+    model = oodbench.load_model("torchvision:vit_b_16:none")
+    x = model.prepare(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    assert x.shape == (2, 3, 224, 224)
+    with torch.no_grad():
+        feats, logits = model.features_and_logits(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    assert feats.shape == (2, 768) and logits.shape == (2, 1000)
+
+
+class NeedsThirtyTwo(nn.Module):
+    """A user network that only takes 32x32 inputs (as a ViT takes only its image_size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2, 1)
+        self.fc = nn.Linear(2 * 32 * 32, 10)
+
+    def forward(self, x):
+        assert x.shape[-1] == 32, f"Wrong image width! Expected 32 but got {x.shape[-1]}!"
+        return self.fc(self.stem(x).flatten(1))
+
+
+def test_a_model_that_cannot_take_the_sets_images_is_a_one_line_error_before_any_work(tmp_path):
+    with pytest.raises(OODBenchError, match=r"cannot score digits's images \(prepared from \(1, 8, 8\)\): Wrong image "
+                                            r"width! Expected 32 but got 8!; give the model its input size"):
+        runs.ModelRun(oodbench.wrap(NeedsThirtyTwo()), "digits", runs_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+    run = runs.ModelRun(oodbench.wrap(NeedsThirtyTwo(), size=32), "digits", runs_dir=tmp_path)   # sized: fine
+    assert run.meta["shape"] == [1, 8, 8]
