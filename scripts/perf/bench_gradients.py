@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import torch
 
@@ -27,15 +26,7 @@ from oodbench.detectors.gradients import (auto_micro_batch, gradnorm_openood, gr
                                          weight_names)
 from oodbench.engine import resolve_device
 from oodbench.nets.classifiers import build_classifier
-
-
-def timed(fn, device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - start
+from timing import timed
 
 
 def gradnorm_closed(net, x, batch, temperature):
@@ -94,7 +85,7 @@ def main(argv=None):
             base = torch.cuda.memory_allocated(device)
         else:
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        fast, t_fast = timed(lambda: layers_vmap(net, x, args.batch, micro), device)
+        t_fast, fast = timed(lambda: layers_vmap(net, x, args.batch, micro))
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - base
             how = "torch.cuda.max_memory_allocated above the resident model and data"
@@ -102,7 +93,7 @@ def main(argv=None):
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
             how = "growth of the process peak RSS (0 if an earlier step already reached it)"
         layer_norms_per_sample(net, xl[:2], names)                                  # warm-up
-        slow, t_slow = timed(lambda: layer_norms_per_sample(net, xl, names), device)
+        t_slow, slow = timed(lambda: layer_norms_per_sample(net, xl, names))
         err = max(max_rel(fast[k][:len(xl)], slow[k]) for k in names)
         r_fast, r_slow = args.n / t_fast, len(xl) / t_slow
         print(f"per-layer norms ({len(names)} weight tensors): vmap {r_fast:,.1f} img/s (micro-batch {micro} from "
@@ -113,9 +104,9 @@ def main(argv=None):
     gradnorm_closed(net, x[:8], args.batch, args.temperature)            # warm-up
     gradnorm_openood(net, x[:8], args.temperature, args.batch)
     gradnorm_per_sample(net, xl[:2], args.temperature)
-    closed, t_closed = timed(lambda: gradnorm_closed(net, x, args.batch, args.temperature), device)
-    openood, t_openood = timed(lambda: gradnorm_openood(net, x, args.temperature, args.batch), device)
-    loop, t_loop = timed(lambda: gradnorm_per_sample(net, xl, args.temperature), device)
+    t_closed, closed = timed(lambda: gradnorm_closed(net, x, args.batch, args.temperature))
+    t_openood, openood = timed(lambda: gradnorm_openood(net, x, args.temperature, args.batch))
+    t_loop, loop = timed(lambda: gradnorm_per_sample(net, xl, args.temperature))
     r_closed, r_openood, r_loop = args.n / t_closed, args.n / t_openood, len(xl) / t_loop
     print(f"GradNorm: closed form {r_closed:,.1f} img/s; OpenOOD's head-only loop {r_openood:,.1f} img/s, speed-up "
           f"{r_closed / r_openood:,.2f}x, max rel diff {max_rel(closed, openood.to(closed.device)):.2e}; "

@@ -7,7 +7,6 @@ normalised bank to the k-th distances (index build included). The results are ch
     python scripts/perf/bench_knn.py [--bank 50000] [--queries 10000] [--dim 512] [--k 50] [--device cpu]
 """
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -16,14 +15,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from oodbench.config import load_config
 from oodbench.detectors import get
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+from timing import timed
 
 
 def ours(backend, bank, queries, k, device):

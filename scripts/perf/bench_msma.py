@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,13 +25,9 @@ import yaml
 from oodbench.detectors.msma import MSMA, score_norms, sigma_schedule
 from oodbench.engine import resolve_device
 from oodbench.nets.score_nets import build_score_net
+from timing import timed
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "msma.yaml"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_detector(args, device) -> MSMA:
@@ -48,14 +43,6 @@ def make_detector(args, device) -> MSMA:
     det.train_norms = det.norms_of(fit_images)
     det.fit_aux(seed=0)
     return det
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> None:
@@ -96,7 +83,7 @@ def main(argv=None) -> None:
         rows()  # warm-up
         for _ in range(args.repeats):
             for name, fn in (("bare", bare), ("norms", norms), ("rows", rows)):
-                times[name].append(timed(fn, device))
+                times[name].append(timed(fn)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in net.parameters())
     print(f"device {device}{' bf16' if args.bf16 else ''}, torch threads {torch.get_num_threads()}; "

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from PIL import Image
 
 import oodbench
 from oodbench import data
+from timing import timed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,14 +34,6 @@ def write_folder(root: Path, n: int, classes: int = 10, side: int = 140) -> Path
         h, w = rng.randint(side * 5 // 7, side * 9 // 7, size=2)
         Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=85)
     return root
-
-
-def timed(fn):
-    start = time.perf_counter()
-    n = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, n
 
 
 PEAK = """

@@ -1,0 +1,16 @@
+"""The wall-clock timer the perf scripts share (imported as a sibling: `python scripts/perf/X.py` puts this folder on
+sys.path)."""
+import time
+
+import torch
+
+
+def timed(fn):
+    """(seconds, fn()) with the GPU's queued work counted: CUDA is synchronised before and after when present."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
