@@ -209,7 +209,8 @@ class ModelRun(Run):
 
     def load_set(self, spec: str, split: str = "test", limit: Optional[int] = None, device="cpu", stream="auto",
                  decode="auto"):
-        if spec == self.in_distribution() and split == "test":   # loaded once, in __init__
+        as_loaded = data.stream_choice(stream) == "auto" and data.decode_choice(decode) == "auto"
+        if spec == self.in_distribution() and split == "test" and as_loaded:   # loaded once, in __init__
             return self._in_test.head(limit).to(device)
         return super().load_set(spec, split, limit, device, stream, decode)
 

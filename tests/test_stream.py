@@ -335,3 +335,17 @@ def test_tuning_on_openimage_o_reads_openoods_validation_list(tmp_path, capsys):
     assert code == 0, out.err
     assert "tuned on validation data: react.percentile=" in out.out
     assert "openimage_o: streamed from" in out.err and "(4 files," in out.err     # the val list, not the test one
+
+
+def test_set_data_stream_at_eval_time_applies_to_the_in_distribution_set_too(folder, tmp_path, monkeypatch):
+    import oodbench
+
+    streamed = []
+    real = StreamedImageSet.batches
+    monkeypatch.setattr(StreamedImageSet, "batches", lambda self, n: streamed.append(self.name) or real(self, n))
+    run = runs.ModelRun(oodbench.load_model("torchvision:resnet18:none"), f"folder:{folder}", fit_limit=30,
+                        runs_dir=tmp_path)
+    assert not isinstance(run.load_set(f"folder:{folder}"), StreamedImageSet)       # small: in memory
+    assert isinstance(run.load_set(f"folder:{folder}", stream="true"), StreamedImageSet)
+    runs.evaluate(run, ["energy"], ["noise:gaussian"], limit=20, device="cpu", overrides=["data.stream=true"])
+    assert f"folder:{folder}[:20]" in streamed                              # the ID test set was streamed
