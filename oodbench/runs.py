@@ -491,6 +491,7 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
     detectors = {method: run.detector(method, overrides, device) for method in methods}
     for det in detectors.values():
         check_dataset_options(det.cfg)
+        data.decoder_for(data.decode_choice(det.cfg["data"].get("decode")), det.device)   # gpu needs a usable GPU
     rows, accuracies = [], {}
     in_spec = run.in_distribution()
     check_available(run, [in_spec] + out_specs)

@@ -299,6 +299,13 @@ def test_data_decode_auto_uses_pil_off_cuda_and_gpu_off_cuda_is_an_error(folder,
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("oodbench: error: data.decode must be auto") and "\n" not in err
     assert not (tmp_path / "runs").exists()
+    code = main(["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", f"folder:{folder}",
+                 "--method", "msp", "--fit-limit", "30", "--set", "data.decode=gpu", "--set", "data.stream=true",
+                 "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("oodbench: error: data.decode=gpu: cannot decode JPEGs on cpu")
+    assert not any(line.startswith("oodbench: error") for line in err[:-1])
+    assert not list((tmp_path / "runs").rglob("*.npz"))                 # found before any scoring
 
 
 def test_gpu_decoding_is_probed_once_per_device(monkeypatch):

@@ -172,6 +172,20 @@ def gpu_decode_problem(device: str) -> str:
     return ""
 
 
+def decoder_for(decode: str, device) -> str:
+    """The decoder a streamed set with data.decode `decode` uses on `device`: "pil" or "torchvision" ("auto" is
+    torchvision where the device decodes JPEGs, else PIL); "gpu" where it cannot is an error."""
+    if decode in ("pil", "torchvision"):
+        return decode
+    problem = gpu_decode_problem(str(device))
+    if not problem:
+        return "torchvision"
+    if decode == "gpu":
+        raise OODBenchError(f"data.decode=gpu: cannot decode JPEGs on {device} ({problem}); use --device cuda "
+                            f"with a torchvision built with nvJPEG, or --set data.decode=pil")
+    return "pil"
+
+
 class StreamedImageSet:
     """Image files decoded in batches; see the module docstring."""
 
@@ -228,16 +242,8 @@ class StreamedImageSet:
     @property
     def decoder(self) -> str:
         """"pil" (workers decode with PIL) or "torchvision" (workers read bytes, torchvision.io decodes on the
-        device), from `decode` and the device; "gpu" off a usable CUDA device is an error."""
-        if self.decode in ("pil", "torchvision"):
-            return self.decode
-        problem = gpu_decode_problem(str(self.device))
-        if not problem:
-            return "torchvision"
-        if self.decode == "gpu":
-            raise OODBenchError(f"data.decode=gpu: cannot decode JPEGs on {self.device} ({problem}); use "
-                                f"--device cuda with a torchvision built with nvJPEG, or --set data.decode=pil")
-        return "pil"
+        device): `decoder_for(decode, device)`."""
+        return decoder_for(self.decode, self.device)
 
     def conversion(self) -> dict:
         conversion = {"channels": self.channels, "size": list(self.size), "resample": self.resample,
