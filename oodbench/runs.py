@@ -122,13 +122,18 @@ class Run:
                          stream=stream, decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"),
                          decode=decode).head(limit)
 
+    def scored_set(self, spec: str, det, limit: Optional[int] = None):
+        """`spec` as `det` scores it: on its device, streamed and decoded as its data.stream / data.decode say."""
+        d = det.cfg["data"]
+        return self.load_set(spec, limit=limit, device=det.device, stream=d.get("stream", "auto"),
+                             decode=d.get("decode", "auto"))
+
     def score(self, method: str, spec: str, limit: Optional[int] = None, overrides: Iterable[str] = (),
               device="auto", batch_size: int = 256, detector=None) -> dict:
         """Scores of `method` on dataset `spec` ({row: (N,) array, '_extra': array}), cached in scores/."""
         check_limit(limit)
         det = detector or self.detector(method, overrides, device)
-        imageset = self.load_set(spec, limit=limit, device=det.device, stream=det.cfg["data"].get("stream", "auto"),
-                                 decode=det.cfg["data"].get("decode", "auto"))
+        imageset = self.scored_set(spec, det, limit)
         key = self.cache_key(det, imageset, limit)
         path = self.path / "scores" / method / f"{safe_name(spec)}.npz"
         cached = read_npz(path, "_cache_key", key)
@@ -502,7 +507,7 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
         id_scores = run.score(method, in_spec, limit, overrides, detector=det)
         if hasattr(det, "accuracy"):  # classifiers report their in-distribution test accuracy beside the rows
             if det.cache_tag not in accuracies:   # one model for all the run's classifier methods: once
-                accuracies[det.cache_tag] = det.accuracy(run.load_set(in_spec, limit=limit, device=det.device))
+                accuracies[det.cache_tag] = det.accuracy(run.scored_set(in_spec, det, limit))
             if accuracies[det.cache_tag] is not None:
                 extra["id_accuracy"] = accuracies[det.cache_tag]
         if "_bpd" in id_scores:  # likelihood models: mean bits per dimension of both sets beside the rows
