@@ -499,7 +499,7 @@ def evaluate(run: Run, methods: Iterable[str], out_specs: Iterable[str], limit: 
         data.decoder_for(data.decode_choice(det.cfg["data"].get("decode")), det.device)   # gpu needs a usable GPU
     rows, accuracies = [], {}
     in_spec = run.in_distribution()
-    check_available(run, [in_spec] + out_specs)
+    check_available(run, [in_spec] + out_specs, next(iter(detectors.values())))
     for method, det in detectors.items():
         extra = {}
         if tune:
@@ -533,9 +533,10 @@ def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
         raise OODBenchError(f"--bootstrap must be a number of resamples >= 0 (0 = no intervals), got {bootstrap!r}")
 
 
-def check_available(run: Run, specs: list) -> None:
-    """One error naming every set of `specs` that cannot be loaded, before any scoring starts (loads are cached)."""
-    name_every_failure(specs, run.load_set)
+def check_available(run: Run, specs: list, det) -> None:
+    """One error naming every set of `specs` that cannot be loaded as `det` scores it (streamed or not, decoded how),
+    before any scoring starts (in-memory loads are cached, streamed ones only list their files)."""
+    name_every_failure(specs, lambda spec: run.scored_set(spec, det))
 
 
 def name_every_failure(specs, check) -> None:
