@@ -315,6 +315,15 @@ def test_lpips_missing_weights(tmp_path):
     assert DDPM(cfg).metrics() == ["mse"]                                 # default: falls back to MSE with a message
 
 
+def test_the_missing_lpips_message_is_logged_once_per_process(tmp_path, caplog):
+    cfg = {"ddpm": {"metrics": "auto", "alexnet_weights": str(tmp_path / "gone.pth"),
+                    "lpips_weights": str(tmp_path / "x")}}
+    with caplog.at_level("WARNING"):
+        for _ in range(3):                                                # e.g. training, then scoring
+            assert DDPM(cfg).metrics() == ["mse"]
+    assert sum("gone.pth" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_bad_detector_options():
     for opts, match in [({"inference_skip_factor": 0}, "skip"), ({"num_inference_steps": 33}, "num_inference_steps"),
                         ({"metrics": ["psnr"]}, "metrics"), ({"sampler": "euler"}, "sampler")]:
