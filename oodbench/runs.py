@@ -23,7 +23,7 @@ import torch
 
 from oodbench import config as configs
 from oodbench import data, locks, metrics, progress, tuning
-from oodbench.detectors import base as registry
+from oodbench import detectors as registry
 from oodbench.engine import Engine, TrainSpec, checkpoint, distributed, setup_device
 from oodbench.errors import OODBenchError
 

@@ -206,7 +206,7 @@ from oodbench.config import load_config  # noqa: E402
 
 def _detector(method, *overrides, seed=3):
     """A fitted-looking detector: the quick config with a small CNN on 1x8x8 images, weights from a seeded toy net."""
-    from oodbench.detectors.base import get, trainer_for
+    from oodbench.detectors import get, trainer_for
 
     cfg = load_config("classifier", "quick", ["model.width=8", *overrides])
     det = get(method)(cfg, "cpu")

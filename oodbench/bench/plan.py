@@ -10,7 +10,7 @@ from typing import Optional
 
 from oodbench import config as configs
 from oodbench import protocols
-from oodbench.detectors import base as registry
+from oodbench import detectors as registry
 from oodbench.errors import OODBenchError
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",

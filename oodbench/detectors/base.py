@@ -113,17 +113,3 @@ def register_trainer(kind: str) -> Callable[[type], type]:
 def trainer_for(cls: type) -> type:
     """The class whose `fit` trains the run that method class `cls` scores: its kind's trainer, or `cls` itself."""
     return TRAINERS.get(cls.kind, cls)
-
-
-def get(name: str) -> type:
-    """The detector class registered as `name`, or an error listing the known methods."""
-    import oodbench.detectors  # noqa: F401  (fills the registry)
-
-    if name not in REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise OODBenchError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(REGISTRY))} "
-                            f"(see `oodbench methods`)")
-    return REGISTRY[name]
