@@ -95,12 +95,14 @@ def list_images(folder: Path, exclude=()) -> list[Path]:
     return sorted(found)
 
 
-def read_folder(folder, size=None, channels=None, resample="bilinear", exclude=(), crop_resize=None) -> Raw:
+def read_folder(folder, size=None, channels=None, resample="bilinear", exclude=(), crop_resize=None,
+                classes=None) -> Raw:
     """Every image under `folder` as uint8 (N, C, H, W).
 
     size (H, W): all images are resized to it (PIL, `resample`); default: the first image's size, and images of
     other sizes are resized to it. channels (1 or 3): default 1 when every image is grayscale, else 3.
-    Labels: when every image sits in a first-level sub-folder, the index of that sub-folder in sorted order.
+    Labels: when every image sits in a first-level sub-folder, the index of that sub-folder in sorted order (in
+    `classes` when given: the class names shared by a split folder's train/ and test/, see `split_folder`).
     Corrupt files are an error that names them.
     """
     folder = Path(folder).expanduser().resolve()
@@ -112,11 +114,11 @@ def read_folder(folder, size=None, channels=None, resample="bilinear", exclude=(
                             f"point it at a directory with image files")
     listing = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
     size = None if size is None else (int(size[0]), int(size[1]))
-    return _decode(folder, listing, size, channels, resample, crop_resize)
+    return _decode(folder, listing, size, channels, resample, crop_resize, None if classes is None else tuple(classes))
 
 
 @functools.lru_cache(maxsize=8)
-def _decode(folder: Path, listing: tuple, size, channels, resample, crop_resize=None) -> Raw:
+def _decode(folder: Path, listing: tuple, size, channels, resample, crop_resize=None, classes=None) -> Raw:
     paths = [Path(p) for p, _, _ in listing]
     corrupt, images, all_gray = [], None, True
     for i, path in enumerate(paths):
@@ -136,7 +138,7 @@ def _decode(folder: Path, listing: tuple, size, channels, resample, crop_resize=
         raise corrupt_error(folder, corrupt)
     if channels is None and all_gray:
         images = images[:, :1]
-    return make_raw(images, folder_labels(folder, paths))
+    return make_raw(images, folder_labels(folder, paths, classes))
 
 
 class CorruptImage(Exception):
@@ -180,46 +182,180 @@ def corrupt_error(folder, corrupt: list) -> OODBenchError:
                          f"delete or replace them")
 
 
-def folder_labels(folder: Path, paths: list[Path]) -> Optional[np.ndarray]:
+def folder_labels(folder: Path, paths: list[Path], classes=None) -> Optional[np.ndarray]:
+    """The index of each image's first-level sub-folder among `classes` (default: those the images sit in, sorted),
+    or None when some image sits directly in `folder`."""
     parts = [p.relative_to(folder).parts for p in paths]
     if any(len(p) < 2 for p in parts):
         return None
-    classes = sorted({p[0] for p in parts})
+    classes = sorted(set(classes or ()) | {p[0] for p in parts})
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[p[0]] for p in parts], dtype=np.int64)
 
 
+# ---------------------------------------------------------------- explicit train/test splits of user data
+
+SPLITS = ("train", "test")
+
+
+def has_split_folder(folder) -> bool:
+    """Whether `folder` holds both a train/ and a test/ sub-folder (the split layout of `folder:PATH`)."""
+    folder = Path(folder).expanduser()
+    return all((folder / s).is_dir() for s in SPLITS)
+
+
+def split_folder(folder, split: str) -> tuple[Path, Optional[tuple]]:
+    """(the folder to read for `split`, class names or None) of `folder:PATH`.
+
+    A folder with train/ and test/ sub-folders is read as a split: `split` picks the sub-folder (any other existing
+    sub-folder, e.g. val/, may be named too), and the classes are the sub-folders of train/, test/ and that one
+    together, so a class has the same label in every split. Any other folder is read whole, whatever `split`."""
+    folder = Path(folder).expanduser().resolve()
+    if not has_split_folder(folder):
+        return folder, None
+    if not split or split.startswith(".") or "/" in split or not (folder / split).is_dir():
+        raise OODBenchError(f"folder {folder} is split into train/ and test/ sub-folders but has no {split!r} "
+                            f"sub-folder; load it with split='train' or split='test'")
+    classes = set()
+    for name in dict.fromkeys(SPLITS + (split,)):
+        classes.update(d.name for d in (folder / name).iterdir() if d.is_dir() and not d.name.startswith("."))
+    return folder / split, tuple(sorted(classes))
+
+
 # ---------------------------------------------------------------- npz files
 
-def read_npz(path) -> Raw:
-    """`images`: uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}; optional `labels` (N,) integers."""
+NPZ_HOW = ("save it with numpy.savez(path, images=uint8_array, labels=int_array), or with a split: "
+           "numpy.savez(path, train=..., test=..., train_labels=..., test_labels=...)")
+
+
+def _open_npz(path):
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise OODBenchError(f"npz file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        return path, np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise OODBenchError(f"{path} is not a readable .npz file ({e}); save it with numpy.savez(path, images=...)")
-    if "images" not in arrays:
-        raise OODBenchError(f"{path} has no 'images' array (found: {', '.join(arrays) or 'nothing'}); "
-                            f"save it with numpy.savez(path, images=uint8_array, labels=int_array)")
-    images = arrays["images"]
-    if images.dtype != np.uint8:
-        raise OODBenchError(f"{path}: 'images' is {images.dtype}, must be uint8 0..255; "
-                            f"convert with (x * 255).round().astype(numpy.uint8) for floats in [0, 1]")
+        raise OODBenchError(f"{path} is not a readable .npz file ({e}); {NPZ_HOW}") from None
+
+
+def _npz_layout(path: Path, keys) -> bool:
+    """True for a train/test file, False for an `images` file; an error for anything else (found without reading
+    any array)."""
+    keys = list(keys)
+    found = ", ".join(keys) or "nothing"
+    halves = [k for k in SPLITS if k in keys]
+    if "images" in keys and halves:
+        raise OODBenchError(f"{path} has both 'images' and {' and '.join(repr(k) for k in halves)} arrays "
+                            f"(found: {found}); keep either images (+labels) or train and test "
+                            f"(+train_labels, test_labels)")
+    if "images" in keys:
+        return False
+    if len(halves) == 1:
+        missing = "test" if halves[0] == "train" else "train"
+        raise OODBenchError(f"{path} has a {halves[0]!r} array but no {missing!r} array (found: {found}); a split "
+                            f"file needs both train and test image arrays, or save the images as 'images'")
+    if not halves:
+        raise OODBenchError(f"{path} has no 'images' array nor 'train' and 'test' arrays (found: {found}); "
+                            f"{NPZ_HOW}")
+    if "labels" in keys:
+        raise OODBenchError(f"{path} has train and test arrays and a 'labels' array, which belongs to neither; "
+                            f"name the labels train_labels and test_labels")
+    return True
+
+
+def _npz_headers(path: Path) -> dict:
+    """{name: (shape, dtype)} of the arrays in an npz file, from their .npy headers only (nothing else is read)."""
+    import zipfile
+
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0 if version == (2, 0) else None
+                    if read is not None:
+                        shape, _, dtype = read(f)
+                        headers[info.filename[:-4]] = (tuple(shape), dtype)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise OODBenchError(f"{path} is not a readable .npz file ({e}); {NPZ_HOW}") from None
+    return headers
+
+
+def _npz_check(path: Path, keys) -> bool:
+    """`_npz_layout`, and every image and label array of the layout checked by its header (dtype, shape)."""
+    split_file = _npz_layout(path, keys)
+    headers = _npz_headers(path)
+    pairs = [(s, f"{s}_labels") for s in SPLITS] if split_file else [("images", "labels")]
+    for image_key, label_key in pairs:
+        if image_key in headers:
+            shape, dtype = headers[image_key]
+            n = _check_npz_images(path, image_key, shape, dtype)
+            if label_key in headers:
+                _check_npz_labels(path, label_key, n, *headers[label_key])
+    return split_file
+
+
+def npz_has_split(path) -> bool:
+    """Whether the npz file holds `train` and `test` image arrays (a split) rather than `images`; a file with neither
+    layout, half a split or both layouts is an error naming the arrays found, and so is an image or label array of
+    the wrong dtype or shape. Reads the file's index and array headers only."""
+    path, f = _open_npz(path)
+    with f:
+        return _npz_check(path, f.files)
+
+
+def read_npz(path, split: str = "test") -> Raw:
+    """`images`: uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}; optional `labels` (N,) integers.
+
+    Or a split: `train` and `test` image arrays of that form, optional `train_labels` and `test_labels`; `split`
+    picks one (the other half is checked from its header, not read). A file with `images` gives them for every
+    split."""
+    path, f = _open_npz(path)
+    with f:
+        split_file = _npz_check(path, f.files)
+        if split_file:
+            if split not in SPLITS:
+                raise OODBenchError(f"npz file {path} is split into train and test arrays; it has no {split!r} "
+                                    f"split (use train or test)")
+            image_key, label_key = split, f"{split}_labels"
+        else:
+            image_key, label_key = "images", "labels"
+        try:
+            images = f[image_key]
+            labels = f[label_key] if label_key in f.files else None
+        except (OSError, ValueError) as e:
+            raise OODBenchError(f"{path}: cannot read {image_key!r} ({e}); {NPZ_HOW}") from None
+    n = _check_npz_images(path, image_key, images.shape, images.dtype)
     if images.ndim == 3:
         images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3):
+    elif images.shape[-1] in (1, 3):
         images = images.transpose(0, 3, 1, 2)
-    elif not (images.ndim == 4 and images.shape[1] in (1, 3)):
-        raise OODBenchError(f"{path}: 'images' has shape {images.shape}; expected (N, H, W), (N, H, W, C) or "
-                            f"(N, C, H, W) with C = 1 or 3")
-    if images.shape[0] == 0:
-        raise OODBenchError(f"{path}: 'images' holds no images")
-    labels = arrays.get("labels")
     if labels is not None:
-        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise OODBenchError(f"{path}: 'labels' must be {images.shape[0]} non-negative integers (one per image), "
-                                f"got {labels.dtype} {labels.shape}")
+        _check_npz_labels(path, label_key, n, labels.shape, labels.dtype)
+        if labels.size and labels.min() < 0:
+            raise OODBenchError(f"{path}: {label_key!r} must be {n} non-negative integers (one per image), got "
+                                f"{labels.min()}")
     return make_raw(images, labels)
+
+
+def _check_npz_images(path: Path, key: str, shape: tuple, dtype) -> int:
+    """The number of images of a uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) array, or the error."""
+    if dtype != np.uint8:
+        raise OODBenchError(f"{path}: {key!r} is {dtype}, must be uint8 0..255; "
+                            f"convert with (x * 255).round().astype(numpy.uint8) for floats in [0, 1]")
+    if not (len(shape) == 3 or (len(shape) == 4 and (shape[-1] in (1, 3) or shape[1] in (1, 3)))):
+        raise OODBenchError(f"{path}: {key!r} has shape {shape}; expected (N, H, W), (N, H, W, C) or "
+                            f"(N, C, H, W) with C = 1 or 3")
+    if shape[0] == 0:
+        raise OODBenchError(f"{path}: {key!r} holds no images")
+    return shape[0]
+
+
+def _check_npz_labels(path: Path, key: str, n: int, shape: tuple, dtype) -> None:
+    if tuple(shape) != (n,) or not np.issubdtype(dtype, np.integer):
+        raise OODBenchError(f"{path}: {key!r} must be {n} non-negative integers (one per image), got {dtype} "
+                            f"{tuple(shape)}")

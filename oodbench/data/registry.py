@@ -3,7 +3,7 @@
     name                      torchvision set, image-folder OOD set or `digits`
     noise:gaussian[:N]  noise:uniform[:N]  constant[:N]  glyphs[:N]
     vflip:S  hflip:S  gray:S  classes:0,1,2:S  resize:METHOD:S  mnistlike:S
-    folder:PATH  npz:PATH
+    folder:PATH  npz:PATH          (a train/ + test/ folder or a train/test npz file is split by `split`)
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def load(spec: str, split: str = "test", root=None, device="cpu", like=None,
     decode_to (C, H, W) and crop_resize R: file-backed sets are decoded straight to the model's input (shorter side R,
     centre crop) instead of to `like`; other sets keep `like`.
     decode: how a streamed set is decoded, "auto" (None), "pil" or "gpu" (see data/stream.py).
+    split: "train" or "test" (some sets have others); a folder:PATH with train/ and test/ sub-folders and an npz file
+    with train and test arrays are split by it too, other user data gives all its images for every split.
     """
     spec = check_spec(spec)
     like = _check_like(like)
@@ -92,6 +94,8 @@ def check_spec(spec: str) -> str:
         if not Path(rest).expanduser().exists():
             raise OODBenchError(f"folder {rest} does not exist; give an existing directory of images"
                                 if head == "folder" else f"npz file {rest} does not exist")
+        if head == "npz":
+            folders.npz_has_split(rest)   # raises for an unreadable file, neither layout or a bad array header
     elif head in ("noise", "constant", "glyphs"):
         kind, n = _synthetic_parts(spec)
         if kind not in synthetic.KINDS or n < 1:
@@ -146,11 +150,11 @@ def _changed(r: Resolved, images, labels=_SAME, note=None) -> Resolved:
 def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> Resolved:
     head, _, rest = spec.partition(":")
     if head == "folder":
-        return _folder(rest, hint)
+        return _folder(rest, split, hint)
     if head == "npz":
         if not rest:
             raise OODBenchError("npz: needs a path, e.g. npz:/data/my_images.npz")
-        return _tensor(folders.read_npz(rest))
+        return _tensor(folders.read_npz(rest, split))
     if head in ("noise", "constant", "glyphs"):
         return _synthetic(spec, split, hint)
     if head in DERIVED:
@@ -171,14 +175,15 @@ def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> R
 
 def _file_source(spec: str, split: str, root: Path):
     """(paths, labels, folder) of a file-backed spec (folder:PATH, a named image folder, an OpenOOD image list), or
-    None for every other spec."""
+    None for every other spec. A folder:PATH with train/ and test/ sub-folders gives the `split` sub-folder."""
     head, _, rest = spec.partition(":")
     if head == "folder":
         folder = Path(rest).expanduser().resolve()
         if not folder.is_dir():
             return None                  # the in-memory path gives its error
+        folder, classes = folders.split_folder(folder, split)
         paths = folders.list_images(folder)
-        return (paths, folders.folder_labels(folder, paths), folder) if paths else None
+        return (paths, folders.folder_labels(folder, paths, classes), folder) if paths else None
     if rest:
         return None
     if head in folders.FOLDER_SETS:
@@ -253,11 +258,12 @@ def _decode_notes(hint: Hint):
     return (f"decoded at {hint.size[0]}x{hint.size[1]} with PIL {hint.resample}{mode}",)
 
 
-def _folder(path: str, hint: Hint) -> Resolved:
+def _folder(path: str, split: str, hint: Hint) -> Resolved:
     if not path:
         raise OODBenchError("folder: needs a path, e.g. folder:/data/my_images")
-    return _tensor(folders.read_folder(path, hint.size, hint.channels, hint.resample, crop_resize=hint.crop_resize),
-                   _decode_notes(hint))
+    folder, classes = folders.split_folder(path, split)
+    return _tensor(folders.read_folder(folder, hint.size, hint.channels, hint.resample, crop_resize=hint.crop_resize,
+                                       classes=classes), _decode_notes(hint))
 
 
 def _synthetic_parts(spec: str) -> tuple[str, int]:
@@ -328,6 +334,36 @@ def _class_subset(arg: str, inner: str, r: Resolved) -> Resolved:
         raise OODBenchError(f"classes:{arg}:{inner}: no images with these classes; "
                             f"{inner!r} has classes 0..{int(r.labels.max())}")
     return _changed(r, r.images[keep], new[keep])
+
+
+# ---------------------------------------------------------------- splits
+
+def has_split(spec: str, root=None) -> bool:
+    """Whether `spec`'s train and test splits are distinct images, so that fitting on one and testing on the other
+    is sound. Reads no images (an npz file's index at most).
+
+    True: the torchvision sets, `digits`, OpenOOD image lists with both a train and a test list (imagenet,
+    imagenet200, openimage_o), synthetic sets (noise, constant, glyphs: each split is drawn with its own seed), an
+    npz file with train/test arrays and a folder with train/ and test/ sub-folders. False: the named image-folder
+    OOD sets and test-only image lists (every split is the same images), an npz file with `images` and any other
+    folder. A derived spec (vflip:, gray:, classes:, resize:, ...) answers as the set it derives from, since both
+    splits go through the same change. `root` is unused today (kept for specs whose answer may depend on the
+    files found). Bad specs raise as `check_spec` does."""
+    spec = check_spec(spec)
+    head, _, rest = spec.partition(":")
+    if head == "npz":
+        return folders.npz_has_split(rest)
+    if head == "folder":
+        return folders.has_split_folder(rest)
+    if head in ("noise", "constant", "glyphs"):
+        return True
+    if head in DERIVED:
+        return has_split(_derived_parts(head, rest)[1], root)
+    if head in sources.TORCHVISION or head == "digits":
+        return True
+    if head in imglists.IMGLIST_SETS:
+        return all(s in imglists.IMGLIST_SETS[head].lists for s in ("train", "test"))
+    return False
 
 
 # ---------------------------------------------------------------- status
