@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset of --model")
     s.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on a seeded, "
                    "class-balanced sample of N training images (default: the whole training split)")
+    s.add_argument("--fit-data", default=None, metavar="SPEC", help="with --model: fit statistics on this set's "
+                   "training split instead of --in's (e.g. npz:train.npz for --in npz:test.npz)")
     s.add_argument("--data", required=True, help="comma-separated dataset specs")
     s.add_argument("--method", default=None, help="method of the run's kind (default: the one it was trained for)")
     s.add_argument("--limit", type=int, default=None, help="score only the first N images of each set")
@@ -101,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH")
     e.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on a seeded, "
                    "class-balanced sample of N training images (default: the whole training split)")
+    e.add_argument("--fit-data", default=None, metavar="SPEC", help="with --model: fit statistics on this set's "
+                   "training split instead of --in's (e.g. npz:train.npz for --in npz:test.npz)")
     e.add_argument("--out", required=True, help="comma-separated OOD dataset specs")
     e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
     e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")
@@ -109,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                    "the ID validation split against tune.val_ood (never a test set); the choice is printed and saved")
     common(e, set_help=scoring_set, where=" (with --in; ignored with --run or --model)")
 
-    command("methods", "list the detectors")
+    m = command("methods", "list the detectors")
+    m.add_argument("--options", action="store_true", help="also list each post-hoc method's options, defaults and "
+                   "--tune grids")
 
     d = command("data", "datasets: where they are found, checks, derived benchmarks")
     d.add_argument("action", choices=("list", "check", "make-resize-benchmark"),
@@ -156,41 +162,39 @@ def _split(text: str, option: str) -> list:
 
 
 def cmd_train(a) -> None:
-    from oodbench import runs
+    from oodbench import workflow
 
-    run = runs.train(a.method, a.in_spec, a.preset, a.overrides, a.seed, a.runs_dir, a.run_name, a.data_root,
-                     a.device, a.resume)
+    run = workflow.train(a.method, a.in_spec, a.preset, a.overrides, a.seed, a.runs_dir, a.run_name, a.data_root,
+                         a.device, a.resume)
     print(f"{'reused (already trained with this config)' if run.reused else 'trained'}: {run.path}")
 
 
 def cmd_score(a) -> None:
-    from oodbench import data, runs
+    from oodbench import data, workflow
 
     if not (a.run or a.model):
         raise OODBenchError("say what to score: --run RUN_DIR, or --model SPEC --in DATASET")
     specs = _split(a.data, "--data")
     for spec in specs:
         data.check_spec(spec)
-    runs.check_limit(a.limit)
-    run, overrides = runs.find_run(a.method or "msp", a.in_spec, 0, a.runs_dir, a.run, None, a.model, a.fit_limit,
-                                   a.overrides, a.data_root)
-    method = a.method or run.meta.get("method") or "msp"
-    det = run.detector(method, overrides, a.device)
+    workflow.check_limit(a.limit)
+    run, overrides = workflow.find_run(a.method or "msp", a.in_spec, 0, a.runs_dir, a.run, None, a.model, a.fit_limit,
+                                       a.overrides, a.data_root, a.fit_data)
+    scoring = run.prepare(a.method or run.meta.get("method") or "msp", overrides, a.device)
     for spec in specs:
-        arrays = run.score(method, spec, a.limit, overrides, detector=det)
+        arrays = run.score(scoring, spec, a.limit)
         rows = ", ".join(k for k in arrays if not k.startswith("_"))
-        print(f"{run.path / 'scores' / method / (runs.safe_name(spec) + '.npz')}: {len(next(iter(arrays.values())))}"
-              f" images; rows {rows}")
+        print(f"{run.score_path(scoring, spec)}: {len(next(iter(arrays.values())))} images; rows {rows}")
 
 
 def cmd_eval(a) -> None:
-    from oodbench import report, runs
+    from oodbench import report, workflow
 
     methods, outs = _split(a.method, "--method"), _split(a.out, "--out")
-    runs.check_evaluation(methods, outs, a.limit, a.bootstrap)   # before a model or run is loaded
-    run, overrides = runs.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
-                                   a.fit_limit, a.overrides, a.data_root)
-    rows = runs.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune)
+    workflow.check_evaluation(methods, outs, a.limit, a.bootstrap)   # before a model or run is loaded
+    run, overrides = workflow.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
+                                       a.fit_limit, a.overrides, a.data_root, a.fit_data)
+    rows = workflow.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune)
     if a.format == "json":
         print(report.json_rows(rows))
     elif a.format == "csv":
@@ -212,13 +216,16 @@ def cmd_eval(a) -> None:
 
 
 def cmd_methods(a) -> None:
-    from oodbench.detectors import REGISTRY, get
+    from oodbench.detectors import REGISTRY, PostHoc
 
-    get("msp")  # fills the registry
     width = max(map(len, REGISTRY))
     for name in sorted(REGISTRY, key=lambda n: (REGISTRY[n].kind, n)):
         cls = REGISTRY[name]
         print(f"{name:<{width}}  [{cls.kind}]  {cls.summary}")
+        if a.options and issubclass(cls, PostHoc):
+            for key, option in cls.OPTIONS.items():
+                grid = f"  (--tune: {list(option.grid)})" if option.grid else ""
+                print(f"{'':<{width}}    {name}.{key} = {option.default!r}: {option.help}{grid}")
 
 
 def cmd_data(a) -> None:

@@ -16,41 +16,34 @@ from oodbench.errors import OODBenchError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # package data (pyproject.toml), found from any directory
 
-# The one declaration of option phases. A *training* option is fixed when a run is trained (changing it needs a new
-# run: `oodbench train ... --run-name NAME`); every other option is a *scoring* option, which `score`/`eval` may
-# change. Entries are dotted keys; an entry names the key and everything under it.
-TRAINING_OPTIONS = (
-    "seed", "data", "model", "train",
-    "oe",                                           # outlier-exposure fine-tuning of the classifier
-    "llr",                                          # background-model grid and its validation selection
-    "ddpm.first_n_val", "ddpm.val_loss_images", "ddpm.batch_size",   # validation loss and per-t statistics in fit
-)
-
-
-# Options whose value is a dataset spec (`{in}` stands for data.in): checked before any work starts.
-DATASET_OPTIONS = ("oe.outliers", "llr.val_ood", "gradlayer.val_ood", "tune.val_ood")
-
-
-def dataset_options(cfg: dict) -> dict:
-    """{dotted key: dataset spec} of the DATASET_OPTIONS that `cfg` sets (not null)."""
-    found = {}
-    for key in DATASET_OPTIONS:
-        section, name = key.split(".")
-        value = (cfg.get(section) or {}).get(name)
-        if value:
-            found[key] = str(value).replace("{in}", str((cfg.get("data") or {}).get("in", "")))
-    return found
-
+# Option phases. A *training* option is fixed when a run is trained (changing it needs a new run: `oodbench train ...
+# --run-name NAME`); every other option is a *scoring* option, which `score`/`eval` may change. These sections are
+# training options for every kind; each trainer adds its own (`Detector.training_keys`, gathered by
+# `oodbench.detectors.training_keys`). Entries are dotted keys; an entry names the key and everything under it.
+TRAINING_SECTIONS = ("seed", "data", "model", "train")
 
 # Keys inside a training section that only change how data is read, never what a model learns.
 SCORING_EXCEPTIONS = ("data.stream", "data.decode")
 
 
-def is_training_option(key: str) -> bool:
-    """Whether the dotted config key `key` is a training option (see TRAINING_OPTIONS, SCORING_EXCEPTIONS)."""
+def is_training_option(key: str, training_keys=()) -> bool:
+    """Whether the dotted config key `key` is a training option: in TRAINING_SECTIONS or `training_keys` (the
+    kind's own), and not a SCORING_EXCEPTION."""
     if key in SCORING_EXCEPTIONS:
         return False
-    return any(key == t or key.startswith(t + ".") for t in TRAINING_OPTIONS)
+    return any(key == t or key.startswith(t + ".") for t in (*TRAINING_SECTIONS, *training_keys))
+
+
+def dataset_options(cfg: dict, keys) -> dict:
+    """{dotted key: dataset spec} of the dataset-valued `keys` (SECTION.NAME) that `cfg` sets (not null); `{in}`
+    stands for data.in."""
+    found = {}
+    for key in keys:
+        section, name = key.split(".")
+        value = (cfg.get(section) or {}).get(name)
+        if value:
+            found[key] = str(value).replace("{in}", str((cfg.get("data") or {}).get("in", "")))
+    return found
 
 
 def config_path(kind: str) -> Path:
@@ -71,11 +64,24 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(kind: str, preset: Optional[str] = None, overrides: Iterable[str] = (),
-                path: Optional[Path] = None) -> dict:
-    """The resolved config of a training kind: defaults, then the preset, then `a.b=value` overrides."""
+def schema(kind: str, sections: Optional[dict] = None, path: Optional[Path] = None) -> tuple[dict, dict]:
+    """(defaults, presets) of a kind: `configs/<kind>.yaml` plus `sections` ({name: {option: default}}: the
+    post-hoc methods' declared options, which the YAML does not repeat)."""
     defaults = read_yaml(Path(path) if path else config_path(kind))
     presets = defaults.pop("presets", {}) or {}
+    for name, options in (sections or {}).items():
+        if name in defaults:
+            raise OODBenchError(f"{config_path(kind)} has a section {name!r}, which method {name} declares in its "
+                                f"class; remove it from the YAML file")
+        defaults[name] = copy.deepcopy(options)
+    return defaults, presets
+
+
+def load_config(kind: str, preset: Optional[str] = None, overrides: Iterable[str] = (),
+                path: Optional[Path] = None, sections: Optional[dict] = None) -> dict:
+    """The resolved config of a training kind: defaults (+ `sections`), then the preset, then `a.b=value`
+    overrides."""
+    defaults, presets = schema(kind, sections, path)
     cfg = copy.deepcopy(defaults)
     if preset:
         if preset not in presets:

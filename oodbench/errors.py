@@ -6,3 +6,7 @@ class OODBenchError(Exception):
 
     The message must say what was wrong and how to fix it.
     """
+
+
+class NotFittedError(OODBenchError):
+    """A method scored before its statistics were fitted (or loaded)."""

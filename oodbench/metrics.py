@@ -194,22 +194,3 @@ def _as_scores(scores, which):
             "the detector produced invalid scores, check its inputs, settings and numerical stability"
         )
     return array
-
-
-def sklearn_reference(id_scores, ood_scores) -> dict:
-    """The same metrics built only from scikit-learn (several sorts; slow). `evaluate` must equal it; tests and
-    scripts/perf/bench_metrics.py compare against it."""
-    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-
-    scores = np.concatenate([np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)])
-    is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
-    fpr, tpr, _ = roc_curve(is_ood, scores, drop_intermediate=False)
-    fpr_in, tpr_in, _ = roc_curve(1 - is_ood, -scores, drop_intermediate=False)
-    return {
-        "auroc": roc_auc_score(is_ood, scores),
-        "aupr_in": average_precision_score(1 - is_ood, -scores),
-        "aupr_out": average_precision_score(is_ood, scores),
-        "fpr95": fpr_in[np.argmax(tpr_in >= 0.95)],
-        "fpr95_openood": fpr[np.argmax(tpr >= 0.95)],
-        "detection_error": np.min(0.5 * (1 - tpr) + 0.5 * fpr),
-    }

@@ -24,10 +24,12 @@ import torch
 import torch.nn as nn
 from torchvision.transforms.v2 import functional as TF
 
+from oodbench.config import config_path, read_yaml
 from oodbench.data import transforms
 from oodbench.data.convert import luminance
+from oodbench.engine import checkpoint
 from oodbench.errors import OODBenchError
-from oodbench.nets.classifiers import Classifier, _Block
+from oodbench.nets.classifiers import Classifier, _Block, build_classifier
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # OpenOOD v1.5's normalisation of its CIFAR sets (openood/preprocessors/transform.py, normalization_dict).
@@ -323,14 +325,60 @@ EXAMPLES = {"run": "run:runs/classifier-cifar10-s0", "torchvision": "torchvision
             "python": "python:mypackage.nets:build:weights.pt", "torchscript": "torchscript:model.pt"}
 
 
-def _from_run(rest: str, spec: str, seed: int):
-    from oodbench.runs import Run
+CLASSIFIER_STATE = ("shape", "num_classes", "mean", "std", "net")   # ClassifierTrainer.state_dict's keys
 
+
+def _from_run(rest: str, spec: str, seed: int):
+    """The classifier a run trained, read from the run folder's own files (config.yaml, meta.json, detector.pt),
+    built as ClassifierTrainer.load_state_dict builds it: the model layer does not import the workflow or the
+    detectors."""
     path = Path(rest)
-    if not (path / "config.yaml").is_file() or not (path / "detector.pt").is_file():
-        raise OODBenchError(f"{spec}: {path} is not a trained run folder (needs config.yaml and detector.pt)")
-    own = Run(path).detector("msp", device="cpu").model   # the run's trained classifier, as its methods score it
-    return own.net, {"mean": own.mean, "std": own.std, "channels": own.channels, "head": "head"}
+    if not (path / "config.yaml").is_file():
+        raise OODBenchError(f"{spec}: {path} is not a trained run folder (no config.yaml); train one with "
+                            f"`oodbench train --method msp --in DATASET`")
+    try:
+        cfg, meta = read_yaml(path / "config.yaml"), _read_meta(path / "meta.json")
+    except OODBenchError as e:
+        raise OODBenchError(f"{spec}: {e}") from e
+    kind = meta.get("kind") or path.name.split("-")[0]
+    if kind != "classifier":
+        raise OODBenchError(f"{spec}: {path} is a {kind!r} run; a model comes from a 'classifier' run (train one "
+                            f"with `oodbench train --method msp --in DATASET`)")
+    if not (path / "detector.pt").is_file():
+        raise OODBenchError(f"{spec}: {path} has no trained classifier yet (training unfinished?); run "
+                            f"`oodbench train ... --resume` to finish it")
+    try:
+        state = checkpoint.load(path / "detector.pt", "cpu")
+    except OODBenchError as e:
+        raise OODBenchError(f"{spec}: {path / 'detector.pt'} is corrupt or truncated (it does not verify); the "
+                            f"`oodbench train` command that made this run refits it from its checkpoints") from e
+    if not isinstance(state, dict) or not all(k in state for k in CLASSIFIER_STATE):
+        raise OODBenchError(f"{spec}: {path / 'detector.pt'} does not hold a classifier's state (keys "
+                            f"{', '.join(CLASSIFIER_STATE)}); is {path} a classifier run?")
+    model_cfg = dict(read_yaml(config_path("classifier")).get("model") or {})   # options added since keep defaults
+    model_cfg.update(cfg.get("model") or {})
+    shape, num_classes = list(state["shape"]), int(state["num_classes"])
+    try:
+        net = build_classifier(model_cfg["arch"], int(shape[0]), num_classes, dropout=model_cfg["dropout"],
+                               width=model_cfg["width"])
+    except OODBenchError as e:
+        raise OODBenchError(f"{spec}: {path / 'config.yaml'} model section: {e}") from e
+    load_state(net, state["net"], spec)
+    return net, {"mean": list(state["mean"]), "std": list(state["std"]), "channels": int(shape[0]), "head": "head"}
+
+
+def _read_meta(path: Path) -> dict:
+    """A run's meta.json ({} when absent); a corrupt one is one line that says how to rewrite it."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise OODBenchError(f"{path} is corrupt (not a JSON mapping); the `oodbench train` command that made this "
+                            f"run rewrites it")
+    return meta
 
 
 def _from_torchvision(rest: str, spec: str, seed: int):

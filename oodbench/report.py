@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from oodbench.metrics import METRIC_TITLES, TABLE_METRICS
-from oodbench.runs import rows_to_csv
+from oodbench.tables import rows_to_csv
 
 COLUMNS = tuple((m, METRIC_TITLES[m]) for m in TABLE_METRICS)
 JSON_KEYS = ("method", "in", "out") + TABLE_METRICS

@@ -215,7 +215,7 @@ def fitted(tmp_path_factory):
 
     data = digits(600)
     det = amp.AMP(amp_cfg(), "cpu")
-    det.fit(data.subset(slice(0, 500)), data.subset(slice(500, 600)), Engine(tmp_path_factory.mktemp("amp"), "cpu", 0))
+    det.train(data.subset(slice(0, 500)), data.subset(slice(500, 600)), Engine(tmp_path_factory.mktemp("amp"), "cpu", 0))
     return det, data
 
 
@@ -345,7 +345,7 @@ def test_k_larger_than_pool_fails_before_training(tmp_path):
 
     det = amp.AMP(amp_cfg(k=20, pool_size=8), "cpu")
     with pytest.raises(OODBenchError, match="larger than the anchor pool"):
-        det.fit(digits(100), None, Engine(tmp_path, "cpu", 0))
+        det.train(digits(100), None, Engine(tmp_path, "cpu", 0))
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -357,7 +357,7 @@ def test_detector_fit_score_state(tmp_path):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 1, 14, 14), generator=g, dtype=torch.uint8)
     det = DDPM(tiny_cfg())
-    det.fit(ImageSet(images[:30]), ImageSet(images[30:]), Engine(run_dir=tmp_path, device="cpu", seed=0))
+    det.train(ImageSet(images[:30]), ImageSet(images[30:]), Engine(run_dir=tmp_path, device="cpu", seed=0))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in log) and any("loss" in r for r in log)
     assert det.val_t == [100, 500, 900] and det.val_errors["mse"].shape == (6, 3)
@@ -391,7 +391,7 @@ def test_fit_needs_validation_images(tmp_path):
     images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
     det = DDPM(tiny_cfg(first_n_val=1))
     with pytest.raises(OODBenchError, match="at least 2"):
-        det.fit(ImageSet(images[:16]), ImageSet(images[16:]), Engine(run_dir=tmp_path, device="cpu", seed=0))
+        det.train(ImageSet(images[:16]), ImageSet(images[16:]), Engine(run_dir=tmp_path, device="cpu", seed=0))
 
 
 # --- end to end --------------------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def test_bad_options_fail_before_training(options, message):
     images = ImageSet(torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8))
     det = llr.LikelihoodRatio(base_cfg(**options), "cpu")
     with pytest.raises(OODBenchError, match=message):
-        det.fit(images, images, NoTraining())
+        det.train(images, images, NoTraining())
 
 
 def test_images_that_are_not_8bit_are_rejected():
@@ -237,7 +237,7 @@ def blobs(n, bright, seed):
     return x
 
 
-def test_fit_trains_fg_and_grid_selects_on_validation_pair_and_saves_table(tmp_path, monkeypatch):
+def test_fit_trains_fg_and_grid_selects_on_validation_pair_and_keeps_table(tmp_path, monkeypatch):
     engine_mod = pytest.importorskip("oodbench.engine")
     import oodbench.data as data
 
@@ -253,17 +253,21 @@ def test_fit_trains_fg_and_grid_selects_on_validation_pair_and_saves_table(tmp_p
     cfg = base_cfg(mutation_rates=[0.0, 0.3], reg_weights=[0.0], val_ood="hflip:{in}_other")
     engine = engine_mod.Engine(run_dir=tmp_path, device="cpu", seed=0)
     det = llr.LikelihoodRatio(cfg, "cpu")
-    det.fit(train, val, engine)
+    det.train(train, val, engine)
     assert seen == {"spec": "hflip:synthetic_other", "split": "train", "like": (1, 6, 6)}  # never a test split
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["bg-mu0-l0", "bg-mu0.3-l0", "fg"]
-    table = json.loads((tmp_path / "llr_selection.json").read_text())
+    assert not list(tmp_path.glob("llr_selection*"))   # a detector writes no files: the workflow writes its artifacts
+    files = det.artifacts()
+    assert sorted(files) == ["llr_selection.csv", "llr_selection.json"]
+    table = json.loads(files["llr_selection.json"])
     assert [(r["mutation_rate"], r["reg_weight"]) for r in table["table"]] == [(0.0, 0.0), (0.3, 0.0)]
     aurocs = [r["val_auroc"] for r in table["table"]]
     assert all(0 <= a <= 1 for a in aurocs)
     best = table["table"][int(np.argmax(aurocs))]
     assert table["selected"] == {"mutation_rate": best["mutation_rate"], "reg_weight": best["reg_weight"]}
-    assert (tmp_path / "llr_selection.csv").read_text().count("\n") == 3
+    assert table["val_ood"] == "hflip:synthetic_other"
+    assert files["llr_selection.csv"].count("\n") == 3
     # the state restores exactly the selected scorer
     x = val.images[:8]
     rows = det.score_rows(x)
@@ -272,6 +276,23 @@ def test_fit_trains_fg_and_grid_selects_on_validation_pair_and_saves_table(tmp_p
     for k, v in again.score_rows(x).items():
         torch.testing.assert_close(v, rows[k])
     assert again.selection == det.selection
+    assert again.artifacts() == files                  # the table is part of the state
+
+
+def test_train_writes_the_selection_table_into_the_run_folder(tmp_path):
+    """The workflow (runs.train) writes a detector's `artifacts()` next to detector.pt, on the main rank."""
+    from oodbench import runs
+
+    overrides = ["data.limit=60", "model.num_filters=2", "model.num_resnet=1", "train.steps=2",
+                 "train.batch_size=8", "train.eval_every=1000", "train.ckpt_every=1000", "llr.val_ood=vflip:{in}",
+                 "llr.mutation_rates=[0.1,0.3]", "llr.reg_weights=[0]", "llr.eval_batch_size=32"]
+    run = runs.train("llr", "digits", overrides=overrides, runs_dir=str(tmp_path), device="cpu")
+    table = json.loads((run.path / "llr_selection.json").read_text())
+    assert [(r["mutation_rate"], r["reg_weight"]) for r in table["table"]] == [(0.1, 0.0), (0.3, 0.0)]
+    assert table["val_ood"] == "vflip:digits"
+    csv_lines = (run.path / "llr_selection.csv").read_text().splitlines()
+    assert csv_lines[0] == "mutation_rate,reg_weight,val_auroc,selected" and len(csv_lines) == 3
+    assert table == json.loads(run.detector("llr", device="cpu").artifacts()["llr_selection.json"])
 
 
 def test_validation_ood_derived_from_the_in_distribution_set_is_its_validation_split(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ import torch
 from sklearn.metrics import roc_curve
 
 from oodbench.errors import OODBenchError
-from oodbench.metrics import METRIC_NAMES, bootstrap_ci, evaluate, roc_points, sklearn_reference
+from oodbench.metrics import METRIC_NAMES, bootstrap_ci, evaluate, roc_points
+from references import sklearn_reference
 
 TOL = 1e-12
 

@@ -376,3 +376,25 @@ def test_a_model_that_cannot_take_the_sets_images_is_a_one_line_error_before_any
     assert not any(tmp_path.iterdir())
     run = runs.ModelRun(oodbench.wrap(NeedsThirtyTwo(), size=32), "digits", runs_dir=tmp_path)   # sized: fine
     assert run.meta["shape"] == [1, 8, 8]
+
+
+def test_run_spec_errors_are_one_line_for_each_kind_of_bad_folder(tmp_path):
+    """run: reads the run folder itself (config.yaml, meta.json, detector.pt): a folder that is not a run, a run of
+    another kind, an unfinished run and a corrupt detector.pt each give one clear line."""
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    other = tmp_path / "llr-fashion_mnist-s0"
+    shutil.copytree(FIXTURE_RUN, other)
+    (other / "meta.json").write_text('{"kind": "llr"}')
+    unfinished = tmp_path / "classifier-unfinished-s0"
+    shutil.copytree(FIXTURE_RUN, unfinished)
+    (unfinished / "detector.pt").unlink()
+    corrupt = tmp_path / "classifier-corrupt-s0"
+    shutil.copytree(FIXTURE_RUN, corrupt)
+    raw = (corrupt / "detector.pt").read_bytes()
+    (corrupt / "detector.pt").write_bytes(raw[: len(raw) // 2])
+    for folder, match in [(not_a_run, "not a trained run folder"), (other, "is a 'llr' run"),
+                          (unfinished, "training unfinished"), (corrupt, "corrupt or truncated")]:
+        with pytest.raises(OODBenchError, match=match) as info:
+            models.load_model(f"run:{folder}")
+        assert "\n" not in str(info.value)

@@ -331,7 +331,7 @@ def test_detector_fits_scores_all_rows_in_one_pass_and_reloads(tmp_path):
                    msma__gmm_components=[1, 2], msma__gmm_cv_folds=3, msma__flow_epochs=30,
                    msma__flow_hidden=8, msma__score_chunk=64)
     det = MSMA(cfg)
-    det.fit(ImageSet(blob_images(200, 0), name="blobs"), None, Engine(tmp_path, device="cpu", seed=0))
+    det.train(ImageSet(blob_images(200, 0), name="blobs"), None, Engine(tmp_path, device="cpu", seed=0))
     x_id = blob_images(64, 1)
     x_noise = torch.randint(0, 256, (64, 1, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     rows = det.score_rows(x_id)

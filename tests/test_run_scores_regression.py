@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oodbench import runs
+from oodbench import workflow
 
 FIXTURES = Path(__file__).parent / "fixtures"
 METHODS = ("msp", "maxlogit", "energy", "odin", "mahalanobis", "knn", "gradnorm", "gradlayer")
@@ -21,7 +21,7 @@ OVERRIDES = ["knn.k=10", "gradlayer.val_size=200"]
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs") / "classifier-fashion_mnist-s0"
     shutil.copytree(FIXTURES / "tiny_run", folder)
-    return runs.Run(folder)
+    return workflow.Run(folder)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -29,9 +29,9 @@ def test_scores_equal_the_recorded_ones(run, method):
     with np.load(FIXTURES / "tiny_run_scores.npz") as f:
         expected = {k: f[k] for k in f.files if k.startswith(method + "|")}
     assert expected
-    det = run.detector(method, OVERRIDES, device="cpu")
+    scoring = run.prepare(method, OVERRIDES, device="cpu")
     for spec, tag in (("fashion_mnist", "fashion_mnist"), ("digits", "digits"), ("noise:gaussian", "noise_gaussian")):
-        arrays = run.score(method, spec, 200, OVERRIDES, detector=det)
+        arrays = run.score(scoring, spec, 200)
         for key, want in expected.items():
             if key.split("|")[1] == tag:
                 got = arrays[key.split("|")[2]]

@@ -11,10 +11,10 @@ Modules: plan (the YAML and the work it plans), cells (scoring a unit, the cell 
 executors), slurm (submitit), aggregate (rows, failures, notes, timing), report (the report files).
 """
 from oodbench.bench.aggregate import report_notes, summarise
-from oodbench.bench.cells import Recorder, load_plot_scores, row_notes
+from oodbench.bench.cells import Recorder, load_plot_scores
 from oodbench.bench.execute import run_bench
 from oodbench.bench.plan import Bench, Entry, ExecutorOptions, load_bench, renamer
 from oodbench.bench.report import auroc_tables, markdown_report
 
 __all__ = ["Bench", "Entry", "ExecutorOptions", "Recorder", "auroc_tables", "load_bench", "load_plot_scores",
-           "markdown_report", "renamer", "report_notes", "row_notes", "run_bench", "summarise"]
+           "markdown_report", "renamer", "report_notes", "run_bench", "summarise"]

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from oodbench import runs, tuning
+from oodbench import workflow
 from oodbench.bench.plan import Bench, Entry, renamer
 from oodbench.errors import OODBenchError
 
@@ -62,7 +62,7 @@ class Recorder:
     def save(self, material: dict, record: dict) -> None:
         record = {**record, "material": material}
         self.computed += 1
-        runs.write_atomic(self.folder / "cells" / f"{self.key(material)}.json",
+        workflow.write_atomic(self.folder / "cells" / f"{self.key(material)}.json",
                           json.dumps(record, indent=1, default=str) + "\n")
 
     def put(self, entry: Entry, in_spec: str, seed: int, out: str, record: dict) -> None:
@@ -102,8 +102,8 @@ def model_run(entry: Entry, in_spec: str, seed: int, runs_dir, data_root):
     from oodbench.models import load_model
 
     try:
-        return runs.ModelRun(load_model(entry.model, seed=seed), in_spec, entry.model, entry.fit_limit, runs_dir,
-                             data_root, seed)
+        return workflow.ModelRun(load_model(entry.model, seed=seed), in_spec, entry.model, entry.fit_limit, runs_dir,
+                                 data_root, seed)
     except Exception as e:  # noqa: BLE001 - a model that cannot be loaded is a failed cell, reported in the table
         return f"model {entry.model} failed: {describe_error(e)}"
 
@@ -114,12 +114,11 @@ def score_unit(bench: Bench, entry: Entry, in_spec: str, seed: int, outs: list, 
     OOD set; finished cells come from the cell cache. With compute=False only cached cells are read."""
     recorder = Recorder(folder)
     with recorder.timed(f"score: {entry.label} on {in_spec}, seed {seed}"):
-        run = model_run(entry, in_spec, seed, runs_dir, data_root) if entry.model else runs.Run(run_path)
+        run = model_run(entry, in_spec, seed, runs_dir, data_root) if entry.model else workflow.Run(run_path)
         if isinstance(run, str):
             recorder.fail(entry, in_spec, seed, outs, run)
         else:
-            digest = run.model.digest if entry.model else runs.file_digest(run.path / "detector.pt")
-            _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, folder, compute)
+            _score(bench, entry, in_spec, seed, outs, run, run.tag, device, recorder, folder, compute)
     return recorder.result()
 
 
@@ -149,46 +148,31 @@ def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, fol
     if not todo:
         return
     try:
-        det = run.detector(entry.method, entry.score_overrides, device)
-        tuned = tuning.tune(det) if entry.tune else {}
-        id_scores = run.score(entry.method, in_spec, entry.limit, entry.score_overrides, detector=det)
-    except Exception as e:  # noqa: BLE001
-        recorder.fail(entry, in_spec, seed, todo, e)
-        return
-    if seed == bench.seeds[0]:
-        save_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec), id_scores)
-    notes = row_notes(entry, det, id_scores)
-    for out in todo:
-        try:
-            ood_scores = run.score(entry.method, out, entry.limit, entry.score_overrides, detector=det)
-            rows = runs.metric_rows(id_scores, ood_scores, in_spec, out, bench.bootstrap, renamer(entry))
-            if tuned:
-                rows = [{**r, "tuned": tuned} for r in rows]
-        except Exception as e:  # noqa: BLE001
-            recorder.fail(entry, in_spec, seed, [out], e)
-        else:
-            record = {"status": "ok", "rows": rows, "run": str(run.path), "n_in": len_scores(id_scores),
-                      "n_out": len_scores(ood_scores), "notes": notes}
-            recorder.save(materials[out], record)
-            recorder.put(entry, in_spec, seed, out, record)
+        scoring = run.prepare(entry.method, entry.score_overrides, device)
+        run.check_overlap(scoring.cfg, scoring.det.device)
+        found = {}
+
+        def keep_id(result):
+            found["id"] = result
             if seed == bench.seeds[0]:
-                save_plot_scores(plot_scores_path(folder, entry, in_spec, out), ood_scores)
+                save_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec), result.scores)
 
-
-def row_notes(entry: Entry, det, id_scores: dict) -> dict:
-    """Caveats the report shows beside a method's rows, {row: [note]}: which layer plain `gradlayer` is, and a DDPM
-    score made without LPIPS."""
-    notes = {}
-    if entry.method == "gradlayer" and "gradlayer" in id_scores:
-        layer = next((k.split("/", 1)[1] for k in id_scores if k.startswith("gradlayer/")
-                      and np.array_equal(id_scores[k], id_scores["gradlayer"])), "?")
-        how = "gradlayer.layer" if det.options.get("layer") != "auto" else \
-            f"chosen on validation vs {det.options.get('val_ood')}"
-        notes["gradlayer"] = [f"layer {layer} ({how})"]
-    if entry.method == "ddpm" and "_lpips" not in id_scores and (det.options.get("metrics") or "auto") == "auto":
-        for row in (k for k in id_scores if k.startswith("ddpm-")):
-            notes[row] = ["without LPIPS (its weights were not found): reconstruction MSE only; see docs/ddpm.md"]
-    return {renamer(entry)(row): texts for row, texts in notes.items()}
+        outcomes = workflow.evaluate_method(run, scoring, todo, entry.limit, bench.bootstrap, entry.tune,
+                                            renamer(entry), on_id=keep_id)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                recorder.fail(entry, in_spec, seed, [outcome.out], outcome.error)
+                continue
+            id_result = found["id"]
+            record = {"status": "ok", "rows": outcome.rows, "run": str(run.path), "n_in": len_scores(id_result.scores),
+                      "n_out": len_scores(outcome.scores), "notes": id_result.notes}
+            recorder.save(materials[outcome.out], record)
+            recorder.put(entry, in_spec, seed, outcome.out, record)
+            if seed == bench.seeds[0]:
+                save_plot_scores(plot_scores_path(folder, entry, in_spec, outcome.out), outcome.scores)
+    except Exception as e:  # noqa: BLE001 - the ID side failed: every cell left fails with it
+        left = [out for out in todo if (entry.label, in_spec, seed, out) not in recorder.cells]
+        recorder.fail(entry, in_spec, seed, left, e)
 
 
 def len_scores(arrays: dict) -> int:
@@ -196,12 +180,12 @@ def len_scores(arrays: dict) -> int:
 
 
 def plot_scores_path(folder: Path, entry: Entry, in_spec: str, spec: str) -> Path:
-    return folder / "scores" / runs.safe_name(in_spec) / runs.safe_name(entry.label) / f"{runs.safe_name(spec)}.npz"
+    return folder / "scores" / workflow.safe_name(in_spec) / workflow.safe_name(entry.label) / f"{workflow.safe_name(spec)}.npz"
 
 
 def save_plot_scores(path: Path, arrays: dict) -> None:
     """The first seed's scores, kept in the report folder for the plots (float32, evaluated rows only)."""
-    runs.save_npz(path, {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if not k.startswith("_")})
+    workflow.save_npz(path, {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if not k.startswith("_")})
 
 
 def load_plot_scores(path: Path) -> dict:

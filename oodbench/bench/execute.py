@@ -1,7 +1,7 @@
 """Running a bench: check the data, train the runs and score the cells through an executor, write the report.
 
 The grid is two kinds of task, each a plain function of plain arguments that returns plain data: `train_task` (one
-run, `runs.train(..., resume=True)`) and `cells.score_unit` (one method entry × ID set × seed). A unit is submitted
+run, `workflow.train(..., resume=True)`) and `cells.score_unit` (one method entry × ID set × seed). A unit is submitted
 as soon as its run's training is done. Executors run tasks in submission order:
 - `SequentialExecutor`: in this process, one after another (the default);
 - `LocalExecutor`: N spawned worker processes on this machine, the CPU threads divided between them;
@@ -18,7 +18,7 @@ from collections import deque
 from multiprocessing import connection, get_context
 from pathlib import Path
 
-from oodbench import data, progress, runs
+from oodbench import data, progress, workflow
 from oodbench.bench.aggregate import summarise, timing
 from oodbench.bench.cells import Recorder, describe_error, score_unit
 from oodbench.bench.plan import Bench, ExecutorOptions, TaskFailed, load_bench, run_job
@@ -84,7 +84,7 @@ def train_task(job, method: str, runs_dir, data_root, device) -> dict:
     """Train (or reuse, or finish) one run: {"path" or "error", "reused", "trace", "seconds"}."""
     start = time.time()
     try:
-        run = runs.train(method, job.in_spec, job.preset, list(job.overrides), job.seed, runs_dir, job.run_name,
+        run = workflow.train(method, job.in_spec, job.preset, list(job.overrides), job.seed, runs_dir, job.run_name,
                          data_root, device, resume=True)
         result = {"path": str(run.path), "reused": run.reused, "error": None, "trace": None}
     except Exception as e:  # noqa: BLE001 - a failed training is a failed cell, reported in the table
@@ -127,9 +127,9 @@ class Grid:
                                    for job, method in self.jobs.items()])
         else:
             for job in self.jobs:
-                path = runs.default_run_dir(job.kind, job.in_spec, job.seed, self.runs_dir, job.run_name)
+                path = workflow.default_run_dir(job.kind, job.in_spec, job.seed, self.runs_dir, job.run_name)
                 for unit in waiting.pop(job, []):
-                    if runs.finished(path):
+                    if workflow.finished(path):
                         ready.append((unit, str(path)))
                     else:
                         self.fail_unit(unit, NOT_TRAINED)

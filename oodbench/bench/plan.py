@@ -194,7 +194,11 @@ def _entry(item, bench: Bench, where: str) -> Entry:
                             f"got {item!r}")
     _check_keys(item, ENTRY_KEYS, f"{where}: method {item['method']}")
     overrides = _overrides(item.get("overrides"), f"{where}: method {item['method']} overrides")
-    training = [o for o in overrides if configs.is_training_option(o.split("=", 1)[0].strip())]
+    try:
+        kind = registry.get(item["method"]).kind
+    except OODBenchError:
+        kind = ""   # the entry's cells fail with the unknown-method error below
+    training = [o for o in overrides if registry.is_training(kind, o.split("=", 1)[0].strip())]
     entry = Entry(method=item["method"], label=str(item.get("label") or item["method"]),
                   preset=item.get("preset", bench.preset), train_overrides=training,
                   score_overrides=[o for o in overrides if o not in training],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodbench import plots, progress, report, runs
+from oodbench import plots, progress, report, workflow
 from oodbench.bench.aggregate import BELOW_CHANCE, collapse, describe_timing, failures, report_notes
 from oodbench.bench.cells import load_plot_scores, plot_scores_path
 from oodbench.bench.plan import Bench, renamer
@@ -23,15 +23,15 @@ def write_report(bench, folder, recorder, summary, missing, plot_note, took: dic
     notes = report_notes(bench, recorder.cells, summary["summary"])
     results = {"settings": bench.settings(), "timing": {**took, "device": str(device)}, "summary": public,
                "per_seed": per_seed, "notes": notes, "failed": failed, "skipped": skipped}
-    runs.write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
-    runs.write_atomic(folder / "results.csv", report.csv_rows(csv_ready(public, failed)))
-    runs.write_atomic(folder / "results_per_seed.csv", report.csv_rows(csv_ready(per_seed, [])))
+    workflow.write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    workflow.write_atomic(folder / "results.csv", report.csv_rows(csv_ready(public, failed)))
+    workflow.write_atomic(folder / "results_per_seed.csv", report.csv_rows(csv_ready(per_seed, [])))
     if recorder.errors:
-        runs.write_atomic(folder / "errors.log", "\n\n".join(recorder.errors) + "\n")
+        workflow.write_atomic(folder / "errors.log", "\n\n".join(recorder.errors) + "\n")
     elif (folder / "errors.log").is_file():
         (folder / "errors.log").unlink()
     text = markdown_report(bench, summary["summary"], failed, skipped, plot_note, took, device, folder, notes)
-    runs.write_atomic(folder / "report.md", text)
+    workflow.write_atomic(folder / "report.md", text)
     return results
 
 
@@ -194,7 +194,7 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: di
                 cells.append(f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
             lines.append(f"| {name} | {col} | " + " | ".join(cells) + " |")
     lines.append("")
-    images = sorted((folder / "plots").glob(f"*{runs.safe_name(in_spec)}*.png")) if (folder / "plots").is_dir() else []
+    images = sorted((folder / "plots").glob(f"*{workflow.safe_name(in_spec)}*.png")) if (folder / "plots").is_dir() else []
     if images:
         lines += ["### Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images] + [""]
     return lines
@@ -217,7 +217,7 @@ def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
         jobs += [("hist", in_spec, e) for e in bench.entries]
     written = 0
     for what, in_spec, arg in progress.bar(jobs, desc="bench: plots", unit="plot"):
-        tag = runs.safe_name(in_spec)
+        tag = workflow.safe_name(in_spec)
         if what == "heatmap":
             written += heatmap(bench, summary["summary"], in_spec, plot_dir / f"heatmap_auroc_{tag}.png")
         elif what == "roc":
@@ -230,7 +230,7 @@ def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
                 curves.update({renamer(entry)(r): (ids[r], oods[r]) for r in ids if r in oods})
             if curves:
                 plots.roc_curves(curves, f"ROC: {in_spec} (ID) vs {arg} (OOD), seed {seed}",
-                                 plot_dir / f"roc_{tag}_vs_{runs.safe_name(arg)}.png")
+                                 plot_dir / f"roc_{tag}_vs_{workflow.safe_name(arg)}.png")
                 written += 1
         else:
             entry = arg
@@ -241,7 +241,7 @@ def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
                 name = renamer(entry)(r)
                 plots.score_histograms(ids[r], {o: s[r] for o, s in per_out.items() if r in s},
                                        f"{name}: scores on {in_spec} (ID) and OOD sets, seed {seed}",
-                                       plot_dir / f"hist_{tag}_{runs.safe_name(name)}.png")
+                                       plot_dir / f"hist_{tag}_{workflow.safe_name(name)}.png")
                 written += 1
     return f"{written} PNG file(s) in plots/ (first seed)."
 

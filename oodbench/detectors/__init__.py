@@ -1,7 +1,9 @@
 """Detector registry: importing a module here registers its methods (one line per detector module)."""
 import difflib
 
-from oodbench.detectors.base import REGISTRY, TRAINERS, Detector, register, trainer_for  # noqa: F401
+from oodbench.config import dataset_options, is_training_option
+from oodbench.detectors.base import REGISTRY, TRAINERS, Detector, Option, register, trainer_for  # noqa: F401
+from oodbench.detectors.posthoc import PostHoc
 from oodbench.errors import OODBenchError
 from oodbench.detectors import classifier  # noqa: F401,E402  msp, maxlogit, energy, odin
 from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, rmds, knn
@@ -25,3 +27,47 @@ def get(name: str) -> type:
         raise OODBenchError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(REGISTRY))} "
                             f"(see `oodbench methods`)")
     return REGISTRY[name]
+
+
+def method(name: str, **options) -> PostHoc:
+    """A post-hoc method as a plain object, e.g. `method("knn", k=50)`; options are checked (unknown names get the
+    nearest valid one)."""
+    cls = get(name)
+    if not issubclass(cls, PostHoc):
+        raise OODBenchError(f"{name} trains its own {cls.kind!r} networks: train it with `oodbench train --method "
+                            f"{name}`; oodbench.method takes post-hoc methods (msp, energy, knn, ...)")
+    return cls(**options)
+
+
+def kind_classes(kind: str) -> list:
+    """Every registered class of `kind`: its methods and its trainer."""
+    return [c for c in REGISTRY.values() if c.kind == kind] + [c for k, c in TRAINERS.items() if k == kind]
+
+
+def option_sections(kind: str) -> dict:
+    """{method: {option: default}} of the post-hoc methods of `kind` (their config sections)."""
+    return {c.name: c.defaults() for c in kind_classes(kind) if issubclass(c, PostHoc)}
+
+
+def training_keys(kind: str) -> tuple:
+    """The training options of `kind` beyond config.TRAINING_SECTIONS, as its trainers declare them."""
+    return tuple(dict.fromkeys(k for c in kind_classes(kind) for k in getattr(c, "training_keys", ())))
+
+
+def dataset_keys(kind: str) -> tuple:
+    """The dotted keys of `kind` whose values are dataset specs (trainers' `dataset_keys`, post-hoc options declared
+    with dataset=True)."""
+    keys = [k for c in kind_classes(kind) for k in getattr(c, "dataset_keys", ())]
+    keys += [f"{c.name}.{k}" for c in kind_classes(kind) if issubclass(c, PostHoc)
+             for k, o in c.OPTIONS.items() if o.dataset]
+    return tuple(dict.fromkeys(keys))
+
+
+def is_training(kind: str, key: str) -> bool:
+    """Whether the dotted key is a training option of `kind` (config.is_training_option with its trainers' keys)."""
+    return is_training_option(key, training_keys(kind))
+
+
+def datasets_named(kind: str, cfg: dict) -> dict:
+    """{dotted key: dataset spec} of the dataset options `cfg` sets."""
+    return dataset_options(cfg, dataset_keys(kind))

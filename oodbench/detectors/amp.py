@@ -99,6 +99,7 @@ def _check_choice(key: str, value, choices) -> None:
 @register("amp")
 class AMP(Detector):
     kind = "amp"
+    needs_training_images = True   # anchors="shared"/"per_image" draw fresh pools from the training split
     summary = "neural network anchoring: K anchors give a heteroscedastic temperature (rows xent/energy/entropy/msp)"
 
     def __init__(self, cfg: dict, device="cpu"):
@@ -124,7 +125,7 @@ class AMP(Detector):
         return score
 
     # fit ----------------------------------------------------------------------------------------------------
-    def fit(self, train, val, engine) -> None:
+    def train(self, train, val, engine) -> None:
         tc = self.cfg["train"]
         self._score_type()
         self._anchor_mode()
@@ -179,7 +180,8 @@ class AMP(Detector):
         - `per_image` (the code at HEAD): a fresh pool per batch and, for every image, K anchors drawn from it with
           replacement -> (K, B, C, H, W);
         - `fixed`: the first K of the pool stored in the run, for every image (scores independent of batching).
-        The fresh pools come from the in-distribution training split (`fit_data`), drawn by `_batch_generator`."""
+        The fresh pools come from the in-distribution training split (`use_training_images`, from the workflow),
+        drawn by `_batch_generator`."""
         mode = self._anchor_mode()
         if mode == "fixed":
             pool = self.state["pool"]
@@ -187,7 +189,10 @@ class AMP(Detector):
             if self._anchors is None or len(self._anchors) != k or self._anchors.device != x.device:
                 self._anchors = self._normalise(pool[:k].to(x.device))
             return self._anchors
-        train = self.require_fit_data().split()[0].images
+        if self.training_images is None:
+            raise OODBenchError(f"amp.anchors={mode} draws anchors from the ID training split; score through a run "
+                                f"(the workflow hands it over), or call use_training_images(train) first")
+        train = self.training_images.images
         pool_size = min(int(self.cfg["train"]["pool_size"]), len(train))
         k = self._k(pool_size)
         g = self._batch_generator(x)

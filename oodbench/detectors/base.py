@@ -1,4 +1,8 @@
-"""The Detector contract and the method registry.
+"""The two method bases' shared parts: the registry, option declarations, and the trainer base `Detector`.
+
+Post-hoc methods (posthoc.py) are plain objects: options in the constructor, `fit` fits statistics. Trainers
+(`Detector` here: classifier training, msma, llr, amp, ddpm) own networks that the training engine fits; their
+options come from `configs/<kind>.yaml`.
 
 Every detector returns OOD scores with **higher = more out-of-distribution**; a method whose own score is
 "higher = in-distribution" negates it once, inside its `score`.
@@ -11,13 +15,24 @@ score types) are rows of one `score_rows` call, not separate trainings.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+from dataclasses import dataclass
 from typing import Callable, Dict
 
 import torch
 
 from oodbench.errors import OODBenchError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a post-hoc method, declared once: its default, a line of help, the values `--tune` tries
+    (OpenOOD v1.5's sweep grid; empty: not tuned) and whether its value is a dataset spec (checked before any
+    work, loaded by the workflow as a validation set, never a test split). Post-hoc options are scoring options."""
+
+    default: object
+    help: str = ""
+    grid: tuple = ()
+    dataset: bool = False
 
 
 class Detector:
@@ -26,7 +41,7 @@ class Detector:
     - `__init__(cfg, device)`: `cfg` is the fully resolved config of the kind (a nested dict from
       `configs/<kind>.yaml` + preset + overrides); options of one method live under `cfg[<method name>]`.
       Networks are built in `fit` (they need the data's shape) or in `load_state_dict`.
-    - `fit(train, val, engine)`: train networks through `engine.fit(...)` and/or fit statistics.
+    - `train(train, val, engine)`: train networks through `engine.fit(...)` and fit what they score with.
       `train`/`val` are ImageSets already on the device (uint8). Never sees a test OOD set.
     - `score(x)`: x is a uint8 batch (B, C, H, W) on the device; returns a float tensor (B,), higher = more OOD.
     - `score_rows(x)`: all rows this method reports from one pass, {row name: (B,) tensor}. Keys starting with
@@ -36,11 +51,12 @@ class Detector:
     """
 
     name: str = ""      # registry key, set by `register`
+    training_keys: tuple = ()   # config keys of this kind fixed at training (beyond config.TRAINING_SECTIONS)
+    dataset_keys: tuple = ()    # config keys (SECTION.NAME) whose values are dataset specs
     kind: str = ""      # training kind shared by methods that score one trained run; names configs/<kind>.yaml
     summary: str = ""   # one line for `oodbench methods`
-    cache = None        # set by the workflow (runs.RunCache): where scoring may keep derived data between processes
-    fit_data = None     # set by the workflow (runs.FitData): the ID training/validation split and validation OOD sets
-    cache_tag: str = "" # digest of the scored model; part of every cache key, so retraining invalidates caches
+    needs_training_images = False   # scoring draws from the ID training split (AMP's anchor pools)
+    training_images = None          # handed over by the workflow (`use_training_images`), never loaded here
 
     def __init__(self, cfg: dict, device: torch.device | str = "cpu"):
         self.cfg = cfg
@@ -53,18 +69,11 @@ class Detector:
             self.cfg[self.name] = {}
         return self.cfg[self.name]
 
-    def require_fit_data(self):
-        if self.fit_data is None:
-            raise OODBenchError(f"{self.name} fits statistics on the in-distribution training split; score it "
-                                f"through a run, `oodbench eval --model`, or oodbench.Evaluator")
-        return self.fit_data
+    def use_training_images(self, images) -> None:
+        """The ID training split (an ImageSet), for methods that draw from it while scoring."""
+        self.training_images = images
 
-    def cache_key(self, *material) -> str:
-        """A key that changes with the checkpoint (`cache_tag`) and with everything in `material` (JSON-able)."""
-        text = json.dumps([self.cache_tag, *material], sort_keys=True, default=str)
-        return hashlib.sha1(text.encode()).hexdigest()[:20]
-
-    def fit(self, train, val, engine) -> None:
+    def train(self, train, val, engine) -> None:
         raise NotImplementedError
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,11 +82,23 @@ class Detector:
     def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {self.name: self.score(x)}
 
+    def row_notes(self, id_scores: dict) -> dict:
+        """{row: [caveat]} the report shows beside this method's rows (default: none)."""
+        return {}
+
+    def extra_metrics(self, id_scores: dict, ood_scores: dict) -> dict:
+        """Numbers reported beside each metrics row (default: none)."""
+        return {}
+
     def state_dict(self) -> dict:
         raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+    def artifacts(self) -> Dict[str, str]:
+        """Text files {file name: contents} the workflow writes into the run folder after training (default none)."""
+        return {}
 
 
 REGISTRY: Dict[str, type] = {}

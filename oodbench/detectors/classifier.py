@@ -1,9 +1,7 @@
-"""The classifier of kind "classifier": its trainer, the post-hoc base, and the classic baselines MSP, MaxLogit,
-Energy, ODIN.
+"""The classifier of kind "classifier": its trainer, and the classic baselines MSP, MaxLogit, Energy, ODIN.
 
-`ClassifierTrainer` trains a run's classifier once; every post-hoc method (here, in gradients.py, features.py,
-posthoc.py and the modules built on it) subclasses `ClassifierDetector`, which scores a ClassifierModel and never
-trains.
+`ClassifierTrainer` trains a run's classifier once; every post-hoc method (here and in the modules built on
+posthoc.py) scores a ClassifierModel and never trains.
 """
 from __future__ import annotations
 
@@ -15,7 +13,8 @@ import torch.nn.functional as F
 from oodbench import data
 from oodbench.data import transforms
 from oodbench.data.transforms import augment
-from oodbench.detectors.base import Detector, register, register_trainer
+from oodbench.detectors.base import Detector, Option, register, register_trainer
+from oodbench.detectors.posthoc import LogitScore, PostHoc
 from oodbench.detectors.outlier_exposure import bce_onehot_loss, finetune_with_outliers
 from oodbench.engine import TrainSpec, checkpoint
 from oodbench.errors import OODBenchError
@@ -40,8 +39,10 @@ class ClassifierTrainer(Detector):
     """
 
     kind = "classifier"
+    training_keys = ("oe",)                          # outlier-exposure fine-tuning of the classifier
+    dataset_keys = ("oe.outliers", "tune.val_ood")
 
-    def fit(self, train, val, engine) -> None:
+    def train(self, train, val, engine) -> None:
         tc = self.cfg["train"]
         self.shape, self.num_classes = list(train.shape), train.num_classes
         unit = transforms.to_unit(train.images[:10000])
@@ -96,97 +97,55 @@ class ClassifierTrainer(Detector):
         self.net.eval()
 
 
-class ClassifierDetector(Detector):
-    """A post-hoc method: scores a ClassifierModel (`use_model`) and trains nothing.
-
-    The model comes from a run (its ClassifierTrainer), from `--model SPEC` or from `oodbench.wrap`. Data to fit
-    statistics on comes from the workflow (`fit_data`), never from files the method reads itself.
-    """
-
-    kind = "classifier"
-    model = None
-
-    def __init__(self, cfg: dict | None = None, device="cpu"):
-        """`cfg` defaults to configs/classifier.yaml, so that `get("energy")()` scores tensors on its own."""
-        if cfg is None:
-            from oodbench.config import load_config
-
-            cfg = load_config(self.kind)
-        super().__init__(cfg, device)
-
-    def fit(self, train, val, engine) -> None:
-        raise OODBenchError(f"{self.name} is a post-hoc method: it trains nothing (the run's classifier is trained "
-                            f"by `oodbench train`, or give a model with --model)")
-
-    def use_model(self, model) -> None:
-        """Score `model` (a ClassifierModel: network, preprocessing, features/head split)."""
-        self.model, self.net, self.mean, self.std = model, model.net, model.mean, model.std
-        self.num_classes = model.num_classes
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 batch → normalised float input of the scored model."""
-        return self.model.prepare(x)
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(x)
-
-    @torch.no_grad()
-    def accuracy(self, imageset, batch_size: int = 500):
-        """Test accuracy, or None when the model's classes are not the set's (e.g. an ImageNet model)."""
-        if imageset.labels is None or self.model.num_classes != imageset.num_classes:
-            return None
-        correct = sum((self.logits(x).argmax(1) == y).sum().item() for x, y in imageset.batches(batch_size))
-        return correct / max(1, len(imageset))
-
-
 @register("msp")
-class MSP(ClassifierDetector):
+class MSP(LogitScore):
     summary = "maximum softmax probability (Hendrycks & Gimpel 2017)"
-
-    def score(self, x):
-        return self.score_logits(self.logits(x))
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return -logits.softmax(1).amax(1)
 
 
 @register("maxlogit")
-class MaxLogit(ClassifierDetector):
+class MaxLogit(LogitScore):
     summary = "maximum logit (Hendrycks et al. 2022)"
-
-    def score(self, x):
-        return self.score_logits(self.logits(x))
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return -logits.amax(1)
 
 
 @register("energy")
-class Energy(ClassifierDetector):
+class Energy(LogitScore):
     summary = "free energy -T*logsumexp(logits/T) (Liu et al. 2020)"
-
-    def score(self, x):
-        return self.score_logits(self.logits(x))
+    OPTIONS = {"temperature": Option(1.0, "T in -T*logsumexp(logits/T)")}
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        t = float(self.options.get("temperature", 1.0))
+        t = float(self.options["temperature"])
         return -t * torch.logsumexp(logits / t, dim=1)
 
 
 @register("odin")
-class ODIN(ClassifierDetector):
+class ODIN(PostHoc):
     summary = "temperature-scaled MSP on an input perturbed against the gradient (Liang et al. 2018)"
+    OPTIONS = {"temperature": Option(1000.0, "softmax temperature T"),
+               "epsilon": Option(0.0014, "input perturbation size (in [0,1] pixel units before normalisation)")}
+    fit_on = None
+    array_level = False   # one extra forward and backward pass per batch: the perturbed input's logits
 
-    def score(self, x):
-        t, eps = float(self.options["temperature"]), float(self.options["epsilon"])
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+    def outputs(self, x):
+        model, t, eps = self.require_model(), float(self.options["temperature"]), float(self.options["epsilon"])
+        std = torch.tensor(model.std, device=x.device).view(1, -1, 1, 1)
         with torch.enable_grad():
-            inp = self.prepare(x).requires_grad_(True)
-            logits = self.net(inp).float() / t
+            inp = model.prepare(x).requires_grad_(True)
+            logits = model.net(inp).float() / t
             # Raise the top-class softmax: step against the gradient of its negative log-probability.
             loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
             (grad,) = torch.autograd.grad(loss, inp)
         perturbed = inp.detach() - eps * grad.sign() / std
         with torch.no_grad():
-            return -(self.net(perturbed).float() / t).softmax(1).amax(1)
+            return {"odin_logits": model.net(perturbed).float()}
+
+    def outputs_key(self):
+        return ("odin", float(self.options["temperature"]), float(self.options["epsilon"]))
+
+    def score_outputs(self, out):
+        return -(out["odin_logits"] / float(self.options["temperature"])).softmax(1).amax(1)

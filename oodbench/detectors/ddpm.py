@@ -208,6 +208,7 @@ def row_combinations(metrics: Sequence[str]) -> list[tuple]:
 @register("ddpm")
 class DDPM(Detector):
     kind = "ddpm"
+    training_keys = ("ddpm.first_n_val", "ddpm.val_loss_images", "ddpm.batch_size")   # validation loss, per-t stats
     summary = "DDPM reconstruction error from many noise levels, z-scored on validation (Graham et al. 2023)"
 
     def __init__(self, cfg: dict, device="cpu"):
@@ -292,7 +293,7 @@ class DDPM(Detector):
         return eps
 
     # --- fit --------------------------------------------------------------------------------------------------
-    def fit(self, train, val, engine) -> None:
+    def train(self, train, val, engine) -> None:
         from oodbench.engine import TrainSpec
 
         if val is None or len(val) == 0:
@@ -382,6 +383,13 @@ class DDPM(Detector):
         return combine(errors, t, self.val_errors, self.val_t, self.metrics())
 
     # --- state ------------------------------------------------------------------------------------------------
+    def row_notes(self, id_scores: dict) -> dict:
+        """A score made without LPIPS (its weights were not found) says so beside its rows."""
+        if "_lpips" in id_scores or (self.options.get("metrics") or "auto") != "auto":
+            return {}
+        note = "without LPIPS (its weights were not found): reconstruction MSE only; see docs/ddpm.md"
+        return {row: [note] for row in id_scores if row.startswith("ddpm-")}
+
     def state_dict(self) -> dict:
         return {"net_cfg": dict(self.net_cfg), "net": self.net.state_dict(), "val_t": list(self.val_t),
                 "val_errors": dict(self.val_errors)}

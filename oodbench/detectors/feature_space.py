@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from oodbench.detectors.base import register
+from oodbench.detectors.base import Option, register
 from oodbench.detectors.posthoc import PostHoc, energy, subspace_dim
 
 
@@ -32,7 +32,8 @@ class HeadOrigin(PostHoc):
 @register("vim")
 class ViM(HeadOrigin):
     summary = "virtual logit from the residual of the principal subspace, against the energy (Wang et al. 2022)"
-    sweep = {"dim": [256, 1000]}
+    OPTIONS = {"dim": Option(256, "principal-subspace size (vim.yml; D//2 when the features have <= dim dimensions)",
+                             grid=(256, 1000))}
 
     def fit_outputs(self, ref):
         feats = ref["features"]
@@ -42,7 +43,7 @@ class ViM(HeadOrigin):
         return u, basis, alpha
 
     def score_outputs(self, out):
-        u, basis, alpha = self.stats
+        u, basis, alpha = self.stats_
         virtual = ((out["features"] - u) @ basis).norm(dim=1) * alpha
         return virtual - energy(self.head_logits(out["features"]))
 
@@ -50,7 +51,8 @@ class ViM(HeadOrigin):
 @register("residual")
 class Residual(HeadOrigin):
     summary = "norm of the feature residual outside the principal subspace (ViM's residual alone; Wang et al. 2022)"
-    sweep = {"dim": [512]}
+    OPTIONS = {"dim": Option(512, "principal-subspace size (residual.yml; D//2 when the features have <= dim "
+                                  "dimensions)", grid=(512,))}
 
     def fit_outputs(self, ref):
         feats = ref["features"]
@@ -58,7 +60,7 @@ class Residual(HeadOrigin):
         return u, principal_residual(feats, u, subspace_dim(self.name, int(self.options["dim"]), feats.shape[1]))
 
     def score_outputs(self, out):
-        u, basis = self.stats
+        u, basis = self.stats_
         return ((out["features"] - u) @ basis).norm(dim=1)
 
 
@@ -66,6 +68,7 @@ class Residual(HeadOrigin):
 class SHE(PostHoc):
     summary = "inner product with the mean feature of correctly classified training images of the predicted class " \
               "(Zhang et al. 2023)"
+    needs_labels = True
 
     def fit_outputs(self, ref):
         feats, labels, predicted = ref["features"], ref["labels"].long(), ref["logits"].argmax(1)
@@ -77,21 +80,21 @@ class SHE(PostHoc):
         return patterns
 
     def score_outputs(self, out):
-        return -(out["features"] * self.stats[out["logits"].argmax(1)]).sum(1)
+        return -(out["features"] * self.stats_[out["logits"].argmax(1)]).sum(1)
 
 
 @register("nnguide")
 class NNGuide(PostHoc):
     summary = "energy times the mean cosine similarity to the k nearest energy-scaled training features " \
               "(Park et al. 2023)"
-    sweep = {"k": [100]}
+    OPTIONS = {"k": Option(100, "nearest neighbours in the energy-scaled training bank (nnguide.yml K)", grid=(100,))}
 
     def fit_outputs(self, ref):
         return F.normalize(ref["features"], dim=1) * energy(ref["logits"])[:, None]
 
     def score_outputs(self, out):
-        k = min(int(self.options["k"]), len(self.stats))
-        guidance = chunked_topk(F.normalize(out["features"], dim=1), self.stats, k).mean(1)
+        k = min(int(self.options["k"]), len(self.stats_))
+        guidance = chunked_topk(F.normalize(out["features"], dim=1), self.stats_, k).mean(1)
         return -(guidance * energy(out["logits"]))
 
 
@@ -105,7 +108,8 @@ def chunked_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, budget: int 
 @register("fdbd")
 class FDBD(PostHoc):
     summary = "mean distance to the decision boundaries over the distance to the training mean (Liu & Qin 2024)"
-    sweep = {"distance_as_normalizer": [True, False]}
+    OPTIONS = {"distance_as_normalizer": Option(True, "divide by |f - training mean| (else |f|), fdbd.yml",
+                                                grid=(True, False))}
 
     def fit_outputs(self, ref):
         weight, _ = self.head_weights()
@@ -114,7 +118,7 @@ class FDBD(PostHoc):
         return ref["features"].mean(0), gaps
 
     def score_outputs(self, out):
-        mean, gaps = self.stats
+        mean, gaps = self.stats_
         f, logits = out["features"], out["logits"]
         top, predicted = logits.max(1)
         boundary = ((top[:, None] - logits).abs() / gaps[predicted]).sum(1) / (logits.shape[1] - 1)
@@ -126,7 +130,7 @@ class FDBD(PostHoc):
 class NCI(PostHoc):
     summary = "alignment of the centred feature with the predicted class's head weight, plus alpha × L1 norm " \
               "(Liu & Qin 2025)"
-    sweep = {"alpha": [0.0001, 0.001, 0.01, 0.1]}
+    OPTIONS = {"alpha": Option(0.0001, "weight of the L1 feature norm (nci.yml)", grid=(0.0001, 0.001, 0.01, 0.1))}
 
     def fit_outputs(self, ref):
         return ref["features"].mean(0)
@@ -134,7 +138,7 @@ class NCI(PostHoc):
     def score_outputs(self, out):
         weight, _ = self.head_weights()
         f = out["features"]
-        centred = f - self.stats
+        centred = f - self.stats_
         w = weight[out["logits"].argmax(1)]
         alignment = (w * centred).sum(1) / centred.norm(dim=1).clamp_min(1e-12)
         return -(alignment + float(self.options["alpha"]) * f.abs().sum(1))

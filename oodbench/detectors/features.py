@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodbench.detectors.base import register
+from oodbench.detectors.base import Option, register
 from oodbench.detectors.feature_space import chunked_topk
 from oodbench.detectors.posthoc import PostHoc
 from oodbench.errors import OODBenchError
@@ -43,17 +43,19 @@ def squared_distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Ten
 @register("mahalanobis")
 class Mahalanobis(PostHoc):
     summary = "min Mahalanobis distance to class means, tied covariance, penultimate features (Lee et al. 2018)"
+    needs_labels = True
 
     def fit_outputs(self, ref):
         return tied_gaussian(ref["features"], ref["labels"])
 
     def score_outputs(self, out):
-        return squared_distances(out["features"], *self.stats).amin(1).float()
+        return squared_distances(out["features"], *self.stats_).amin(1).float()
 
 
 @register("rmds")
 class RMDS(PostHoc):
     summary = "relative Mahalanobis: class distance minus the distance to one background Gaussian (Ren et al. 2021)"
+    needs_labels = True
 
     def fit_outputs(self, ref):
         feats = ref["features"].double()
@@ -61,28 +63,27 @@ class RMDS(PostHoc):
         return (*tied_gaussian(feats, ref["labels"]), mean0[None], precision_of(feats - mean0))
 
     def score_outputs(self, out):
-        means, precision, mean0, precision0 = self.stats
+        means, precision, mean0, precision0 = self.stats_
         background = squared_distances(out["features"], mean0, precision0)          # (B, 1)
         return (squared_distances(out["features"], means, precision) - background).amin(1).float()
 
 
 @register("knn")
 class KNN(PostHoc):
+    """The fitted state is the normalised training bank (`stats_`); a faiss index over it is built on first use."""
+
     summary = "distance to the k-th nearest training feature, L2-normalised (Sun et al. 2022)"
-    sweep = {"k": [50, 100, 200, 500, 1000]}
+    OPTIONS = {"k": Option(50, "neighbour whose distance is the score (50 for CIFAR-10 in the paper)",
+                           grid=(50, 100, 200, 500, 1000)),
+               "backend": Option("auto", "auto (faiss if installed and on a CPU, else torch) | faiss | torch; both "
+                                         "exact")}
+    _index = None   # (bank, faiss index) built from stats_
 
     def fit_outputs(self, ref):
-        bank = F.normalize(ref["features"], dim=1)
-        if self.backend() == "faiss":
-            import faiss
-
-            index = faiss.IndexFlatL2(bank.shape[1])
-            index.add(np.ascontiguousarray(bank.cpu().numpy()))
-            return index
-        return bank
+        return F.normalize(ref["features"], dim=1)
 
     def backend(self) -> str:
-        choice = self.options.get("backend", "auto")
+        choice = self.options["backend"]
         if choice not in ("auto", "faiss", "torch"):
             raise OODBenchError(f"knn.backend must be auto, faiss or torch, got {choice!r}")
         if choice == "torch" or (choice == "auto" and self.device.type == "cuda"):
@@ -95,15 +96,22 @@ class KNN(PostHoc):
             return "torch"
         return "faiss"
 
+    def faiss_index(self):
+        if self._index is None or self._index[0] is not self.stats_:
+            import faiss
+
+            index = faiss.IndexFlatL2(self.stats_.shape[1])
+            index.add(np.ascontiguousarray(self.stats_.cpu().numpy()))
+            self._index = (self.stats_, index)
+        return self._index[1]
+
     def score_outputs(self, out):
         k = int(self.options["k"])
+        if k > len(self.stats_):
+            raise OODBenchError(f"knn.k={k} is more than the {len(self.stats_)} training features")
         queries = F.normalize(out["features"], dim=1)
-        if isinstance(self.stats, torch.Tensor):
-            if k > len(self.stats):
-                raise OODBenchError(f"knn.k={k} is more than the {len(self.stats)} training features")
-            cos = chunked_topk(queries, self.stats, k)[:, -1]
+        if self.backend() == "torch":
+            cos = chunked_topk(queries, self.stats_, k)[:, -1]
             return (2 - 2 * cos).clamp_min(0).sqrt()
-        if k > self.stats.ntotal:
-            raise OODBenchError(f"knn.k={k} is more than the {self.stats.ntotal} training features")
-        squared, _ = self.stats.search(np.ascontiguousarray(queries.cpu().numpy()), k)
+        squared, _ = self.faiss_index().search(np.ascontiguousarray(queries.cpu().numpy()), k)
         return torch.as_tensor(np.sqrt(np.maximum(squared[:, -1], 0)), device=queries.device)

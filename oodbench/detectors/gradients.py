@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from oodbench.data.validation import validation_ood
+from oodbench.detectors.base import Option, register
+from oodbench.detectors.posthoc import PostHoc, _as_imageset, _batch
 from oodbench.errors import OODBenchError
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -163,97 +164,65 @@ def select_layer(id_norms: Dict[str, torch.Tensor], ood_norms: Dict[str, torch.T
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-# ---- per-image autograd references (the straightforward way; for tests and scripts/perf) -----------------------
-def gradnorm_per_sample(net, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """GradNorm as the original repository computes it: per image (batch of 1), forward and backward of the whole
-    network for KL(u || softmax(z/T)), L1 norm of the head's weight gradient. Slow; `gradnorm_scores` must equal it.
-    (The original code's targets are ones instead of 1/C, which multiplies every score by C; rankings are the same.)"""
-    scores = []
-    for i in range(len(x)):
-        net.zero_grad()
-        logits = net(x[i:i + 1])
-        targets = torch.full_like(logits, 1.0 / logits.shape[1])
-        loss = torch.mean(torch.sum(-targets * F.log_softmax(logits / temperature, dim=-1), dim=-1))
-        loss.backward()
-        scores.append(net.head.weight.grad.abs().sum())
-    return torch.stack(scores)
-
-
-def gradnorm_openood(net, x: torch.Tensor, temperature: float = 1.0, batch_size: int = 256) -> torch.Tensor:
-    """GradNorm as OpenOOD's postprocessor computes it: batched penultimate features without gradients, then per
-    image a backward through a copy of the head alone (rebuilt from NumPy arrays for every batch, as OpenOOD does),
-    L1 norm of its weight gradient, one host copy per image. Targets are ones as there (score = C x ours); divided
-    by C here so that it equals `gradnorm_scores`."""
-    weight, bias = net.head.weight.detach().cpu().numpy(), net.head.bias.detach().cpu().numpy()
-    num_classes = weight.shape[0]
-    scores = []
-    for start in range(0, len(x), batch_size):
-        with torch.no_grad():
-            features = net.features(x[start:start + batch_size]).cpu().numpy()
-        fc = nn.Linear(weight.shape[1], num_classes).to(x.device)
-        fc.weight.data[...] = torch.from_numpy(weight)
-        fc.bias.data[...] = torch.from_numpy(bias)
-        for h in torch.from_numpy(features).float().to(x.device):
-            targets = torch.ones((1, num_classes), device=x.device)
-            fc.zero_grad()
-            loss = torch.mean(torch.sum(-targets * F.log_softmax(fc(h[None]) / temperature, dim=-1), dim=-1))
-            loss.backward()
-            scores.append(float(fc.weight.grad.abs().sum().cpu().numpy()))
-    return torch.tensor(scores, dtype=torch.float32) / num_classes
-
-
-def layer_norms_per_sample(net, x: torch.Tensor, names) -> Dict[str, torch.Tensor]:
-    """Per image alone: CE(f(x), argmax) backward, L2 norm of each named weight's gradient. Slow; `per_layer_grad_norms`
-    must equal it."""
-    params = dict(net.named_parameters())
-    rows = {name: [] for name in names}
-    for i in range(len(x)):
-        net.zero_grad()
-        logits = net(x[i:i + 1])
-        F.cross_entropy(logits, logits.argmax(1)).backward()
-        for name in names:
-            rows[name].append(params[name].grad.norm())
-    return {name: torch.stack(v) for name, v in rows.items()}
-
 # Detectors: post-hoc methods on the classifier (a run's, or any model); they train nothing.
 
-from oodbench.detectors.base import register  # noqa: E402
-from oodbench.detectors.classifier import ClassifierDetector  # noqa: E402
-
-
 @register("gradnorm")
-class GradNorm(ClassifierDetector):
+class GradNorm(PostHoc):
     summary = "GradNorm: L1 norm of the last layer's KL(uniform || softmax) gradient, in closed form (Huang et al. 2021)"
+    OPTIONS = {"temperature": Option(1.0, "T in softmax(z/T); GradNorm used T=1")}
+    fit_on = None
 
-    @torch.no_grad()
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score_features(*self.model.features_and_logits(x))
-
-    def score_features(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """From penultimate features (B, D) and logits (B, C) alone (no network needed)."""
-        return -gradnorm_scores(features, logits, float(self.options["temperature"]))
+    def score_outputs(self, out):
+        return -gradnorm_scores(out["features"], out["logits"], float(self.options["temperature"]))
 
 
 @register("gradlayer")
-class GradLayer(ClassifierDetector):
+class GradLayer(PostHoc):
     """Rows `gradlayer/<weight name>` for every weight tensor, and `gradlayer` = the chosen layer.
 
-    The layer is `gradlayer.layer`, or with `auto` the one with the best AUROC between the in-distribution validation
-    split and the train split of `gradlayer.val_ood`, both given by the workflow (`fit_data`: the validation split is
-    re-derived as training made it, from `data.in`, `data.limit`, `data.val_fraction` and `seed`). It is chosen on
-    first use.
-    The choice records its validation pair (`val_ood`, `val_size`); scoring with another pair (`--set` at eval time)
-    chooses again. Choices are kept in the workflow's cache (<run>/cache/gradlayer_choice.json).
+    The layer is `gradlayer.layer`, or with `auto` the one with the best AUROC between `val` (the in-distribution
+    validation split) and `val_ood` (the workflow loads the set `gradlayer.val_ood` names: derived from the
+    validation split or a training split, never a test split), `val_size` images of each drawn with `seed`.
     """
 
     summary = "per-layer L2 norm of the gradient of CE(f(x), argmax) per weight tensor, layer chosen on validation OOD"
-    chosen_layer: str = ""
-    layer_aurocs: dict = {}
-    chosen_on: Optional[dict] = None    # the validation pair the choice was made on
+    OPTIONS = {
+        "layer": Option("auto", "the weight tensor reported as `gradlayer` (e.g. head.weight); auto = best validation "
+                                "AUROC"),
+        "val_ood": Option("glyphs", "validation OOD set for `auto` (its *train* split, never a test set); name a real "
+                                    "one", dataset=True),
+        "val_size": Option(1000, "images of the ID validation split and of val_ood used to choose the layer"),
+        "micro_batch": Option(0, "per-sample gradients per vmap call; 0 = size micro-batches from memory_mb"),
+        "memory_mb": Option("auto", "MiB for one micro-batch's per-sample gradients and activations; auto = 1/4 of "
+                                    "free GPU memory (at most 8192) on CUDA, 1024 on a CPU"),
+    }
+    fit_on = "val"
+    array_level = False
+    cache_fitted = True   # choosing a layer costs per-sample gradients: the workflow keeps the choice
+    layer_: str = ""
+    layer_aurocs_: dict = {}
 
-    def validation_pair(self) -> dict:
-        return {"val_ood": str(self.options["val_ood"]), "val_size": int(self.options["val_size"])}
+    def fit_datasets(self) -> dict:
+        return super().fit_datasets() if self.options["layer"] == "auto" else {}
+
+    def fit(self, model, data=None, val=None, labels=None, *, val_labels=None, outputs=None, val_ood=None,
+            seed: int = 0, **sets) -> "GradLayer":
+        """Choose the layer (with layer=auto) on `val` (ID) against `val_ood`; a named layer needs no data."""
+        self.use_model(model)
+        if self.options["layer"] != "auto":
+            self.layer_, self.layer_aurocs_ = check_layers(self.net, [self.options["layer"]])[0], {}
+        else:
+            if val is None or len(val) == 0 or val_ood is None:
+                raise OODBenchError("gradlayer chooses its layer on a validation pair: pass val= (ID validation "
+                                    "images) and val_ood= (validation OOD images, never a test set), or name the "
+                                    "layer with layer=<weight name> (--set gradlayer.layer=...)")
+            n = int(self.options["val_size"])
+            val = _as_imageset(val, val_labels, self.device, "gradlayer val")
+            val_ood = _as_imageset(val_ood, None, self.device, "gradlayer val_ood")
+            id_norms, ood_norms = (self._set_norms(_sample(s, n, seed)) for s in (val, val_ood))
+            self.layer_, self.layer_aurocs_ = select_layer(id_norms, ood_norms)
+        self.fitted_ = True
+        return self
 
     def layer_norms(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """{weight name: (B,)} per-sample gradient norms of a uint8 batch."""
@@ -261,53 +230,31 @@ class GradLayer(ClassifierDetector):
                                     memory_mb=self.options["memory_mb"])
 
     def score_rows(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        layer = self.layer()
-        norms = self.layer_norms(x)
+        self.require_fitted()
+        norms = self.layer_norms(_batch(self.name, x, self.device))
         rows = {f"{self.name}/{name}": value for name, value in norms.items()}
-        rows[self.name] = norms[layer]
+        rows[self.name] = norms[self.layer_]
         return rows
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.score_rows(x)[self.name]
 
-    def layer(self) -> str:
-        """The reported layer: `gradlayer.layer` when named, else the one chosen on the validation pair."""
-        named = self.options["layer"]
-        if named != "auto":
-            return check_layers(self.net, [named])[0]
-        if not self.chosen_layer or self.chosen_on != self.validation_pair():
-            self._choose_at_scoring_time()
-        return self.chosen_layer
+    def score_set(self, imageset, batch_size: int = 500, outputs=None) -> Dict[str, torch.Tensor]:
+        parts = [self.score_rows(x) for x, _ in imageset.batches(batch_size)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _choose_at_scoring_time(self) -> None:
-        """choose_layer on the re-derived validation split, or the same choice read back from the run's cache."""
-        d = self.cfg["data"]
-        key = self.cache_key(self.validation_pair(), self.cfg["seed"], [d["in"], d.get("limit"), d["val_fraction"]])
-        saved = self.cache.load_json("gradlayer_choice.json") if self.cache is not None else {}
-        if key in saved:
-            self.chosen_layer, self.layer_aurocs = saved[key]["layer"], saved[key]["aurocs"]
-            self.chosen_on = self.validation_pair()
-            return
-        fit_data = self.require_fit_data()
-        self.choose_layer(fit_data.split()[1], fit_data.load)
-        if self.cache is not None:
-            saved[key] = {"layer": self.chosen_layer, "aurocs": self.layer_aurocs, **self.chosen_on}
-            self.cache.save_json("gradlayer_choice.json", saved)
+    def row_notes(self, id_scores: dict) -> dict:
+        how = "gradlayer.layer" if self.options["layer"] != "auto" else \
+            f"chosen on validation vs {self.options['val_ood']}"
+        return {self.name: [f"layer {self.layer_} ({how})"]}
 
-    def choose_layer(self, val, load_train_split) -> None:
-        """Pick the layer with the best AUROC: validation split (ID) vs `gradlayer.val_ood`, never a test split
-        (`data.validation.validation_ood`: derived from `val` when it derives from the in-distribution dataset,
-        else the training split `load_train_split(spec, like)` gives)."""
-        spec, n = self.options["val_ood"], int(self.options["val_size"])
-        if val is None or len(val) == 0:
-            raise OODBenchError("gradlayer chooses its layer on the validation split, which is empty; set "
-                                "data.val_fraction > 0 or name the layer with --set gradlayer.layer=<weight name>")
-        ood = validation_ood(spec, str((self.cfg.get("data") or {}).get("in", "")), val, load_train_split,
-                             tuple(val.shape))
-        id_norms, ood_norms = self._set_norms(_sample(val, n, self.cfg["seed"])), self._set_norms(
-            _sample(ood, n, self.cfg["seed"]))
-        self.chosen_layer, self.layer_aurocs = select_layer(id_norms, ood_norms)
-        self.chosen_on = self.validation_pair()
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "layer": self.layer_, "layer_aurocs": dict(self.layer_aurocs_)}
+
+    def load_state_dict(self, state: dict) -> "GradLayer":
+        super().load_state_dict(state)
+        self.layer_, self.layer_aurocs_ = str(state.get("layer", "")), dict(state.get("layer_aurocs") or {})
+        return self
 
     def _set_norms(self, imageset, batch_size: int = 512) -> Dict[str, torch.Tensor]:
         parts = [self.layer_norms(x.to(self.device)) for x, _ in imageset.batches(batch_size)]

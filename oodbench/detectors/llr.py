@@ -15,6 +15,7 @@ import math
 import sys
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 from oodbench.detectors.base import Detector, register
@@ -22,6 +23,7 @@ from oodbench.engine import TrainSpec
 from oodbench.errors import OODBenchError
 from oodbench.metrics import evaluate
 from oodbench.nets.pixelcnnpp import PixelCNNpp
+from oodbench.tables import rows_to_csv
 
 NET_KEYS = ("num_filters", "num_resnet", "num_hierarchies", "num_logistic_mix", "dropout_p")
 
@@ -103,6 +105,8 @@ class LikelihoodRatioRun(Detector):
     """Trains the foreground model and the background grid once (kind "llr"); both methods score this run."""
 
     kind = "llr"
+    training_keys = ("llr",)            # the background-model grid and its validation selection
+    dataset_keys = ("llr.val_ood",)
 
     @property
     def llr_options(self) -> dict:
@@ -116,7 +120,7 @@ class LikelihoodRatioRun(Detector):
     def build(self) -> PixelCNNpp:
         return PixelCNNpp(**self.net_config_)
 
-    def fit(self, train, val, engine) -> None:
+    def train(self, train, val, engine) -> None:
         opts = self.llr_options
         grid = background_grid(opts)
         check_8bit(train.images, f"training set {train.name!r}")
@@ -162,7 +166,8 @@ class LikelihoodRatioRun(Detector):
         else:
             self.selection_baseline = {"likelihood_val_auroc": None}
         if engine.is_main:
-            self.report_selection(engine.run_dir)
+            print(format_selection(self.selection, self.selected, getattr(self, "val_ood_spec", None),
+                                   self.selection_baseline["likelihood_val_auroc"]), file=sys.stderr)
 
     def load_val_ood(self, train, val, engine):
         """`llr.val_ood` ({in} = data.in) through `data.validation.validation_ood`: a set derived from the
@@ -183,20 +188,14 @@ class LikelihoodRatioRun(Detector):
 
         return validation_ood(spec, str(d.get("in", "")), val, load_train_split, train.shape)
 
-    def report_selection(self, run_dir) -> None:
-        """Write llr_selection.csv / .json in the run directory and print the table."""
-        from pathlib import Path
-
-        from oodbench.runs import rows_to_csv, write_atomic
-
-        run_dir = Path(run_dir)
-        write_atomic(run_dir / "llr_selection.csv",
-                     rows_to_csv([{**row, "selected": self.is_selected(row)} for row in self.selection]))
+    def artifacts(self) -> Dict[str, str]:
+        """The background-model selection table, written by the workflow into the run folder as
+        llr_selection.csv / .json."""
         summary = {"val_ood": getattr(self, "val_ood_spec", None), "selected": self.selected,
                    "table": self.selection, **self.selection_baseline}
-        write_atomic(run_dir / "llr_selection.json", json.dumps(summary, indent=2))
-        print(format_selection(self.selection, self.selected, summary["val_ood"],
-                               self.selection_baseline["likelihood_val_auroc"]), file=sys.stderr)
+        return {"llr_selection.csv": rows_to_csv([{**row, "selected": self.is_selected(row)}
+                                                  for row in self.selection]),
+                "llr_selection.json": json.dumps(summary, indent=2)}
 
     def is_selected(self, row) -> bool:
         return (row["mutation_rate"], row["reg_weight"]) == (self.selected["mutation_rate"],
@@ -217,10 +216,14 @@ class LikelihoodRatioRun(Detector):
         return self.score_rows(x)[self.name]
 
     # --- state -----------------------------------------------------------------------------------------------
+    def extra_metrics(self, id_scores: dict, ood_scores: dict) -> dict:
+        """Mean bits per dimension of both sets beside the rows."""
+        return {"id_bpd": float(np.mean(id_scores["_bpd"])), "out_bpd": float(np.mean(ood_scores["_bpd"]))}
+
     def state_dict(self) -> dict:
         return {"net": dict(self.net_config_), "fg": self.fg.state_dict(), "bg": self.bg.state_dict(),
                 "selected": dict(self.selected), "selection": [dict(r) for r in self.selection],
-                **self.selection_baseline}
+                "val_ood": getattr(self, "val_ood_spec", None), **self.selection_baseline}
 
     def load_state_dict(self, state: dict) -> None:
         self.net_config_ = dict(state["net"])
@@ -231,6 +234,7 @@ class LikelihoodRatioRun(Detector):
         self.bg.eval()
         self.selected, self.selection = dict(state["selected"]), [dict(r) for r in state["selection"]]
         self.selection_baseline = {"likelihood_val_auroc": state.get("likelihood_val_auroc")}
+        self.val_ood_spec = state.get("val_ood")
 
 
 def format_selection(rows, selected, val_ood, baseline_auroc) -> str:

@@ -10,20 +10,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
-from oodbench.detectors.base import register
-from oodbench.detectors.posthoc import PostHoc
-
-
-class LogitScore(PostHoc):
-    """A score of the logits; `score_logits` also works on plain tensors."""
-
-    fit_on = None
-
-    def outputs(self, x):
-        return {"logits": self.logits(x)}
-
-    def score_outputs(self, out):
-        return self.score_logits(out["logits"])
+from oodbench.detectors.base import Option, register
+from oodbench.detectors.posthoc import LogitScore
 
 
 @register("entropy")
@@ -38,7 +26,8 @@ class Entropy(LogitScore):
 @register("gen")
 class GEN(LogitScore):
     summary = "generalized entropy of the top-M softmax probabilities, exponent gamma (Liu et al. 2023)"
-    sweep = {"gamma": [0.01, 0.1, 0.5, 1, 2, 5, 10], "m": [10, 50, 100, 200, 500, 1000]}
+    OPTIONS = {"gamma": Option(0.1, "exponent of p^gamma (1-p)^gamma (gen.yml)", grid=(0.01, 0.1, 0.5, 1, 2, 5, 10)),
+               "m": Option(100, "top-M probabilities (all classes when fewer)", grid=(10, 50, 100, 200, 500, 1000))}
 
     def score_logits(self, logits):
         gamma, m = float(self.options["gamma"]), int(self.options["m"])
@@ -51,6 +40,7 @@ class GEN(LogitScore):
 class TempScale(LogitScore):
     summary = "MSP after temperature scaling, T fitted by NLL on the ID validation split (Guo et al. 2017)"
     fit_on = "val"
+    needs_labels = True
 
     def fit_outputs(self, ref):
         logits, labels = ref["logits"].double(), ref["labels"].long()
@@ -63,7 +53,7 @@ class TempScale(LogitScore):
                                         options={"xatol": 1e-6}).x)
 
     def score_outputs(self, out):
-        return -(out["logits"] / self.stats).softmax(1).amax(1)
+        return -(out["logits"] / self.stats_).softmax(1).amax(1)
 
 
 @register("klm")
@@ -79,5 +69,5 @@ class KLMatching(LogitScore):
     def score_outputs(self, out):
         p = out["logits"].softmax(1)
         p_log_p = torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(1, keepdim=True)
-        log_d = self.stats.log().nan_to_num(neginf=torch.finfo(p.dtype).min)
+        log_d = self.stats_.log().nan_to_num(neginf=torch.finfo(p.dtype).min)
         return (p_log_p - p @ log_d.T).amin(1)

@@ -129,7 +129,7 @@ class MSMA(Detector):
             self.make_aux(name, 0).check(n, dim)
 
     # ------------------------------------------------------------------------------------------------- fit
-    def fit(self, train, val, engine) -> None:
+    def train(self, train, val, engine) -> None:
         from oodbench.engine import TrainSpec
 
         self.check(len(train))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from oodbench.detectors.base import register
+from oodbench.detectors.base import Option, register
 from oodbench.detectors.features import squared_distances, tied_gaussian
 from oodbench.detectors.posthoc import PostHoc
 from oodbench.errors import OODBenchError
@@ -42,6 +42,10 @@ def id_predictions(logits: torch.Tensor, classes: torch.Tensor) -> tuple[torch.T
 class Gram(PostHoc):
     summary = "Gram-matrix deviation of intermediate maps from the predicted class's training range, over the " \
               "max softmax (Sastry & Oore 2020)"
+    OPTIONS = {"powers": Option([1, 2, 3, 4, 5], "orders p of the Gram matrices (gram.yml powers); layers: "
+                                                "model.layers")}
+    needs_labels = True
+    array_level = False
 
     def powers(self) -> list:
         powers = self.options["powers"]
@@ -64,7 +68,7 @@ class Gram(PostHoc):
         return ("gram", *self.model.layer_names(), *self.powers())
 
     def reference_pass(self):
-        return "gram", self.outputs, (self.model.layer_names(), self.powers())
+        return "gram", self.outputs, self.outputs_key()
 
     def rows(self, out: dict, layer: str, p: int) -> torch.Tensor:
         if f"{layer}/{p}" not in out:
@@ -96,7 +100,7 @@ class Gram(PostHoc):
         return classes, bounds, scales
 
     def score_outputs(self, out):
-        classes, bounds, scales = self.stats
+        classes, bounds, scales = self.stats_
         confidence, predicted = id_predictions(out["logits"], classes)
         total = torch.zeros(len(predicted), device=predicted.device)
         for layer in self.model.layer_names():
@@ -110,6 +114,12 @@ class Gram(PostHoc):
 class MDSEnsemble(PostHoc):
     summary = "weighted sum over layers of the Mahalanobis distance of each map's channel means, after a noise " \
               "step toward the closest class (Lee et al. 2018)"
+    OPTIONS = {"noise": Option(0.0014, "input step toward the closest class, [0,1] pixel units as odin.epsilon "
+                                       "(mds_ensemble.yml)"),
+               "alpha": Option(1.0, "layer weights: one number for every layer, or a list (mds_ensemble.yml "
+                                    "alpha_list: [1])")}
+    needs_labels = True
+    array_level = False
 
     def noise(self) -> float:
         noise = float(self.options["noise"])
@@ -139,8 +149,7 @@ class MDSEnsemble(PostHoc):
         noise = self.noise()
         if noise == 0:
             return self.clean(x)
-        if self.stats is None:
-            self.stats = self.fit_outputs(self.reference_outputs(self.fit_on))
+        self.require_fitted()
         layers = self.model.layer_names()
         std = torch.tensor(self.model.std, device=x.device).view(1, -1, 1, 1)
         out = {}
@@ -149,7 +158,7 @@ class MDSEnsemble(PostHoc):
             maps, _ = self.model.forward_maps(inp, layers)
             for i, name in enumerate(layers):
                 # Lee et al.'s input pre-processing: a step against the gradient of the distance to the closest class
-                d = squared_distances(maps[name].flatten(2).mean(2), *self.stats[name])
+                d = squared_distances(maps[name].flatten(2).mean(2), *self.stats_[name])
                 (grad,) = torch.autograd.grad(d.amin(1).sum(), inp, retain_graph=i < len(layers) - 1)
                 step = torch.where(grad >= 0, 1.0, -1.0)
                 with torch.no_grad():
@@ -161,7 +170,7 @@ class MDSEnsemble(PostHoc):
         return ("mds_ensemble", *self.model.layer_names(), self.noise())
 
     def reference_pass(self):
-        return "mds_ensemble", self.clean, (self.model.layer_names(),)
+        return "mds_ensemble", self.clean, ("mds_ensemble-clean", *self.model.layer_names())
 
     def fit_outputs(self, ref):
         return {name: tied_gaussian(ref[self.key(name, 0.0)], ref["labels"]) for name in self.model.layer_names()}
@@ -172,7 +181,7 @@ class MDSEnsemble(PostHoc):
             if self.key(name, noise) not in out:
                 raise OODBenchError(f"mds_ensemble: no features of layer {name} with noise {noise} in these outputs "
                                     f"(computed with another mds_ensemble.noise or model.layers)")
-            total = total + alpha * 0.5 * squared_distances(out[self.key(name, noise)], *self.stats[name]).amin(1)
+            total = total + alpha * 0.5 * squared_distances(out[self.key(name, noise)], *self.stats_[name]).amin(1)
         return total.float()
 
 
@@ -188,6 +197,8 @@ class RankFeat(PostHoc):
     summary = "energy of the mean logits after removing the rank-1 part of the last block's map, and of the block " \
               "before it (Song et al. 2022)"
     fit_on = None
+    array_level = False
+    OPTIONS = {"temperature": Option(1.0, "rankfeat.yml")}
 
     def blocks(self) -> tuple[str, str]:
         """(last block, the block before it): the last two of model.layers, else of the ResNet stages."""

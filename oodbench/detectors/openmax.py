@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from scipy.stats import exponweib
 
-from oodbench.detectors.base import register
-from oodbench.detectors.logit_scores import LogitScore
+from oodbench.detectors.base import Option, register
+from oodbench.detectors.posthoc import LogitScore
 from oodbench.errors import OODBenchError
 
 TRANSLATION = 10000.0   # libMR's translate_amount
@@ -39,6 +39,10 @@ class OpenMax(LogitScore):
     summary = "probability of the unknown class after Weibull recalibration of the top-alpha logits " \
               "(Bendale & Boult 2016)"
     fit_on = "train"
+    needs_labels = True
+    OPTIONS = {"tailsize": Option(20, "largest distances per class the Weibull is fitted to (OpenOOD "
+                                      "openmax_postprocessor.py)"),
+               "alpha": Option(3, "top classes whose logits are revised (OpenOOD weibull_alpha)")}
 
     def fit_outputs(self, ref):
         tailsize = positive_int(self, "tailsize")
@@ -56,7 +60,7 @@ class OpenMax(LogitScore):
         return classes, centres, weibull
 
     def score_logits(self, logits):
-        classes, centres, weibull = self.stats
+        classes, centres, weibull = self.stats_
         alpha = min(positive_int(self, "alpha"), len(classes))
         x = logits[:, classes].double()
         shift, c, scale = (weibull[:, i] for i in range(3))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from oodbench.detectors.base import register
+from oodbench.detectors.base import Option, register
 from oodbench.detectors.posthoc import PostHoc, energy
 from oodbench.errors import OODBenchError
 
@@ -44,13 +44,14 @@ class Shaping(PostHoc):
 class ReAct(Shaping):
     summary = "energy after clipping features at a percentile of the ID training activations (Sun et al. 2021)"
     fit_on = "train"
-    sweep = {"percentile": [85, 90, 95, 99]}
+    OPTIONS = {"percentile": Option(90, "clip at this percentile of the ID training activations (react.yml)",
+                                    grid=(85, 90, 95, 99))}
 
     def fit_outputs(self, ref):
         return float(np.percentile(ref["features"].cpu().numpy().ravel(), percentile_option(self)))
 
     def shaped(self, features):
-        return features.clamp(max=self.stats)
+        return features.clamp(max=self.stats_)
 
 
 def _top(features: torch.Tensor, percentile: float):
@@ -61,7 +62,8 @@ def _top(features: torch.Tensor, percentile: float):
 @register("ash_p")
 class AshP(Shaping):
     summary = "ASH-P: prune all but the top activations, then energy (Djurisic et al. 2023)"
-    sweep = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
+    OPTIONS = {"percentile": Option(90, "% of activations pruned per sample (ash.yml)",
+                                    grid=(65, 70, 75, 80, 85, 90, 95))}
 
     def shaped(self, features):
         (values, index), _ = _top(features, percentile_option(self))
@@ -90,6 +92,8 @@ class AshS(AshP):
 @register("scale")
 class Scale(AshP):
     summary = "SCALE: rescale all activations by exp(total/top sum), no pruning, then energy (Xu et al. 2024)"
+    OPTIONS = {"percentile": Option(85, "% of activations below the top ones (scale.yml)",
+                                    grid=(65, 70, 75, 80, 85, 90, 95))}
 
     def shaped(self, features):
         (values, _), _ = _top(features, percentile_option(self))
@@ -100,7 +104,7 @@ class Scale(AshP):
 class DICE(Shaping):
     summary = "energy of a head whose weights are sparsified by their mean ID contribution (Sun & Li 2022)"
     fit_on = "train"
-    sweep = {"p": [90]}
+    OPTIONS = {"p": Option(90, "% of head weights masked by mean contribution (dice.yml)", grid=(90,))}
 
     def fit_outputs(self, ref):
         weight, _ = self.head_weights()
@@ -110,4 +114,4 @@ class DICE(Shaping):
 
     def score_outputs(self, out):
         _, bias = self.head_weights()
-        return -energy(out["features"] @ self.stats.T + bias)
+        return -energy(out["features"] @ self.stats_.T + bias)

@@ -14,41 +14,41 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
 from oodbench import metrics
-from oodbench.data.validation import validation_ood
 from oodbench.detectors.posthoc import PostHoc, outputs_of
 from oodbench.errors import OODBenchError
+from oodbench.workflow.fitting import cache_key, reference, tensors, validation_set
 
 
-def tune(det) -> dict:
-    """Set `det`'s options to the best grid point; returns {"<method>.<option>": value, ...} ({} if no grid)."""
-    settings = det.cfg.get("tune") or {}
-    grid = {**(getattr(det, "sweep", {}) or {}), **_own_grid(det, settings.get("grid") or {})}
-    if not isinstance(det, PostHoc) or not grid:
+def tune(run, scoring) -> dict:
+    """Set the method's options to the best grid point (`set_params`, then a refit from the cached reference
+    outputs); returns {"<method>.<option>": value, ...} ({} if no grid)."""
+    det, cfg = scoring.det, scoring.cfg
+    settings = cfg.get("tune") or {}
+    if not isinstance(det, PostHoc):
+        return {}
+    grid = {**det.sweep(), **_own_grid(det, settings.get("grid") or {})}
+    if not grid:
         return {}
     val_ood, val_size = settings.get("val_ood"), int(settings.get("val_size", 1000))
     if not val_ood or val_size <= 0:
         raise OODBenchError("--tune needs tune.val_ood (a validation OOD set; its training split is used) and a "
                             "positive tune.val_size")
-    fit = det.require_fit_data()
-    train, val = fit.split()
-    options = det.cfg.setdefault(det.name, {})
-    fixed = {k: v for k, v in options.items() if k not in grid}
-    key = det.cache_key("tune", det.name, grid, fixed, val.fingerprint, val_ood, val_size)
-    saved = det.cache.load_json("tuning.json") if det.cache is not None else {}
+    train, val = run.fit_splits(cfg, det.device)
+    fixed = {k: v for k, v in det.get_params().items() if k not in grid}
+    key = cache_key(scoring.tag, "tune", det.name, grid, fixed, val.fingerprint, val_ood, val_size)
+    saved = run.cache.load_json("tuning.json")
     choice = saved.get(key)
     if not (isinstance(choice, dict) and set(choice.get("chosen", {})) == set(grid)):
-        in_name = str((det.cfg.get("data") or {}).get("in", ""))   # never a test split (data/validation.py)
-        ood = validation_ood(val_ood, in_name, val, fit.load, tuple(train.shape)).head(val_size)
-        sets = [_tensors(outputs_of(det.outputs, s, det.name), det.device) for s in (val.head(val_size), ood)]
+        ood = validation_set(val_ood, cfg, val, tuple(train.shape), det.device).head(val_size)   # never a test split
+        sets = [tensors(outputs_of(det.outputs, s, det.name, device=det.device), det.device)
+                for s in (val.head(val_size), ood)]
+        ref = reference(run, det, cfg) if det.fit_on is not None else None
         best = None
         for point in itertools.product(*grid.values()):
-            options.update(zip(grid, point))
-            det.refit()
             try:
-                id_scores, ood_scores = (det.score_fitted(out).cpu().numpy() for out in sets)
+                _refit(det, dict(zip(grid, point)), ref)
+                id_scores, ood_scores = (det.score_outputs(out).cpu().numpy() for out in sets)
             except OODBenchError:   # a point this data cannot take (e.g. knn.k above the training set size)
                 continue
             auroc = metrics.evaluate(id_scores, ood_scores)["auroc"]
@@ -57,13 +57,16 @@ def tune(det) -> dict:
         if best is None:
             raise OODBenchError(f"--tune: no grid point of {det.name} ({grid}) can be scored on this data")
         choice = {"chosen": best[1], "val_auroc": best[0], "val_ood": val_ood, "val_size": val_size}
-        if det.cache is not None:
-            det.cache.save_json("tuning.json", {**saved, key: choice})
-    options.update(choice["chosen"])
-    det.refit()
+        run.cache.save_json("tuning.json", {**saved, key: choice})
+    _refit(det, choice["chosen"], reference(run, det, cfg) if det.fit_on is not None else None)
+    scoring.cfg.setdefault(det.name, {}).update(choice["chosen"])   # the scores' cache key follows the choice
     return {f"{det.name}.{k}": v for k, v in choice["chosen"].items()}
 
 
+def _refit(det, options: dict, ref) -> None:
+    det.set_params(**options)
+    if ref is not None:
+        det.fit_reference(ref)
 def _own_grid(det, grid: dict) -> dict:
     """This method's part of `tune.grid` ({"react.percentile": [80, 90], ...} replaces the shipped values)."""
     if not isinstance(grid, dict):
@@ -88,7 +91,3 @@ def _flat(grid: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _tensors(arrays: dict, device) -> dict:
-    return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}

@@ -1,0 +1,148 @@
+"""The one evaluation path: fit → tune → score the ID test set → score each OOD set → metric rows, with the
+method's own notes (`row_notes`) and numbers (`extra_metrics`). `oodbench eval`, `oodbench.Evaluator` and the bench
+cells all go through `evaluate_method`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+from oodbench import data, metrics
+from oodbench.engine import distributed
+from oodbench.errors import OODBenchError
+from oodbench.workflow.files import check_limit
+from oodbench.workflow.tuning import tune as tune_method
+
+
+@dataclass
+class Outcome:
+    """One OOD set's result for one method: its metric rows and scores, or the error that stopped it."""
+
+    out: object
+    rows: list = field(default_factory=list)
+    scores: Optional[dict] = None
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class IdResult:
+    """The method's in-distribution side, computed once: scores, notes for the report, numbers for every row."""
+
+    scores: dict
+    notes: dict
+    extra: dict
+
+
+def set_name(spec) -> str:
+    return spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
+
+
+def metric_rows(id_scores: dict, ood_scores: dict, in_name: str, out_name: str, bootstrap: int = 0,
+                rename=lambda row: row) -> list:
+    """One metrics row per reported score row (keys not starting with "_"), with bootstrap intervals if asked."""
+    rows = []
+    for row in (k for k in id_scores if not k.startswith("_")):
+        result = {"method": rename(row), "in": in_name, "out": out_name,
+                  **metrics.evaluate(id_scores[row], ood_scores[row])}
+        if bootstrap:
+            for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
+                result[f"{name}_ci"] = [lo, hi]
+        rows.append(result)
+    return rows
+
+
+def evaluate_method(run, scoring, outs: Iterable, limit: Optional[int] = None, bootstrap: int = 0,
+                    tune: bool = False, rename=lambda row: row, accuracies: Optional[dict] = None,
+                    on_id=None) -> Iterator[Outcome]:
+    """Outcomes of one prepared method on each OOD set of `outs`. Errors while scoring the ID set raise; an error on
+    one OOD set is yielded as that set's outcome, so a caller may record it and go on (bench) or raise (eval).
+    `on_id(IdResult)` is called once the ID side is scored."""
+    det, in_name = scoring.det, run.id_name()
+    extra = {}
+    if tune:
+        tuned = tune_method(run, scoring)
+        if tuned:
+            extra["tuned"] = tuned
+    id_scores = run.score(scoring, run.in_distribution(), limit)
+    if hasattr(det, "accuracy"):   # classifiers report their ID test accuracy beside the rows (once per model)
+        accuracies = {} if accuracies is None else accuracies
+        if scoring.tag not in accuracies:
+            accuracies[scoring.tag] = det.accuracy(run.scored_set(run.in_distribution(), scoring, limit))
+        if accuracies[scoring.tag] is not None:
+            extra["id_accuracy"] = accuracies[scoring.tag]
+    if run.overlap:
+        extra["fit_overlap"] = run.overlap
+    notes = {rename(row): texts for row, texts in det.row_notes(id_scores).items()}
+    if on_id is not None:
+        on_id(IdResult(id_scores, notes, extra))
+    for out in outs:
+        try:
+            ood_scores = run.score(scoring, out, limit)
+            numbers = {**extra, **det.extra_metrics(id_scores, ood_scores)}
+            rows = [{**r, **numbers} for r in
+                    metric_rows(id_scores, ood_scores, in_name, set_name(out), bootstrap, rename)]
+        except Exception as e:  # noqa: BLE001 - handed to the caller, which raises or records it
+            yield Outcome(out, error=e)
+        else:
+            yield Outcome(out, rows, ood_scores)
+
+
+def evaluate(run, methods: Iterable, out_specs: Iterable, limit: Optional[int] = None, overrides: Iterable[str] = (),
+             device="auto", bootstrap: int = 0, tune: bool = False) -> list:
+    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run. With `tune`,
+    each method's options are first chosen on validation data and recorded in its rows. Every method, option,
+    dataset and setting is checked, and the fit/test overlap refused, before the first image is scored."""
+    methods, out_specs = list(methods), list(out_specs)
+    check_evaluation(methods, out_specs, limit, bootstrap)
+    prepared = [run.prepare(m, overrides, device) for m in methods]
+    for scoring in prepared:
+        check_dataset_options(run.kind, scoring.cfg)
+        data.decoder_for(data.decode_choice(scoring.cfg["data"].get("decode")), scoring.det.device)
+    first = prepared[0]
+    specs = [s for s in [run.in_distribution(), *out_specs] if isinstance(s, str)]
+    name_every_failure(specs, lambda spec: run.scored_set(spec, first))
+    run.check_overlap(first.cfg, first.det.device)
+    rows, accuracies = [], {}
+    for scoring in prepared:
+        for outcome in evaluate_method(run, scoring, out_specs, limit, bootstrap, tune, accuracies=accuracies):
+            if outcome.error is not None:
+                raise outcome.error
+            rows += outcome.rows
+    if distributed.is_main():
+        run.update_metrics(rows)
+    return rows
+
+
+def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:
+    if not methods:
+        raise OODBenchError("name at least one method, e.g. --method msp,energy")
+    if not out_specs:
+        raise OODBenchError("name at least one OOD dataset, e.g. --out digits,noise:gaussian")
+    name_every_failure([s for s in out_specs if isinstance(s, str)], data.check_spec)
+    check_limit(limit)
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise OODBenchError(f"--bootstrap must be a number of resamples >= 0 (0 = no intervals), got {bootstrap!r}")
+
+
+def check_dataset_options(kind: str, cfg: dict) -> None:
+    """The dataset specs named by options, checked as --out specs are; data.stream and data.decode."""
+    from oodbench import detectors
+
+    data.stream_choice((cfg.get("data") or {}).get("stream"))
+    data.decode_choice((cfg.get("data") or {}).get("decode"))
+    for key, spec in detectors.datasets_named(kind, cfg).items():
+        try:
+            data.check_spec(spec)
+        except OODBenchError as e:
+            raise OODBenchError(f"{key}: {e}") from None
+
+
+def name_every_failure(specs, check) -> None:
+    """Run `check(spec)` on every spec; one error naming each spec that failed, with its reason."""
+    failed = []
+    for spec in dict.fromkeys(specs):
+        try:
+            check(spec)
+        except OODBenchError as e:
+            failed.append(f"{spec}: {e}")
+    if failed:
+        raise OODBenchError(f"{len(failed)} dataset(s) not available; " + " | ".join(failed))
