@@ -2,7 +2,6 @@
 import torch
 import torch.nn as nn
 
-from oodbench.config import load_config
 from oodbench.detectors import get
 from oodbench.models import wrap
 
@@ -23,8 +22,7 @@ class FixedNet(nn.Module):
 
 
 def detector(name, **options):
-    det = get(name)(load_config("classifier"), "cpu")
-    det.options.update(options)
+    det = get(name)(**options)
     torch.manual_seed(0)
     det.use_model(wrap(FixedNet(torch.randn(4, 12)), mean=[0.5, 0.5, 0.5], std=[0.25] * 3))
     return det

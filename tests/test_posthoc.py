@@ -7,9 +7,8 @@ import torch.nn as nn
 from scipy.stats import spearmanr
 from sklearn.covariance import EmpiricalCovariance
 
-from oodbench.config import load_config
 from oodbench.data import ImageSet
-from oodbench.detectors import get
+from oodbench.detectors import get, method
 from oodbench.models import wrap
 
 pood = pytest.importorskip("pytorch_ood.detector", reason="pytorch-ood is in the test extra")
@@ -33,14 +32,6 @@ def images(n, seed):
     return (tint + noise).clamp(0, 255).to(torch.uint8)
 
 
-class FitData:
-    def __init__(self, train, val):
-        self.train, self.val = train, val
-
-    def split(self):
-        return self.train, self.val
-
-
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
@@ -60,16 +51,17 @@ def setup():
     y_val = torch.where(torch.arange(len(y_val)) % 3 == 0, (y_val + 2) % K, y_val)   # an interior optimal T
     assert set(y_train.tolist()) == set(range(K))
     train, val = ImageSet(x_train, y_train, "train"), ImageSet(x_val, y_val, "val")
-    return dict(model=model, fit=FitData(train, val), x=x_test, z=z_test, logits=logits_test,
+    return dict(model=model, train=train, val=val, x=x_test, z=z_test, logits=logits_test,
                 z_train=z_train, y_train=y_train, logits_val=logits_val, y_val=y_val)
 
 
+def fitted(setup, name, **options):
+    """The method as a user makes it: options in the constructor, fitted on the ID training/validation images."""
+    return method(name, **options).fit(setup["model"], setup["train"], val=setup["val"])
+
+
 def ours(setup, name, **options):
-    det = get(name)(load_config("classifier"), "cpu")
-    det.options.update(options)
-    det.use_model(setup["model"])
-    det.fit_data = setup["fit"]
-    return det.score(setup["x"])
+    return fitted(setup, name, **options).score(setup["x"])
 
 
 def head(setup):
@@ -101,19 +93,17 @@ def test_gen_is_pytorch_ood_times_m(setup, gamma, m):
 
 
 def test_tempscale_finds_the_nll_optimum_on_validation(setup):
-    det = get("tempscale")(load_config("classifier"), "cpu")
-    det.use_model(setup["model"])
-    det.fit_data = setup["fit"]
+    det = fitted(setup, "tempscale")
     scores = det.score(setup["x"])
     logits_val, y_val = setup["logits_val"].double(), setup["y_val"]
     grid = torch.logspace(-1, 1.5, 20001, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(logits_val / t, y_val) for t in grid])
-    assert det.stats == pytest.approx(grid[nll.argmin()].item(), rel=1e-3)
-    close(scores, -(setup["logits"] / det.stats).softmax(1).amax(1))
+    assert det.stats_ == pytest.approx(grid[nll.argmin()].item(), rel=1e-3)
+    close(scores, -(setup["logits"] / det.stats_).softmax(1).amax(1))
     # pytorch-ood's LBFGS (lr 0.01, 50 iterations) stops short of the optimum; it never reaches a lower NLL.
     ref = pood.TemperatureScaling(None).fit_logits(setup["logits_val"], y_val)
     nll_of = lambda t: torch.nn.functional.cross_entropy(logits_val / t, y_val).item()  # noqa: E731
-    assert nll_of(det.stats) <= nll_of(ref.t.item()) + 1e-9
+    assert nll_of(det.stats_) <= nll_of(ref.t.item()) + 1e-9
     close(ref.predict_logits(setup["logits"]).detach(), -(setup["logits"] / ref.t.item()).softmax(1).amax(1))
 
 
@@ -234,15 +224,14 @@ def test_dice_equals_pytorch_ood(setup, p):
 def test_shaping_keeps_the_top_activations(setup):
     from oodbench.detectors.shaping import AshP
 
-    det = AshP(load_config("classifier"))
-    det.options["percentile"] = 75
+    det = AshP(percentile=75)
     f = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.0, 6.0, 5.0]])
     assert torch.equal(det.shaped(f), torch.tensor([[0.0, 0, 0, 0, 0, 0, 6.0, 5.0]]))
 
 
 def test_methods_share_one_network_pass_per_set(setup):
     from oodbench.detectors.posthoc import SET_OUTPUTS
-    from oodbench.runs import score_set
+    from oodbench.workflow.scoring import score_set
 
     SET_OUTPUTS.items.clear()
     calls = []
@@ -251,10 +240,7 @@ def test_methods_share_one_network_pass_per_set(setup):
         test = ImageSet(setup["x"], None, "test")
         dets = {}
         for name in ("vim", "react", "knn", "rmds"):
-            dets[name] = get(name)(load_config("classifier"), "cpu")
-            dets[name].use_model(setup["model"])
-            dets[name].fit_data = setup["fit"]
-            dets[name].stats = dets[name].fit_outputs(dets[name].reference_outputs())   # fitted before counting
+            dets[name] = fitted(setup, name)   # fitted before counting
         calls.clear()
         scores = {name: score_set(det, test, batch_size=32)[name] for name, det in dets.items()}
         assert sum(calls) == len(test)                                  # one pass over the set for all four

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 from sklearn.covariance import EmpiricalCovariance
-from test_posthoc import FitData, close, images, ours, ranks_equal
+from test_posthoc import close, fitted, images, ours, ranks_equal
 
-from oodbench.config import load_config
 from oodbench.data import ImageSet
 from oodbench.detectors import get
 from oodbench.errors import OODBenchError
@@ -43,9 +42,9 @@ def setup():
     assert set(y_train.tolist()) == set(range(K))
     body = net.body   # the same network as consecutive pieces, for pytorch-ood's layer lists
     pieces = [body[0:3], body[3:6], body[6:9], body[9:12]]
-    fit = FitData(ImageSet(x_train, y_train, "train"), ImageSet(x_val, None, "val"))
-    return dict(model=model, net=net, pieces=pieces, tail=nn.Sequential(body[12:], net.head), fit=fit,
-                x=x_test, x_train=x_train, y_train=y_train, logits_train=logits_train)
+    train, val = ImageSet(x_train, y_train, "train"), ImageSet(x_val, None, "val")
+    return dict(model=model, net=net, pieces=pieces, tail=nn.Sequential(body[12:], net.head), train=train,
+                val=val, x=x_test, x_train=x_train, y_train=y_train, logits_train=logits_train)
 
 
 def prepared(setup, x):
@@ -124,7 +123,7 @@ def test_auto_layers_of_a_timm_resnet():
 
 
 def test_model_layers_from_the_command_line_and_their_errors():
-    from oodbench.runs import split_model_overrides
+    from oodbench.workflow import split_model_overrides
 
     options, rest = split_model_overrides(["model.layers=[layer3, layer4]", "gram.powers=[1]"])
     assert options == {"layers": ["layer3", "layer4"]} and rest == ["gram.powers=[1]"]
@@ -223,7 +222,7 @@ def test_rankfeat_equals_pytorch_ood_on_both_blocks(setup):
 
 def test_rankfeat_needs_a_resnet_like_model():
     net = build_classifier("small_cnn", 3, K, width=4).eval()
-    det = get("rankfeat")(load_config("classifier"), "cpu")
+    det = get("rankfeat")()
     det.use_model(wrap(net, mean=[0.5] * 3, std=[0.25] * 3))
     with pytest.raises(OODBenchError, match="rankfeat needs a ResNet-like model"):
         det.score(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8))
@@ -257,12 +256,9 @@ def test_per_set_outputs_are_kept_apart_by_the_options_that_shape_them(setup):
     test = ImageSet(setup["x"], None, "test")
     for name, options in [("gram", {"powers": [1, 2]}), ("gram", {"powers": [3]}),
                           ("mds_ensemble", {"noise": 0.0}), ("mds_ensemble", {"noise": 0.01})]:
-        det = get(name)(load_config("classifier"), "cpu")
-        det.options.update(options)
-        det.use_model(setup["model"])
-        det.fit_data = setup["fit"]
-        close(det.score_imageset(test, batch_size=32)[name], det.score(setup["x"]))
-    assert len(SET_OUTPUTS.items) == 4
+        det = fitted(setup, name, **options)
+        close(det.score_set(test, batch_size=32)[name], det.score(setup["x"]))
+    assert len([key for key in SET_OUTPUTS.items if key[1] == test.fingerprint]) == 4   # one per shaping option
 
 
 def test_methods_share_their_cached_maps_and_run_from_the_cli(tmp_path, capsys):

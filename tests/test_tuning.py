@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from oodbench import metrics, tuning
-from oodbench.config import load_config
+from oodbench import metrics, workflow
 from oodbench.data import ImageSet
-from oodbench.detectors import get
-from oodbench.detectors.posthoc import PostHoc
+from oodbench.detectors.posthoc import SET_OUTPUTS, PostHoc
+from oodbench.workflow import fitting, tuning
 from oodbench.errors import OODBenchError
 from oodbench.models import wrap
 from test_posthoc import SmallNet, images
@@ -19,7 +18,9 @@ from test_posthoc import SmallNet, images
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-class FitData:
+class Data:
+    """ID train/val splits and a validation OOD set; `load` stands for reading a set's training split."""
+
     def __init__(self):
         g = torch.Generator().manual_seed(5)
         self.train = ImageSet(images(300, 1), torch.randint(0, 5, (300,), generator=g), "train")
@@ -27,51 +28,59 @@ class FitData:
         self.ood = ImageSet(255 - images(120, 4), None, "ood")
         self.loaded = []
 
-    def split(self):
-        return self.train, self.val
-
     def load(self, spec, like):
         self.loaded.append(spec)
         return self.ood
 
 
-def detector(name, **options):
-    torch.manual_seed(0)
-    cfg = load_config("classifier")
-    cfg["tune"].update(val_ood="some_val_ood", val_size=100)
-    det = get(name)(cfg, "cpu")
-    det.options.update(options)
-    det.use_model(wrap(SmallNet(), mean=[0.5] * 3, std=[0.25] * 3))
-    det.fit_data = FitData()
-    return det
+@pytest.fixture
+def tuned(monkeypatch):
+    """detector(name, *overrides, in_name=...) -> (run, scoring, data): the method prepared on an in-memory run
+    whose validation OOD sets come from Data.load."""
+    made = []
+    monkeypatch.setattr(fitting, "train_split_loader", lambda cfg, device: made[-1].load)
+
+    def detector(name, *overrides, in_name="id", hook=None):
+        torch.manual_seed(0)
+        SET_OUTPUTS.items.clear()   # the same seeded model in another test would reuse its outputs
+        made.append(Data())
+        model = wrap(SmallNet(), mean=[0.5] * 3, std=[0.25] * 3)
+        run = workflow.ModelRun(model, None, fit=made[-1].train, val=made[-1].val, runs_dir=False,
+                                id_test=ImageSet(images(40, 9), None, in_name))
+        if hook is not None:   # after the one blank forward that checks the model takes the images
+            model.net.register_forward_hook(hook)
+        return run, run.prepare(name, ["tune.val_ood=some_val_ood", "tune.val_size=100", *overrides], "cpu"), \
+            made[-1]
+
+    return detector
 
 
 @pytest.mark.parametrize("name", ["react", "gen", "knn", "vim"])
-def test_tune_picks_the_best_validation_auroc_with_one_model_pass(name):
-    det = detector(name)
+def test_tune_picks_the_best_validation_auroc_with_one_model_pass(tuned, name):
     calls = []
-    det.net.register_forward_hook(lambda _m, inputs, _out: calls.append(len(inputs[0])))
-    chosen = tuning.tune(det)
-    fit = det.fit_data
-    assert fit.loaded == ["some_val_ood"]                            # FitData.load: the OOD set's *train* split
-    assert sum(calls) == 2 * 100 + (0 if det.fit_on is None else len(fit.train))   # once per set, for every point
+    run, scoring, data = tuned(name, hook=lambda _m, inputs, _out: calls.append(len(inputs[0])))
+    det = scoring.det
+    chosen = tuning.tune(run, scoring)
+    assert data.loaded == ["some_val_ood"]                           # the OOD set's *train* split
+    # the fit's pass over the training split, then once over each validation set for every grid point
+    assert sum(calls) == 2 * 100 + (0 if det.fit_on is None else len(data.train))
     brute = {}
-    for point in __import__("itertools").product(*det.sweep.values()):
-        other = detector(name, **dict(zip(det.sweep, point)))
+    for point in __import__("itertools").product(*det.sweep().values()):
+        _, other, _ = tuned(name, *[f"{name}.{k}={v}" for k, v in zip(det.sweep(), point)])
         try:
-            brute[point] = metrics.evaluate(other.score(fit.val.images[:100]).numpy(),
-                                            other.score(fit.ood.images[:100]).numpy())["auroc"]
+            brute[point] = metrics.evaluate(other.det.score(data.val.images[:100]).numpy(),
+                                            other.det.score(data.ood.images[:100]).numpy())["auroc"]
         except OODBenchError:
             continue
     best = max(brute.values())
     first_best = next(p for p, v in brute.items() if v == best)
-    assert chosen == {f"{name}.{k}": v for k, v in zip(det.sweep, first_best)}
-    assert all(det.options[k] == v for k, v in zip(det.sweep, first_best))
+    assert chosen == {f"{name}.{k}": v for k, v in zip(det.sweep(), first_best)}
+    assert all(det.options[k] == v for k, v in zip(det.sweep(), first_best))
 
 
-def test_tune_without_a_grid_changes_nothing():
-    det = detector("entropy")
-    assert tuning.tune(det) == {} and det.fit_data.loaded == []
+def test_tune_without_a_grid_changes_nothing(tuned):
+    run, scoring, data = tuned("entropy")
+    assert tuning.tune(run, scoring) == {} and data.loaded == []
 
 
 @pytest.fixture
@@ -128,33 +137,24 @@ methods:
         bench.load_bench(config)
 
 
-def test_tune_grid_replaces_the_shipped_values_and_is_checked():
-    det = detector("react")
-    det.cfg["tune"]["grid"] = {"react.percentile": [50, 99], "gen.gamma": [3]}
-    assert tuning.tune(det)["react.percentile"] in (50, 99)
-    det.cfg["tune"]["grid"] = {"react.percentile": 90}
+def test_tune_grid_replaces_the_shipped_values_and_is_checked(tuned):
+    run, scoring, _ = tuned("react", "tune.grid={react.percentile: [50, 99], gen.gamma: [3]}")
+    assert tuning.tune(run, scoring)["react.percentile"] in (50, 99)
+    run, scoring, _ = tuned("react", "tune.grid={react.percentile: 90}")
     with pytest.raises(OODBenchError, match="non-empty list"):
-        tuning.tune(det)
+        tuning.tune(run, scoring)
 
 
-def test_tune_grid_from_the_command_line_in_either_form():
-    from oodbench.config import apply_override
-
+def test_tune_grid_from_the_command_line_in_either_form(tuned):
     for item in ("tune.grid={react.percentile: [50, 99]}", "tune.grid.react.percentile=[50,99]"):
-        det = detector("react")
-        schema = load_config("classifier")
-        apply_override(det.cfg, item, schema)
-        assert tuning.tune(det)["react.percentile"] in (50, 99)
+        run, scoring, _ = tuned("react", item)
+        assert tuning.tune(run, scoring)["react.percentile"] in (50, 99)
 
 
-def test_a_validation_ood_set_derived_from_the_in_distribution_set_comes_from_its_validation_split():
-    det = detector("react")
-    det.cfg["data"]["in"] = "fashion_mnist"
-    det.cfg["tune"]["val_ood"] = "vflip:fashion_mnist"
-    fit = det.fit_data
-    chosen = tuning.tune(det)
-    assert fit.loaded == [] and set(chosen) == {"react.percentile"}    # built from fit.val, nothing loaded
-    det.cfg["tune"]["val_ood"] = "classes:0,1:fashion_mnist"
-    det.cache = None
+def test_a_validation_ood_set_derived_from_the_in_distribution_set_comes_from_its_validation_split(tuned):
+    run, scoring, data = tuned("react", "tune.val_ood=vflip:fashion_mnist", in_name="fashion_mnist")
+    chosen = tuning.tune(run, scoring)
+    assert data.loaded == [] and set(chosen) == {"react.percentile"}    # built from the val split, nothing loaded
+    run, scoring, data = tuned("react", "tune.val_ood=classes:0,1:fashion_mnist", in_name="fashion_mnist")
     with pytest.raises(OODBenchError, match="test split is never used for selection"):
-        tuning.tune(det)
+        tuning.tune(run, scoring)

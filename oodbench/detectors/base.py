@@ -27,12 +27,14 @@ from oodbench.errors import OODBenchError
 class Option:
     """One option of a post-hoc method, declared once: its default, a line of help, the values `--tune` tries
     (OpenOOD v1.5's sweep grid; empty: not tuned) and whether its value is a dataset spec (checked before any
-    work, loaded by the workflow as a validation set, never a test split). Post-hoc options are scoring options."""
+    work, loaded by the workflow as a validation set, never a test split). A value keeps the default's type unless
+    `any_type` (the method checks it itself, e.g. a number or a list). Post-hoc options are scoring options."""
 
     default: object
     help: str = ""
     grid: tuple = ()
     dataset: bool = False
+    any_type: bool = False
 
 
 class Detector:

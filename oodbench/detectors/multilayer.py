@@ -117,7 +117,7 @@ class MDSEnsemble(PostHoc):
     OPTIONS = {"noise": Option(0.0014, "input step toward the closest class, [0,1] pixel units as odin.epsilon "
                                        "(mds_ensemble.yml)"),
                "alpha": Option(1.0, "layer weights: one number for every layer, or a list (mds_ensemble.yml "
-                                    "alpha_list: [1])")}
+                                    "alpha_list: [1])", any_type=True)}
     needs_labels = True
     array_level = False
 

@@ -43,7 +43,10 @@ class PostHoc:
     needs_labels: bool = False        # fit_outputs reads ref["labels"]
     array_level: bool = True          # scores from features/logits alone (fit_features / score_features work)
 
-    def __init__(self, **options):
+    def __init__(self, *args, **options):
+        if args:
+            raise OODBenchError(f"{type(self).__name__} takes its options as keyword arguments, e.g. "
+                                f"{type(self).__name__}(k=50); got {len(args)} positional argument(s)")
         if not self.name:   # a user's own subclass, not registered: named after its class
             self.name = type(self).__name__.lower()
         self.options = self.check_options(options, defaults=True)
@@ -73,7 +76,9 @@ class PostHoc:
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 valid = ", ".join(cls.OPTIONS) or "none"
                 raise OODBenchError(f"{cls.name} has no option {key!r}.{hint} Its options: {valid}")
-            checked[key] = check_type(f"{cls.name}.{key}", value, cls.OPTIONS[key].default, cls.name)
+            option = cls.OPTIONS[key]
+            checked[key] = value if option.any_type else check_type(f"{cls.name}.{key}", value, option.default,
+                                                                    cls.name)
         return checked
 
     def get_params(self) -> dict:

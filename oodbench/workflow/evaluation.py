@@ -58,10 +58,8 @@ def evaluate_method(run, scoring, outs: Iterable, limit: Optional[int] = None, b
     `on_id(IdResult)` is called once the ID side is scored."""
     det, in_name = scoring.det, run.id_name()
     extra = {}
-    if tune:
-        tuned = tune_method(run, scoring)
-        if tuned:
-            extra["tuned"] = tuned
+    if tune:   # {} for a method without a grid: the rows say it was asked and nothing was chosen
+        extra["tuned"] = tune_method(run, scoring)
     id_scores = run.score(scoring, run.in_distribution(), limit)
     if hasattr(det, "accuracy"):   # classifiers report their ID test accuracy beside the rows (once per model)
         accuracies = {} if accuracies is None else accuracies

@@ -28,8 +28,9 @@ class ReferenceOutputs:
         self.half = bool((cfg.get("features") or {}).get("float16", False))
 
     def __call__(self, method, imageset, stem, fn, material, batch_size: int = 500) -> dict:
-        split = next((name for name, s in self.splits.items() if s is imageset), None)
-        if split is None:
+        split = next((name for name, s in self.splits.items() if s is not None and len(s) == len(imageset)
+                      and s.fingerprint == imageset.fingerprint), None)
+        if split is None or self.run.cache.folder is None:   # in memory: this process's memo
             return shared_outputs(method, imageset, stem, fn, material, batch_size)
         name = f"{split}_{stem}.npz"
         key = cache_key(self.run.tag, split, imageset.fingerprint, *material, *(["float16"] if self.half else []))

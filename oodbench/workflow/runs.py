@@ -331,7 +331,9 @@ class ModelRun(Run):
 
     @staticmethod
     def _given(obj, what: str):
-        return data.as_imageset(obj, name=what) if not isinstance(obj, str) else data.load(obj, split="test")
+        if isinstance(obj, str):
+            return data.load(obj, split="test")
+        return data.as_imageset(obj, name=getattr(obj, "name", None) or what)
 
     @property
     def trained(self) -> bool:
