@@ -203,24 +203,32 @@ def test_oe_finetuning_pushes_energies_past_the_margins(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # The detectors on the shared classifier
 from oodbench.config import load_config  # noqa: E402
+from oodbench.errors import NotFittedError  # noqa: E402
 
 
-def _detector(method, *overrides, seed=3):
-    """A fitted-looking detector: the quick config with a small CNN on 1x8x8 images, weights from a seeded toy net."""
-    from oodbench.detectors import get, trainer_for
+def _model(seed=3):
+    """The run's classifier as the workflow hands it over: a small CNN on 1x8x8 images, weights from a seeded toy
+    net, loaded through the classifier trainer."""
+    from oodbench.detectors import TRAINERS
 
-    cfg = load_config("classifier", "quick", ["model.width=8", *overrides])
-    det = get(method)(cfg, "cpu")
+    cfg = load_config("classifier", "quick", ["model.width=8"])
     net = _net("small_cnn", 1, {"width": 8}, seed=seed, num_classes=2)
-    trainer = trainer_for(type(det))(cfg, "cpu")   # the run's classifier, as Run.detector hands it over
+    trainer = TRAINERS["classifier"](cfg, "cpu")
     trainer.load_state_dict({"shape": [1, 8, 8], "num_classes": 2, "mean": [0.3], "std": [0.2],
                              "net": net.state_dict()})
-    det.use_model(trainer.model())
+    return trainer.model()
+
+
+def _detector(method, seed=3, **options):
+    from oodbench.detectors import get
+
+    det = get(method)(**options)
+    det.use_model(_model(seed))
     return det
 
 
 def test_gradnorm_detector_is_minus_the_closed_form_with_its_temperature():
-    det = _detector("gradnorm", "gradnorm.temperature=2.0")
+    det = _detector("gradnorm", temperature=2.0)
     x = _toy_sets()[0].images[:10]
     with torch.no_grad():
         h = det.net.features(det.prepare(x))
@@ -230,7 +238,8 @@ def test_gradnorm_detector_is_minus_the_closed_form_with_its_temperature():
 
 
 def test_gradlayer_rows_cover_every_weight_and_the_named_layer():
-    det = _detector("gradlayer", "gradlayer.layer=body.4.weight")
+    det = _detector("gradlayer", layer="body.4.weight")
+    det.fit(det.model)                                  # a named layer needs no data
     x = _toy_sets()[0].images[:6]
     rows = det.score_rows(x)
     names = G.weight_names(det.net)
@@ -242,82 +251,66 @@ def test_gradlayer_rows_cover_every_weight_and_the_named_layer():
 
 
 def test_gradlayer_unknown_layer_is_a_clear_error():
-    det = _detector("gradlayer", "gradlayer.layer=body.99.weight")
+    det = _detector("gradlayer", layer="body.99.weight")
     with pytest.raises(OODBenchError, match="unknown layer 'body.99.weight'.*head.weight"):
-        det.score_rows(_toy_sets()[0].images[:2])
+        det.fit(det.model)
 
 
-class FakeFitData:
-    """The workflow's FitData on fixed sets, recording what the detector asked for."""
-
-    def __init__(self, val, ood):
-        self.val, self.ood, self.asked, self.splits = val, ood, [], 0
-
-    def split(self):
-        self.splits += 1
-        return None, self.val
-
-    def load(self, spec, like):
-        self.asked.append((spec, like))
-        return self.ood
-
-
-def test_gradlayer_chooses_on_validation_train_split_and_chooses_again_for_another_pair():
-    """The layer is the best-AUROC one on (ID validation, train split of val_ood); another pair chooses again."""
-    det = _detector("gradlayer", "gradlayer.val_ood=noise:uniform", "gradlayer.val_size=40")
+def test_gradlayer_chooses_the_best_validation_auroc_layer():
+    """The layer is the best-AUROC one on (ID validation, validation OOD); without that pair, a clear error."""
+    det = _detector("gradlayer", val_ood="noise:uniform", val_size=40)
     val, noise = _toy_sets(n=40, n_out=40, seed=5)
-    det.fit_data = FakeFitData(val, noise)
-    best_row = det.layer()
-    assert det.fit_data.asked == [("noise:uniform", (1, 8, 8))]   # FitData.load gives the *train* split
+    det.fit(det.model, val=val, val_ood=noise)
     best, aurocs = G.select_layer(G.per_layer_grad_norms(det.net, det.prepare(val.images)),
                                   G.per_layer_grad_norms(det.net, det.prepare(noise.images)))
-    assert best_row == det.chosen_layer == best and det.layer_aurocs == pytest.approx(aurocs)
-    assert det.layer() == best and det.fit_data.splits == 1        # chosen once per detector
-    det.options["val_ood"] = "noise:gaussian"                      # --set gradlayer.val_ood=... at eval time
-    det.layer()
-    assert det.fit_data.asked[-1] == ("noise:gaussian", (1, 8, 8))
-    assert det.chosen_on == {"val_ood": "noise:gaussian", "val_size": 40}
-    with pytest.raises(OODBenchError, match="fits statistics on the in-distribution training split"):
-        _detector("gradlayer", "gradlayer.val_size=40").layer()     # alone, without the workflow's data
+    assert det.layer_ == best and det.layer_aurocs_ == pytest.approx(aurocs)
+    assert det.row_notes({}) == {"gradlayer": [f"layer {best} (chosen on validation vs noise:uniform)"]}
+    reloaded = _detector("gradlayer").load_state_dict(det.state_dict())       # the choice travels in the state
+    assert reloaded.layer_ == best and torch.equal(reloaded.score(val.images[:4]), det.score(val.images[:4]))
+    with pytest.raises(OODBenchError, match="validation pair"):
+        _detector("gradlayer", val_size=40).fit(det.model, val=val)            # no validation OOD set
+    with pytest.raises(NotFittedError):
+        _detector("gradlayer").score(val.images[:2])
 
 
 def test_gradlayer_on_a_set_derived_from_the_in_distribution_data_uses_its_validation_split():
     """vflip:<in> is the flipped validation split, never a (test) split loaded from disk."""
-    det = _detector("gradlayer", "data.in=fashion_mnist", "gradlayer.val_ood=vflip:fashion_mnist",
-                    "gradlayer.val_size=40")
-    val, noise = _toy_sets(n=40, n_out=40, seed=5)
-    det.fit_data = FakeFitData(val, noise)
-    det.layer()
-    assert det.fit_data.asked == []
+    from oodbench.workflow.fitting import validation_set
+
+    cfg = load_config("classifier", "quick", ["data.in=fashion_mnist"])
+    val, _ = _toy_sets(n=40, n_out=40, seed=5)
+    flipped = validation_set("vflip:fashion_mnist", cfg, val, (1, 8, 8), "cpu")
+    assert torch.equal(flipped.images, val.images.flip(-2))
+    det = _detector("gradlayer", val_size=40).fit(_model(), val=val, val_ood=flipped)
     _, aurocs = G.select_layer(G.per_layer_grad_norms(det.net, det.prepare(val.images)),
                                G.per_layer_grad_norms(det.net, det.prepare(val.images.flip(-2))))
-    assert det.layer_aurocs == pytest.approx(aurocs)
+    assert det.layer_aurocs_ == pytest.approx(aurocs)
 
 
-def test_gradlayer_choice_at_scoring_time_is_kept_in_the_run_cache(tmp_path):
-    from oodbench.runs import RunCache
+def test_gradlayer_choice_is_kept_in_the_run_cache(tmp_path, monkeypatch):
+    from oodbench import workflow
 
-    val, noise = _toy_sets(n=40, n_out=40, seed=5)
-    made = []
+    train, noise = _toy_sets(n=60, n_out=40, seed=5)
+    test, _ = _toy_sets(n=20, n_out=1, seed=9)
+    calls = []
+    real = G.per_layer_grad_norms
+    monkeypatch.setattr(G, "per_layer_grad_norms", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    def fresh(tag):
-        det = _detector("gradlayer", "gradlayer.val_size=40")
-        det.cache, det.cache_tag = RunCache(tmp_path / "cache"), tag
-        det.fit_data = FakeFitData(val, noise)
-        made.append(det.fit_data)
-        return det
+    def prepare(seed):
+        run = workflow.ModelRun(_model(seed), None, label="toy", fit=train, id_test=test, runs_dir=tmp_path)
+        return run.prepare("gradlayer", ["gradlayer.val_ood=noise:uniform", "gradlayer.val_size=30"], "cpu")
 
-    first = fresh("ckpt-a").layer()
-    assert made[0].splits == 1 and (tmp_path / "cache" / "gradlayer_choice.json").is_file()
-    assert fresh("ckpt-a").layer() == first and made[1].splits == 0    # a new process reads the choice back
-    fresh("ckpt-b").layer()                                            # another checkpoint: chosen again
-    assert made[2].splits == 1
+    first = prepare(3)
+    assert calls and list((tmp_path).glob("model-toy-*/cache/fitted/gradlayer-*.pt"))
+    calls.clear()
+    assert prepare(3).det.layer_ == first.det.layer_ and calls == []    # a new process reads the choice back
+    prepare(4)                                                           # another model: chosen again
+    assert calls
 
 
 def test_gradlayer_validation_split_is_rederived_as_training_made_it(monkeypatch):
-    """FitData re-derives the run's split from its config (data.in, data.limit, data.val_fraction, seed)."""
+    """The run's split is re-derived from its config (data.in, data.limit, data.val_fraction, seed)."""
     import oodbench.data.registry
-    from oodbench.runs import FitData
 
     cfg = load_config("classifier", "quick", ["data.in=toyset", "data.limit=50", "data.val_fraction=0.2", "seed=4"])
     train_full, noise = _toy_sets(n=60, n_out=40, seed=6)
@@ -327,7 +320,7 @@ def test_gradlayer_validation_split_is_rederived_as_training_made_it(monkeypatch
         return train_full if spec == "toyset" else noise
 
     monkeypatch.setattr(oodbench.data.registry, "load", fake_load)
-    _, val = FitData(cfg, "cpu").split()
+    _, val = oodbench.data.run_split(cfg, "cpu")
     _, expected_val = oodbench.data.train_val_split(train_full.head(50), 0.2, 4)
     assert torch.equal(val.images, expected_val.images)
 
