@@ -98,10 +98,11 @@ def _stderr(line: str) -> None:
 
 
 def check_overlap(fit, test, fit_name: Optional[str] = None, test_name: Optional[str] = None,
-                  warn: Callable[[str], None] = _stderr) -> int:
+                  warn: Callable[[str], None] = _stderr, count: Optional[int] = None) -> int:
     """The number of `test` images also in `fit`: 0 silently; below 1% of the test set with one warning line
-    (`warn`, stderr by default; once per (fit, test) fingerprint pair and process); 1% or more an OODBenchError."""
-    count = count_overlap(fit, test)
+    (`warn`, stderr by default; once per (fit, test) fingerprint pair and process); 1% or more an OODBenchError.
+    `count`: the number when the caller knows it already (e.g. the same files in two streamed sets)."""
+    count = count_overlap(fit, test) if count is None else count
     if count == 0:
         return 0
     fit_name = fit_name or getattr(fit, "name", "fit")

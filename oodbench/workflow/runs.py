@@ -8,7 +8,7 @@ the same caches, or nothing on disk at all (`path=None`: everything stays in mem
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -16,33 +16,17 @@ import numpy as np
 import torch
 
 from oodbench import config as configs
-from oodbench import data, detectors as registry
-from oodbench.data.overlap import check_overlap
+from oodbench import data, detectors as registry, locks
+from oodbench.data.overlap import check_overlap, image_hashes
 from oodbench.data.split import per_class_sample
 from oodbench.detectors.posthoc import PostHoc
-from oodbench.engine import checkpoint, setup_device
+from oodbench.engine import checkpoint, distributed, setup_device
 from oodbench.errors import OODBenchError
+from oodbench.workflow import fitting
+from oodbench.workflow.fitting import Scoring
 from oodbench.workflow.files import (check_limit, file_digest, merge_metrics, read_meta, read_npz, safe_name,
                                      save_npz, write_atomic)
-
-
-@dataclass
-class Scoring:
-    """A method ready to score on a run: the fitted method object, the run's scoring config, the cache tag of the
-    model it scores, and the method's name in the run (its row prefix and score folder)."""
-
-    det: object
-    cfg: dict
-    tag: str
-    name: str
-
-    @property
-    def posthoc(self) -> bool:
-        return isinstance(self.det, PostHoc)
-
-    @property
-    def options(self) -> dict:
-        return self.det.get_params() if self.posthoc else self.det.options
+from oodbench.workflow.scoring import score_cached
 
 
 class RunCache:
@@ -56,8 +40,6 @@ class RunCache:
         return None if self.folder is None else read_npz(self.folder / name, "key", key)
 
     def save_npz(self, name: str, key: str, arrays: dict) -> None:
-        from oodbench.engine import distributed
-
         if self.folder is not None and distributed.is_main():
             save_npz(self.folder / name, {**arrays, "key": np.array(key)})
 
@@ -70,8 +52,6 @@ class RunCache:
         return value if isinstance(value, dict) else {}
 
     def save_json(self, name: str, value: dict) -> None:
-        from oodbench.engine import distributed
-
         if self.folder is not None and distributed.is_main():
             write_atomic(self.folder / name, json.dumps(value, indent=2))
 
@@ -85,8 +65,6 @@ class RunCache:
             return None   # damaged: refitted
 
     def save_state(self, name: str, key: str, state: dict) -> None:
-        from oodbench.engine import distributed
-
         if self.folder is not None and distributed.is_main():
             checkpoint.save_atomic(state, self.folder / "fitted" / f"{name}-{key}.pt")
 
@@ -147,8 +125,6 @@ class Run:
     # -- methods --------------------------------------------------------------------------------------------------
     def prepare(self, method, overrides: Iterable[str] = (), device="auto", seed: Optional[int] = None) -> Scoring:
         """`method` (a registered name or a post-hoc method object) fitted and ready to score this run."""
-        from oodbench.workflow import fitting
-
         device = setup_device(device)
         cfg = self.scoring_config(overrides)
         if isinstance(method, str):
@@ -226,8 +202,17 @@ class Run:
         if self.overlap is None:
             train, val = self.fit_splits(cfg, device)
             test = self.scored_set(self.in_distribution(), cfg, device=device)
-            fitted = train if val is None or len(val) == 0 else _joined(train, val)
-            self.overlap = check_overlap(fitted, test, "fit set", f"in-distribution test set {self.id_name()}")
+            parts = [s for s in (train, val) if s is not None and len(s)]
+            if all(hasattr(s, "paths") for s in [*parts, test]):   # streamed files: the same file, the same image
+                paths = {p for s in parts for p in s.paths}
+                count = sum(p in paths for p in test.paths)
+            elif parts and tuple(test.shape) == tuple(parts[0].shape):
+                fitted = np.concatenate([image_hashes(s) for s in parts])
+                count = int(np.isin(image_hashes(test), fitted).sum())
+            else:
+                count = 0   # the model fits on images of another shape than it is tested on: none can be the same
+            self.overlap = check_overlap(parts[0] if parts else test, test, "fit set",
+                                         f"in-distribution test set {self.id_name()}", count=count)
         return self.overlap
 
     def id_name(self) -> str:
@@ -236,8 +221,6 @@ class Run:
     # -- scores and metrics ---------------------------------------------------------------------------------------
     def score(self, scoring: Scoring, spec, limit: Optional[int] = None, batch_size: int = 256) -> dict:
         """Scores of a prepared method on dataset `spec` ({row: (N,) array, '_extra': array}), cached in scores/."""
-        from oodbench.workflow.scoring import score_cached
-
         return score_cached(self, scoring, spec, limit, batch_size)
 
     def score_path(self, scoring: Scoring, spec) -> Optional[Path]:
@@ -245,17 +228,8 @@ class Run:
 
     def update_metrics(self, rows: list) -> None:
         """Merge rows into metrics.json / metrics.csv (under the run's lock: concurrent evaluations keep all rows)."""
-        from oodbench import locks
-
         with locks.FileLock(self.path.with_name(f".{self.path.name}.metrics.lock")):
             merge_metrics(self.path, rows)
-
-
-def _joined(a, b):
-    """Two in-memory sets as one (for the overlap check); streamed sets are checked part by part."""
-    if hasattr(a, "images") and hasattr(b, "images") and a.images.shape[1:] == b.images.shape[1:]:
-        return data.ImageSet(torch.cat([a.images, b.images.to(a.images.device)]), None, f"{a.name}+val")
-    return a
 
 
 def check_model_takes(model, shape, in_spec: str) -> None:
@@ -278,8 +252,6 @@ def check_model_takes(model, shape, in_spec: str) -> None:
 
 
 def runs_root(runs_dir=None) -> Path:
-    import os
-
     return Path(runs_dir or os.environ.get("OODBENCH_RUNS", "runs"))
 
 
