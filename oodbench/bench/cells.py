@@ -20,6 +20,7 @@ import numpy as np
 
 from oodbench import workflow
 from oodbench.bench.plan import Bench, Entry, renamer
+from oodbench.engine import setup_device
 from oodbench.errors import OODBenchError
 
 NOT_COMPUTED = "not computed yet (--report-only shows finished cells only; run the bench without it)"
@@ -148,8 +149,8 @@ def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, fol
     if not todo:
         return
     try:
+        run.check_overlap(run.scoring_config(entry.score_overrides), setup_device(device))
         scoring = run.prepare(entry.method, entry.score_overrides, device)
-        run.check_overlap(scoring.cfg, scoring.det.device)
         found = {}
 
         def keep_id(result):

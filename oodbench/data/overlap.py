@@ -108,7 +108,7 @@ def check_overlap(fit, test, fit_name: Optional[str] = None, test_name: Optional
     fit_name = fit_name or getattr(fit, "name", "fit")
     test_name = test_name or getattr(test, "name", "test")
     n = len(test)
-    share = f"{100 * count / n:.2g}%"
+    share = f"{100 * count / n:.3g}%"
     if count >= MAX_FRACTION * n:
         raise OODBenchError(
             f"{count} of {n} in-distribution test images ({share}, {test_name!r}) are also in the fit set "

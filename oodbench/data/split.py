@@ -24,12 +24,13 @@ def train_val_split(imageset: ImageSet, val_fraction: float, seed: int) -> tuple
 
 
 def run_split(cfg: dict, device="cpu") -> tuple[ImageSet, ImageSet]:
-    """(train, val) of a run, from its resolved config: `data.in` training split, first `data.limit` images,
+    """(train, val) of a run, from its resolved config: the training split of `data.fit` (a model's own fit set,
+    `--fit-data`) or of `data.in`, first `data.limit` images,
     `data.val_fraction` held out by `seed`. The same call at training and at scoring time gives the same sets."""
     from oodbench.data.registry import load
 
     d = cfg["data"]
-    full = load(d["in"], split="train", root=d.get("root"), device=device, stream=d.get("stream"),
+    full = load(d.get("fit") or d["in"], split="train", root=d.get("root"), device=device, stream=d.get("stream"),
                 decode_to=d.get("decode_to"), crop_resize=d.get("crop_resize"), decode=d.get("decode"))
     if d.get("sample") == "per_class":   # --fit-limit: a seeded, class-balanced subset
         full = per_class_sample(full, d.get("limit"), cfg["seed"])

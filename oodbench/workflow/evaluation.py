@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 from oodbench import data, metrics
-from oodbench.engine import distributed
+from oodbench.engine import distributed, setup_device
 from oodbench.errors import OODBenchError
 from oodbench.workflow.files import check_limit
 from oodbench.workflow.tuning import tune as tune_method
@@ -91,14 +91,11 @@ def evaluate(run, methods: Iterable, out_specs: Iterable, limit: Optional[int] =
     dataset and setting is checked, and the fit/test overlap refused, before the first image is scored."""
     methods, out_specs = list(methods), list(out_specs)
     check_evaluation(methods, out_specs, limit, bootstrap)
+    device = setup_device(device)
+    check_run(run, run.scoring_config(overrides), device, [run.in_distribution(), *out_specs])
     prepared = [run.prepare(m, overrides, device) for m in methods]
     for scoring in prepared:
         check_dataset_options(run.kind, scoring.cfg)
-        data.decoder_for(data.decode_choice(scoring.cfg["data"].get("decode")), scoring.det.device)
-    first = prepared[0]
-    specs = [s for s in [run.in_distribution(), *out_specs] if isinstance(s, str)]
-    name_every_failure(specs, lambda spec: run.scored_set(spec, first))
-    run.check_overlap(first.cfg, first.det.device)
     rows, accuracies = [], {}
     for scoring in prepared:
         for outcome in evaluate_method(run, scoring, out_specs, limit, bootstrap, tune, accuracies=accuracies):
@@ -108,6 +105,15 @@ def evaluate(run, methods: Iterable, out_specs: Iterable, limit: Optional[int] =
     if distributed.is_main():
         run.update_metrics(rows)
     return rows
+
+
+def check_run(run, cfg: dict, device, specs: list) -> None:
+    """Before anything is fitted, scored or written: the scoring settings, every set (loaded as the methods will
+    score it), and no fit/test overlap."""
+    check_dataset_options(run.kind, cfg)
+    data.decoder_for(data.decode_choice(cfg["data"].get("decode")), device)   # decode=gpu needs a usable GPU
+    name_every_failure([s for s in specs if isinstance(s, str)], lambda spec: run.scored_set(spec, cfg, device=device))
+    run.check_overlap(cfg, device)
 
 
 def check_evaluation(methods: list, out_specs: list, limit, bootstrap) -> None:

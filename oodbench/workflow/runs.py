@@ -211,8 +211,8 @@ class Run:
                 count = int(np.isin(image_hashes(test), fitted).sum())
             else:
                 count = 0   # the model fits on images of another shape than it is tested on: none can be the same
-            self.overlap = check_overlap(parts[0] if parts else test, test, "fit set",
-                                         f"in-distribution test set {self.id_name()}", count=count)
+            fit_name = cfg["data"].get("fit") or f"{self.id_name()} (training split)"
+            self.overlap = check_overlap(parts[0] if parts else test, test, fit_name, self.id_name(), count=count)
         return self.overlap
 
     def id_name(self) -> str:
