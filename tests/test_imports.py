@@ -39,9 +39,8 @@ LAYERS = {
     "oodbench.models": 2,
     # L3: the detectors
     "oodbench.detectors.*": 3,
-    # L4: the workflow (runs on disk, tuning)
-    "oodbench.runs": 4,
-    "oodbench.tuning": 4,
+    # L4: the workflow (run folders, fitting, tuning, scoring, evaluation, training; oodbench.runs and
+    # oodbench.tuning moved in here)
     "oodbench.workflow.*": 4,
     # L5: the user-facing entry points
     "oodbench": 5,               # the package __init__ (lazily exposes api / models)
@@ -244,13 +243,13 @@ def test_known_to_fix_edges_still_exist():
 def test_the_resolver_follows_the_rules():
     """`from pkg import module` is the submodule; `from pkg import name` is the package; no parent edges."""
     node = ast.parse("from oodbench.engine import checkpoint, Engine").body[0]
-    assert imported_modules(node, "oodbench.runs") == ["oodbench.engine.checkpoint", "oodbench.engine"]
+    assert imported_modules(node, "oodbench.workflow.runs") == ["oodbench.engine.checkpoint", "oodbench.engine"]
     node = ast.parse("import oodbench.data.transforms").body[0]
-    assert imported_modules(node, "oodbench.runs") == ["oodbench.data.transforms"]
+    assert imported_modules(node, "oodbench.workflow.runs") == ["oodbench.data.transforms"]
     node = ast.parse("from .base import Detector").body[0]
     assert imported_modules(node, "oodbench.detectors.llr") == ["oodbench.detectors.base"]
     node = ast.parse("from . import base").body[0]
     assert imported_modules(node, "oodbench.detectors") == ["oodbench.detectors.base"]
     node = ast.parse("import numpy, torch.nn").body[0]
-    assert imported_modules(node, "oodbench.runs") == []
+    assert imported_modules(node, "oodbench.workflow.runs") == []
     assert layer_of("oodbench") == 5 and layer_of("oodbench.detectors") == 3 and layer_of("oodbench.workflow.x") == 4

@@ -280,19 +280,19 @@ def test_fit_trains_fg_and_grid_selects_on_validation_pair_and_keeps_table(tmp_p
 
 
 def test_train_writes_the_selection_table_into_the_run_folder(tmp_path):
-    """The workflow (runs.train) writes a detector's `artifacts()` next to detector.pt, on the main rank."""
-    from oodbench import runs
+    """The workflow (workflow.train) writes a detector's `artifacts()` next to detector.pt, on the main rank."""
+    from oodbench import workflow
 
     overrides = ["data.limit=60", "model.num_filters=2", "model.num_resnet=1", "train.steps=2",
                  "train.batch_size=8", "train.eval_every=1000", "train.ckpt_every=1000", "llr.val_ood=vflip:{in}",
                  "llr.mutation_rates=[0.1,0.3]", "llr.reg_weights=[0]", "llr.eval_batch_size=32"]
-    run = runs.train("llr", "digits", overrides=overrides, runs_dir=str(tmp_path), device="cpu")
+    run = workflow.train("llr", "digits", overrides=overrides, runs_dir=str(tmp_path), device="cpu")
     table = json.loads((run.path / "llr_selection.json").read_text())
     assert [(r["mutation_rate"], r["reg_weight"]) for r in table["table"]] == [(0.1, 0.0), (0.3, 0.0)]
     assert table["val_ood"] == "vflip:digits"
     csv_lines = (run.path / "llr_selection.csv").read_text().splitlines()
     assert csv_lines[0] == "mutation_rate,reg_weight,val_auroc,selected" and len(csv_lines) == 3
-    assert table == json.loads(run.detector("llr", device="cpu").artifacts()["llr_selection.json"])
+    assert table == json.loads(run.prepare("llr", device="cpu").det.artifacts()["llr_selection.json"])
 
 
 def test_validation_ood_derived_from_the_in_distribution_set_is_its_validation_split(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torchvision
 
 import oodbench
-from oodbench import models, runs
+from oodbench import models
+from oodbench.workflow import runs
 from oodbench.errors import OODBenchError
 
 FIXTURE_RUN = Path(__file__).parent / "fixtures" / "tiny_run"
@@ -98,12 +99,13 @@ def test_openood_layout_state_dict_loads_and_gives_the_same_logits(tmp_path):
 def test_run_spec_gives_the_runs_own_classifier(tmp_path):
     folder = tmp_path / "classifier-fashion_mnist-s0"
     shutil.copytree(FIXTURE_RUN, folder)
-    det = runs.Run(folder).detector("msp", device="cpu")
+    own = runs.Run(folder).model("cpu")   # the classifier the run's methods score, built by the workflow
     for spec in (f"run:{folder}", str(folder)):
         model = oodbench.load_model(spec)
         x = uint8((5, 1, 28, 28), seed=4)
-        torch.testing.assert_close(model.logits(x), det.logits(x))
-        torch.testing.assert_close(model.features(x), det.net.features(det.prepare(x)))
+        torch.testing.assert_close(model.logits(x), own.logits(x))
+        torch.testing.assert_close(model.features(x), own.net.features(own.prepare(x)))
+        assert model.mean == own.mean and model.std == own.std
         assert model.head is model.net.head
 
 

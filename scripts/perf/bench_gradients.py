@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
+from pathlib import Path
 
 import torch
 
-from oodbench.detectors.gradients import (auto_micro_batch, gradnorm_openood, gradnorm_per_sample, gradnorm_scores,
-                                         layer_norms_per_sample, memory_budget_mb, per_layer_grad_norms,
-                                         weight_names)
-from oodbench.engine import resolve_device
-from oodbench.nets.classifiers import build_classifier
-from timing import timed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root: tests.references
+
+from oodbench.detectors.gradients import (auto_micro_batch, gradnorm_scores, memory_budget_mb,  # noqa: E402
+                                         per_layer_grad_norms, weight_names)
+from oodbench.engine import resolve_device  # noqa: E402
+from oodbench.nets.classifiers import build_classifier  # noqa: E402
+from tests.references import gradnorm_openood, gradnorm_per_sample, layer_norms_per_sample  # noqa: E402
+from timing import timed  # noqa: E402
 
 
 def gradnorm_closed(net, x, batch, temperature):

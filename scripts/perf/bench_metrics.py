@@ -8,11 +8,16 @@ Scores are rounded to 4 decimals so there are ties, as real detector scores (e.g
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from oodbench.metrics import METRIC_NAMES, evaluate, sklearn_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root: tests.references
+
+from oodbench.metrics import METRIC_NAMES, evaluate  # noqa: E402
+from tests.references import sklearn_reference  # noqa: E402
 
 
 def best_time(fn, repeats):
