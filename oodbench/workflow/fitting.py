@@ -5,13 +5,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from oodbench import data
 from oodbench.data.validation import validation_ood
-from oodbench.detectors.posthoc import outputs_of, shared_outputs
+from oodbench.detectors.posthoc import PostHoc, outputs_of, shared_outputs
+
+
+@dataclass
+class Scoring:
+    """A method ready to score on a run: the fitted method object, the run's scoring config, the cache tag of the
+    model it scores, and the method's name in the run (its row prefix and score folder)."""
+
+    det: object
+    cfg: dict
+    tag: str
+    name: str
+
+    @property
+    def posthoc(self) -> bool:
+        return isinstance(self.det, PostHoc)
+
+    @property
+    def options(self) -> dict:
+        return self.det.get_params() if self.posthoc else self.det.options
 
 
 def cache_key(*material) -> str:
@@ -67,8 +87,6 @@ def validation_sets(run, det, cfg: dict, val, like) -> dict:
 
 def fit(run, det, cfg: dict, device):
     """`det` fitted on the run's fit splits and bound to its model; returns the run's `Scoring` of it."""
-    from oodbench.workflow.runs import Scoring
-
     model = run.model(device)
     det.use_model(model)
     name = det.name or type(det).__name__.lower()
