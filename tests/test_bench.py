@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from oodbench import bench, protocols, runs
+from oodbench import bench, protocols
+from oodbench import workflow as runs
 from oodbench.detectors import REGISTRY, get
 from oodbench.errors import OODBenchError
 from oodbench.metrics import METRIC_NAMES
@@ -258,24 +259,28 @@ def test_caveats_are_noted_beside_their_rows(tmp_path):
     assert "- A note `below chance on SET AUROC` marks a row that ranks that OOD set as more in-distribution" in text
 
 
-class FakeDetector:
-    def __init__(self, **options):
-        self.options = options
-
-
 def test_row_notes_name_the_gradlayer_layer_and_ddpm_without_lpips():
-    a, b = np.arange(4.0), np.arange(4.0)[::-1].copy()
-    entry = bench.Entry("gradlayer", "gradlayer", "quick", [], [], None)
-    scores = {"gradlayer/body.0": a, "gradlayer/fc": b, "gradlayer": b.copy()}
-    assert bench.row_notes(entry, FakeDetector(layer="auto", val_ood="glyphs"), scores) == {
-        "gradlayer": ["layer fc (chosen on validation vs glyphs)"]}
-    assert bench.row_notes(entry, FakeDetector(layer="fc"), scores) == {"gradlayer": ["layer fc (gradlayer.layer)"]}
-    ddpm = bench.Entry("ddpm", "ddpm", "quick", [], [], None)
+    from oodbench.config import load_config
+    from oodbench.detectors import get
+
+    gradlayer = get("gradlayer")(val_ood="glyphs")
+    gradlayer.layer_ = "fc"
+    assert gradlayer.row_notes({}) == {"gradlayer": ["layer fc (chosen on validation vs glyphs)"]}
+    named = get("gradlayer")(layer="fc")
+    named.layer_ = "fc"
+    assert named.row_notes({}) == {"gradlayer": ["layer fc (gradlayer.layer)"]}
+    a = np.arange(4.0)
     mse_only = {"ddpm-mse": a, "_mse": a, "_t": a}
-    assert list(bench.row_notes(ddpm, FakeDetector(metrics="auto"), mse_only)) == ["ddpm-mse"]
-    assert "LPIPS" in bench.row_notes(ddpm, FakeDetector(), mse_only)["ddpm-mse"][0]
-    assert bench.row_notes(ddpm, FakeDetector(), {**mse_only, "ddpm-mse+lpips": a, "_lpips": a}) == {}
-    assert bench.row_notes(ddpm, FakeDetector(metrics=["mse"]), mse_only) == {}   # asked for MSE only: no caveat
+
+    def ddpm(**options):
+        cfg = load_config("ddpm")
+        cfg["ddpm"].update(options)
+        return get("ddpm")(cfg, "cpu")
+
+    assert list(ddpm(metrics="auto").row_notes(mse_only)) == ["ddpm-mse"]
+    assert "LPIPS" in ddpm().row_notes(mse_only)["ddpm-mse"][0]
+    assert ddpm().row_notes({**mse_only, "ddpm-mse+lpips": a, "_lpips": a}) == {}
+    assert ddpm(metrics=["mse"]).row_notes(mse_only) == {}   # asked for MSE only: no caveat
 
 
 def test_plots_tell_curves_apart_and_show_the_full_auroc_range(tmp_path, monkeypatch):

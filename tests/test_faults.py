@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from oodbench import config as configs
-from oodbench import runs
+from oodbench import workflow as runs
 from oodbench.cli import main
 from oodbench.engine import Engine, TrainSpec
 from oodbench.engine import checkpoint as ckpt

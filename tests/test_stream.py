@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from oodbench import data, runs
+from oodbench import data
+from oodbench import workflow as runs
 from oodbench.data.stream import StreamedImageSet
 from oodbench.errors import OODBenchError
 
@@ -203,10 +204,12 @@ def test_reference_features_can_be_cached_in_float16(tmp_path):
     folder = tmp_path / "classifier-fashion_mnist-s0"
     shutil.copytree(Path(__file__).parent / "fixtures" / "tiny_run", folder)
     run = runs.Run(folder)
-    full = run.detector("knn", device="cpu").reference_outputs("train")
-    half = run.detector("knn", ["features.float16=true"], device="cpu").reference_outputs("train")
+    from oodbench.workflow import fitting
+
+    full, half = (fitting.reference(run, s.det, s.cfg) for s in
+                  (run.prepare("knn", device="cpu"), run.prepare("knn", ["features.float16=true"], device="cpu")))
     with np.load(folder / "cache" / "train_outputs.npz") as f:
-        assert f["features"].dtype == np.float16 and f["labels"].dtype == np.int64
+        assert f["features"].dtype == np.float16 and half["labels"].dtype == torch.int64
     assert half["features"].dtype == torch.float32
     torch.testing.assert_close(half["features"], full["features"], rtol=1e-3, atol=1e-3)
 

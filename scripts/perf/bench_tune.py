@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import oodbench
-from oodbench import runs
+from oodbench import workflow as runs
 from oodbench.detectors.posthoc import SET_OUTPUTS
 
 GRID = "tune.grid={react.percentile: [50, 60, 70, 80, 85, 90, 95, 97, 99, 99.9]}"
