@@ -41,27 +41,31 @@ def test_eval_separates_noise_and_writes_json_csv(runs_dir, capsys):
 def test_training_features_are_cached_in_the_run(runs_dir, monkeypatch):
     import numpy as np
 
-    from oodbench import runs
+    from oodbench import workflow
     from oodbench.detectors.posthoc import PostHoc
+    from oodbench.workflow import fitting
 
-    run = runs.Run(runs_dir / "classifier-fashion_mnist-s0")
+    run = workflow.Run(runs_dir / "classifier-fashion_mnist-s0")
     calls = []
     real = PostHoc.outputs
     monkeypatch.setattr(PostHoc, "outputs", lambda self, x: calls.append(len(x)) or real(self, x))
     (run.path / "cache" / "train_outputs.npz").unlink(missing_ok=True)
-    ref = run.detector("mahalanobis", device="cpu").reference_outputs("train")
+    scoring = run.prepare("mahalanobis", device="cpu")          # fitting makes the reference pass once
+    ref = fitting.reference(run, scoring.det, scoring.cfg)      # ... and the cache gives it back
     n = len(ref["labels"])
     assert sum(calls) == n == len(ref["features"]) == len(ref["logits"]) > 0
     assert (run.path / "cache" / "train_outputs.npz").is_file()
     calls.clear()
-    again = run.detector("vim", device="cpu").reference_outputs("train")   # another method, as a new process would
+    other = workflow.Run(run.path)                                # another method, as a new process would
+    vim = other.prepare("vim", device="cpu")
+    again = fitting.reference(other, vim.det, vim.cfg)
     assert calls == [] and all(torch.equal(again[k], ref[k]) for k in ref)
-    retrained = run.detector("knn", device="cpu")
+    retrained = workflow.Run(run.path)
     assert retrained.cache.load_npz("train_outputs.npz", "not the key") is None
-    retrained.cache_tag = "another checkpoint"
-    retrained.reference_outputs("train")
+    retrained._tag = "another checkpoint"                         # the cache tag of another detector file
+    knn = retrained.prepare("knn", device="cpu")
     assert sum(calls) == n                                                  # stale cache: recomputed
-    assert np.isfinite(retrained.score(run.load_set("digits", limit=8).images).numpy()).all()
+    assert np.isfinite(knn.det.score(retrained.load_set("digits", limit=8).images).numpy()).all()
 
 
 def test_score_writes_scores_and_cache_is_reused(runs_dir, capsys):
@@ -103,7 +107,7 @@ def test_nan_scores_and_train_settings_at_eval_are_errors(runs_dir, capsys, monk
     before = (run / "metrics.json").read_bytes() if (run / "metrics.json").exists() else None
     from oodbench.detectors.classifier import MSP
 
-    monkeypatch.setattr(MSP, "score", lambda self, x: torch.full((len(x),), float("nan")))
+    monkeypatch.setattr(MSP, "score_logits", lambda self, logits: torch.full((len(logits),), float("nan")))
     assert main(["eval", "--method", "msp", "--run", str(run), "--out", "digits", "--limit", "50"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("oodbench: error")]

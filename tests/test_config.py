@@ -1,6 +1,7 @@
 """Config loading: presets, overrides, unknown keys with suggestions, types."""
 import pytest
 
+from oodbench import detectors
 from oodbench.config import load_config
 from oodbench.errors import OODBenchError
 
@@ -8,7 +9,8 @@ from oodbench.errors import OODBenchError
 def test_defaults_preset_and_overrides():
     cfg = load_config("classifier")
     assert cfg["model"]["arch"] == "resnet18" and "presets" not in cfg
-    quick = load_config("classifier", "quick", ["train.steps=7", "odin.temperature=10", "train.milestones=[1,2]"])
+    quick = load_config("classifier", "quick", ["train.steps=7", "odin.temperature=10", "train.milestones=[1,2]"],
+                        sections=detectors.option_sections("classifier"))   # method options: declared in classes
     assert quick["model"]["arch"] == "small_cnn"
     assert quick["train"]["steps"] == 7 and quick["odin"]["temperature"] == 10.0
     assert isinstance(quick["odin"]["temperature"], float) and quick["train"]["milestones"] == [1, 2]
@@ -39,7 +41,7 @@ def test_override_with_invalid_yaml_is_a_one_line_error():
         with pytest.raises(OODBenchError, match="not a valid YAML value") as info:
             load_config("classifier", None, [bad])
         assert "\n" not in str(info.value)
-    from oodbench.runs import split_model_overrides
+    from oodbench.workflow import split_model_overrides
 
     with pytest.raises(OODBenchError, match="not a valid YAML value"):
         split_model_overrides(["model.std={1"])
