@@ -250,25 +250,15 @@ def test_pool_is_seeded_and_score_option_selects_row(fitted):
     torch.testing.assert_close(erows["amp-xent"], rows["amp"])
 
 
-class FitSplit:
-    """The workflow's fit data (runs.FitData) reduced to what AMP reads: the training split."""
-
-    def __init__(self, train):
-        self.train = train
-
-    def split(self):
-        return self.train, None
-
-
 def _fresh(det, data, mode, k=3):
     other = amp.AMP(amp_cfg(k=k, anchors=mode), "cpu")
     other.load_state_dict(det.state_dict())
-    other.fit_data = FitSplit(data.subset(slice(0, 500)))
+    other.use_training_images(data.subset(slice(0, 500)))   # as the workflow hands it over
     return other
 
 
 def _which_training_images(det, anchors):
-    train = det.fit_data.train.images
+    train = det.training_images.images
     flat = det._normalise(train).flatten(1)
     dist = torch.cdist(anchors.reshape(-1, flat.shape[1]), flat, compute_mode="donot_use_mm_for_euclid_dist")
     assert dist.min(1).values.max() < 1e-4          # every anchor is a (normalised) training image
@@ -297,7 +287,7 @@ def test_fresh_anchors_per_batch_are_seeded_training_images(fitted, mode):
     torch.testing.assert_close(rows["amp"], amp.ood_scores(amp.calibrate(logits)[0])["xent"])
     seeded = amp.AMP({**amp_cfg(k=3, anchors=mode), "seed": 1}, "cpu")
     seeded.load_state_dict(det.state_dict())
-    seeded.fit_data = fresh.fit_data
+    seeded.use_training_images(fresh.training_images)
     assert not torch.equal(seeded.anchors_for(x), a)              # the run's seed is part of the draw
 
 
