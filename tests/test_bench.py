@@ -1,4 +1,4 @@
-"""`oodbench bench`: report numbers equal `runs.evaluate` on the same runs; failing cells are reported and the rest
+"""`oodbench bench`: report numbers equal `workflow.evaluate` on the same runs; failing cells are reported and the rest
 completes; missing data is skipped; re-running reuses the cell cache and the runs' score caches."""
 import json
 
@@ -39,7 +39,7 @@ def boom_class():
     msp = get("msp")
 
     class Boom(msp):
-        def score_rows(self, x):
+        def score_logits(self, logits):   # post-hoc methods score through score_set -> score_outputs
             raise RuntimeError("boom: scoring exploded")
 
     Boom.name = "boom"
@@ -122,12 +122,12 @@ def test_rerun_reuses_cells_and_score_caches(grid, monkeypatch):
     mtimes = [p.stat().st_mtime_ns for p in detector_files]
     calls = []
 
-    def no_scoring(self, x):
+    def no_scoring(self, logits):
         calls.append(type(self).__name__)
         raise AssertionError("scored again although the scores are cached")
 
     for name in ("msp", "energy"):
-        monkeypatch.setattr(get(name), "score_rows", no_scoring)
+        monkeypatch.setattr(get(name), "score_logits", no_scoring)
     monkeypatch.setitem(REGISTRY, "boom", boom_class())
     monkeypatch.setenv("OODBENCH_PROGRESS", "0")
     kw = dict(runs_dir=grid["runs"], device="cpu", out=report)
@@ -165,7 +165,7 @@ def test_changed_scoring_options_of_a_run_make_its_cells_stale(grid, monkeypatch
     shutil.copytree(grid["report"], report)
     real_config = runs.Run.scoring_config
 
-    def hotter(self, overrides):
+    def hotter(self, overrides=()):
         cfg = real_config(self, overrides)
         cfg["energy"]["temperature"] = 3.0
         return cfg
@@ -173,8 +173,9 @@ def test_changed_scoring_options_of_a_run_make_its_cells_stale(grid, monkeypatch
     monkeypatch.setattr(runs.Run, "scoring_config", hotter)
     scored = []
     for name in ("msp", "energy"):
-        real_rows = get(name).score_rows
-        monkeypatch.setattr(get(name), "score_rows", lambda self, x, f=real_rows: scored.append(self.name) or f(self, x))
+        real_rows = get(name).score_logits
+        monkeypatch.setattr(get(name), "score_logits",
+                            lambda self, x, f=real_rows: scored.append(self.name) or f(self, x))
     monkeypatch.setitem(REGISTRY, "boom", boom_class())
     monkeypatch.setenv("OODBENCH_PROGRESS", "0")
     bench.run_bench(grid["config"], runs_dir=grid["runs"], device="cpu", out=report)
