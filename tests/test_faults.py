@@ -111,8 +111,8 @@ def test_unlabelled_folder_as_in_writes_nothing_and_the_fixed_command_runs(tmp_p
 def test_bad_eval_input_fails_before_anything_is_scored(trained, extra, message, capsys, monkeypatch):
     scored = []
     real = runs.Run.score
-    monkeypatch.setattr(runs.Run, "score", lambda self, method, spec, *a, **k: scored.append(spec) or
-                        real(self, method, spec, *a, **k))
+    monkeypatch.setattr(runs.Run, "score", lambda self, scoring, spec, *a, **k: scored.append(spec) or
+                        real(self, scoring, spec, *a, **k))
     args = eval_args(trained)
     for flag in ("--out", "--method"):   # a later flag replaces the default one
         if flag in extra:
@@ -130,9 +130,15 @@ def test_bad_score_input_fails_before_anything_is_scored(trained, capsys):
 
 
 def test_every_option_has_one_phase_and_training_options_are_refused_at_eval(tmp_path):
-    assert configs.is_training_option("llr.reg_weights") and configs.is_training_option("oe.outliers")
-    assert configs.is_training_option("train.lr") and not configs.is_training_option("energy.temperature")
-    assert not configs.is_training_option("trainer") and not configs.is_training_option("gradlayer.val_ood")
+    from oodbench import detectors
+
+    # a kind's own training keys come from its trainers (detectors.is_training), the shared sections from config
+    assert detectors.is_training("llr", "llr.reg_weights") and detectors.is_training("classifier", "oe.outliers")
+    assert configs.is_training_option("llr.reg_weights", detectors.training_keys("llr"))
+    assert not configs.is_training_option("llr.reg_weights")
+    assert configs.is_training_option("train.lr") and not detectors.is_training("classifier", "energy.temperature")
+    assert not detectors.is_training("classifier", "trainer")
+    assert not detectors.is_training("classifier", "gradlayer.val_ood")
     run_dir = tmp_path / "llr-digits-s0"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(configs.dump(configs.load_config("llr")))
@@ -235,7 +241,7 @@ def test_truncated_metrics_file_still_prints_results_and_is_rewritten(run_copy, 
 def test_nan_scores_are_never_saved_or_reported(run_copy, capsys, monkeypatch):
     from oodbench.detectors.classifier import Energy
 
-    monkeypatch.setattr(Energy, "score", lambda self, x: torch.full((len(x),), float("nan")))
+    monkeypatch.setattr(Energy, "score_logits", lambda self, logits: torch.full((len(logits),), float("nan")))
     line = fails(capsys, ["score", "--run", str(run_copy), "--data", "digits", "--method", "energy", "--limit", "20"])
     assert "NaN" in line and not (run_copy / "scores/energy/digits.npz").exists()
 
