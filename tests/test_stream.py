@@ -32,6 +32,16 @@ def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("jpegs") / "set", per_class=70)
 
 
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory):
+    """An ID set with its own train/ and test/ halves (test/ holds the same images as `folder`): fitting and
+    testing on one folder without a split is refused by the overlap guard (docs/data.md)."""
+    root = tmp_path_factory.mktemp("jpegs_split") / "set"
+    make_folder(root / "train", per_class=40, seed=1)
+    make_folder(root / "test", per_class=70, seed=0)
+    return root
+
+
 def all_images(imageset):
     return torch.cat([x for x, _ in imageset.batches(37)])
 
@@ -86,8 +96,10 @@ def test_a_corrupt_jpeg_is_reported_by_name(tmp_path):
         data.load(f"folder:{bad_folder}", stream=False, like=(3, 16, 16))
 
 
-def test_scores_streamed_equal_in_memory_through_a_model_run(folder, tmp_path, monkeypatch):
+def test_scores_streamed_equal_in_memory_through_a_model_run(split_folder, tmp_path, monkeypatch):
     import oodbench
+
+    folder = split_folder   # fitted on its train/ half, its test/ half scored
 
     model = oodbench.load_model("torchvision:resnet18:none")
     rows = {}
@@ -347,8 +359,10 @@ def test_tuning_on_openimage_o_reads_openoods_validation_list(tmp_path, capsys):
     assert "openimage_o: streamed from" in out.err and "(4 files," in out.err     # the val list, not the test one
 
 
-def test_set_data_stream_at_eval_time_applies_to_the_in_distribution_set_too(folder, tmp_path, monkeypatch):
+def test_set_data_stream_at_eval_time_applies_to_the_in_distribution_set_too(split_folder, tmp_path, monkeypatch):
     import oodbench
+
+    folder = split_folder   # fitted on its train/ half, its test/ half scored
 
     streamed = []
     real = StreamedImageSet.batches
