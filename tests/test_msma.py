@@ -303,14 +303,14 @@ def test_too_few_training_vectors_for_the_gmm_grid_is_a_clear_error():
         MSMA(msma_cfg(msma__max_train_vectors=100)).check(60000)
 
 
-def test_fit_refuses_too_few_images_before_training(tmp_path):
-    class NoTraining:
+def test_train_refuses_too_few_images_before_training(tmp_path):
+    class NoTraining:   # an engine whose fit must never be reached
         def fit(self, *a, **k):
             raise AssertionError("training started")
 
     few = ImageSet(torch.zeros(50, 1, 8, 8, dtype=torch.uint8), name="few")
     with pytest.raises(OODBenchError, match="training vectors"):
-        MSMA(msma_cfg()).fit(few, None, NoTraining())
+        MSMA(msma_cfg()).train(few, None, NoTraining())
 
 
 # ----------------------------------------------------------------------------------------------------- detector
