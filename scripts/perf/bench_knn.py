@@ -13,15 +13,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.neighbors import NearestNeighbors
 
-from oodbench.config import load_config
-from oodbench.detectors import get
+from oodbench.detectors import method
 from timing import timed
 
 
 def ours(backend, bank, queries, k, device):
-    det = get("knn")(load_config("classifier"), device)
-    det.options.update(k=k, backend=backend)
-    det.stats = det.fit_outputs({"features": bank})
+    det = method("knn", k=k, backend=backend).to(device)
+    det.fit_reference({"features": bank, "labels": None})   # the bank as the reference outputs (no model pass)
     return det.score_outputs({"features": queries}).cpu().numpy()
 
 
