@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -75,6 +76,20 @@ def schema(kind: str, sections: Optional[dict] = None, path: Optional[Path] = No
                                 f"class; remove it from the YAML file")
         defaults[name] = copy.deepcopy(options)
     return defaults, presets
+
+
+def read_meta(path: Path) -> dict:
+    """A run's meta.json ({} when absent); a corrupt one is a clear error that says how to rewrite it."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise OODBenchError(f"{path} is corrupt (not a JSON mapping); the `oodbench train` command that made this "
+                            f"run rewrites it")
+    return meta
 
 
 def load_config(kind: str, preset: Optional[str] = None, overrides: Iterable[str] = (),

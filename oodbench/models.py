@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torchvision.transforms.v2 import functional as TF
 
-from oodbench.config import config_path, read_yaml
+from oodbench.config import config_path, read_meta, read_yaml
 from oodbench.data import transforms
 from oodbench.data.convert import luminance
 from oodbench.engine import checkpoint
@@ -337,7 +337,7 @@ def _from_run(rest: str, spec: str, seed: int):
         raise OODBenchError(f"{spec}: {path} is not a trained run folder (no config.yaml); train one with "
                             f"`oodbench train --method msp --in DATASET`")
     try:
-        cfg, meta = read_yaml(path / "config.yaml"), _read_meta(path / "meta.json")
+        cfg, meta = read_yaml(path / "config.yaml"), read_meta(path / "meta.json")
     except OODBenchError as e:
         raise OODBenchError(f"{spec}: {e}") from e
     kind = meta.get("kind") or path.name.split("-")[0]
@@ -365,20 +365,6 @@ def _from_run(rest: str, spec: str, seed: int):
         raise OODBenchError(f"{spec}: {path / 'config.yaml'} model section: {e}") from e
     load_state(net, state["net"], spec)
     return net, {"mean": list(state["mean"]), "std": list(state["std"]), "channels": int(shape[0]), "head": "head"}
-
-
-def _read_meta(path: Path) -> dict:
-    """A run's meta.json ({} when absent); a corrupt one is one line that says how to rewrite it."""
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise OODBenchError(f"{path} is corrupt (not a JSON mapping); the `oodbench train` command that made this "
-                            f"run rewrites it")
-    return meta
 
 
 def _from_torchvision(rest: str, spec: str, seed: int):

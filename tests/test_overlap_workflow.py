@@ -55,3 +55,12 @@ def test_a_few_exact_duplicates_are_a_warning_and_a_count_in_the_rows(capsys):
     test[:10] = train[:10]                                   # 10 of 300: refused
     with pytest.raises(OODBenchError, match="10 of 300 in-distribution test images"):
         oodbench.Evaluator(net, methods=["knn"], fit=train).evaluate(id_test=test, ood={"noise": test[:5]})
+
+
+def test_given_test_images_are_scored_as_given_whatever_the_data_settings():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    train, test = pictures(200, 6)[0], pictures(60, 7)[0]
+    rows = oodbench.Evaluator(net, methods=["msp"], fit=train, overrides=["data.stream=false"]).evaluate(
+        id_test=test, ood={"noise": pictures(30, 8)[0]})
+    assert rows[0]["out"] == "noise" and 0.0 <= rows[0]["auroc"] <= 1.0

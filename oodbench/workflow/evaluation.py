@@ -94,8 +94,6 @@ def evaluate(run, methods: Iterable, out_specs: Iterable, limit: Optional[int] =
     device = setup_device(device)
     check_run(run, run.scoring_config(overrides), device, [run.in_distribution(), *out_specs])
     prepared = [run.prepare(m, overrides, device) for m in methods]
-    for scoring in prepared:
-        check_dataset_options(run.kind, scoring.cfg)
     rows, accuracies = [], {}
     for scoring in prepared:
         for outcome in evaluate_method(run, scoring, out_specs, limit, bootstrap, tune, accuracies=accuracies):

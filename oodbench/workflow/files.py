@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from oodbench.config import read_meta  # noqa: F401  (re-exported: the workflow's run files)
 from oodbench.engine import checkpoint
 from oodbench.errors import OODBenchError
 from oodbench.tables import rows_to_csv
@@ -45,20 +46,6 @@ def read_npz(path: Path, key_name: str, key: str) -> Optional[dict]:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
         print(f"oodbench: warning: cache file {path} is unreadable ({reason}); recomputing it", file=sys.stderr)
         return None
-
-
-def read_meta(path: Path) -> dict:
-    """A run's meta.json ({} when absent); a corrupt one is a clear error that says how to rewrite it."""
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise OODBenchError(f"{path} is corrupt (not a JSON mapping); the `oodbench train` command that made this "
-                            f"run rewrites it")
-    return meta
 
 
 def read_metrics(path: Path) -> list:

@@ -291,6 +291,7 @@ class ModelRun(Run):
             data.load(in_spec, split="test", root=data_root, decode_to=decode_to, crop_resize=crop)
         self._fit = None if fit is None else (self._given(fit, "fit set"),
                                              None if val is None else self._given(val, "validation set"))
+        self._given_test = in_spec is None   # the user's own images: no spec to load them again from
         self._name = in_spec or getattr(self._id_test, "name", "id")
         self.config = {"seed": seed, "data": {**d, "in": in_spec or self._name}}
         folder = f"model-{safe_name(label)}-{safe_name(self._name)}"
@@ -340,8 +341,7 @@ class ModelRun(Run):
         as_loaded = data.stream_choice(stream) == "auto" and data.decode_choice(decode) == "auto"
         if not isinstance(spec, str):
             return data.as_imageset(spec, device=device).head(limit)
-        if spec == self._name and split == "test" and (as_loaded or self.config["data"]["in"] is None
-                                                        or not isinstance(self._id_test, data.ImageSet)):
+        if spec == self._name and split == "test" and (as_loaded or self._given_test):   # given data: as it is
             return self._id_test.head(limit).to(device)
         return super().load_set(spec, split, limit, device, stream, decode)
 
