@@ -150,3 +150,15 @@ def test_a_users_own_method_is_a_subclass_with_two_methods(data):
 
     det = CosineToMean().fit(data["model"], data["train"])
     assert det.name == "cosinetomean" and det.score(data["x"]).shape == (16,)
+
+
+def test_methods_options_lists_each_declaration_and_fit_data_needs_a_model(capsys, tmp_path):
+    from oodbench.cli import main
+
+    assert main(["methods", "--options"]) == 0
+    out = capsys.readouterr().out
+    assert "knn.k = 50: neighbour whose distance is the score" in out and "(--tune: [50, 100, 200, 500, 1000])" in out
+    code = main(["eval", "--method", "msp", "--in", "digits", "--fit-data", "digits", "--out", "noise:gaussian",
+                 "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--fit-data apply to --model" in err[0]
