@@ -102,16 +102,22 @@ def _grouped_counts(id_scores, ood_scores):
     scores (descending) and, for each pooled input position (ID first, then OOD), the index of its group.
     """
     n_id = len(id_scores)
-    negated = -np.concatenate((id_scores, ood_scores))
-    order = np.argsort(negated)
-    sorted_neg = negated[order]
-    is_new = sorted_neg[1:] != sorted_neg[:-1]  # boundary between position i and i+1
-    ends = np.append(np.flatnonzero(is_new), len(order) - 1)
+    order, ends, thresholds = _sorted_groups(id_scores, ood_scores)
     tp = np.cumsum(order >= n_id)[ends].astype(np.float64)
     fp = (ends + 1) - tp
     group_of = np.empty(len(order), dtype=np.int64)
-    group_of[order] = np.concatenate(([0], np.cumsum(is_new)))
-    return tp, fp, -sorted_neg[ends], group_of
+    group_of[order] = np.repeat(np.arange(len(ends)), np.diff(np.concatenate(([-1], ends))))
+    return tp, fp, thresholds, group_of
+
+
+def _sorted_groups(id_scores, ood_scores):
+    """The one sort: pooled positions (ID first, then OOD) in descending score order, the last sorted position of
+    each group of equal scores, and the distinct scores (descending). oodbench.joint_metrics shares it."""
+    negated = -np.concatenate((id_scores, ood_scores))
+    order = np.argsort(negated)
+    sorted_neg = negated[order]
+    ends = np.append(np.flatnonzero(sorted_neg[1:] != sorted_neg[:-1]), len(order) - 1)
+    return order, ends, -sorted_neg[ends]
 
 
 def _metrics_from_counts(tp, fp, n_pos, n_neg):

@@ -20,6 +20,6 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC into .venv (the default is the CUDA build: about 3 minutes, 5.8 GB; see README for the CPU one)" >&2
   .venv/bin/pip install -q $TORCH_SPEC
 fi
-if ! .venv/bin/python -c "import oodbench, pytest, timm, faiss, pytorch_ood, lpips, submitit, matplotlib, sklearn, scipy, yaml, tqdm" 2>/dev/null; then
+if ! .venv/bin/python -c "import oodbench, pytest, timm, faiss, pytorch_ood, lpips, submitit, torchmetrics, matplotlib, sklearn, scipy, yaml, tqdm" 2>/dev/null; then
   .venv/bin/pip install -q -e ".[test]"
 fi

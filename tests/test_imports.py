@@ -27,6 +27,7 @@ LAYERS = {
     "oodbench.tables": 0,        # rows_to_csv
     "oodbench.protocols": 0,     # imports config
     "oodbench.metrics": 0,       # imports errors only
+    "oodbench.joint_metrics": 0, # imports metrics, errors
     "oodbench.report": 0,        # imports metrics, tables
     "oodbench.diffusion": 0,     # imports errors only
     "oodbench.aux_models": 0,    # imports errors only
