@@ -10,3 +10,17 @@ class OODBenchError(Exception):
 
 class NotFittedError(OODBenchError):
     """A method scored before its statistics were fitted (or loaded)."""
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory in bytes."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_allocation(nbytes: float, what: str, fix: str = "") -> None:
+    """An OODBenchError, before anything is allocated, when `what` would need more than half the memory."""
+    if nbytes > memory_bytes() / 2:
+        raise OODBenchError(f"{what} would need {nbytes / 2 ** 30:.1f} GiB, more than half this machine's memory "
+                            f"({memory_bytes() / 2 ** 30:.1f} GiB)" + (f"; {fix}" if fix else ""))

@@ -61,6 +61,7 @@ class FileLock:
                 if holder is not None and self._stale(holder):
                     self._break(holder)
                     continue
+                self._sweep()
                 time.sleep(self.poll_s)
         finally:
             mine.unlink()
@@ -89,10 +90,7 @@ class FileLock:
                 pass
 
     def _holder(self):
-        try:
-            return self.path.read_text()
-        except (OSError, UnicodeDecodeError):
-            return None
+        return read_owner(self.path)
 
     def _stale(self, holder: str) -> bool:
         parts = holder.split()
@@ -104,6 +102,22 @@ class FileLock:
             return not alive(int(parts[1])) or age > self.stale_s
         return age > self.stale_s
 
+    def _sweep(self) -> None:
+        """Remove the `<lock>.<uuid>` files of killed waiters (a dead process of this host; another host's after
+        24 h)."""
+        for other in self.path.parent.glob(f"{self.path.name}.*"):
+            suffix = other.name[len(self.path.name) + 1:]
+            if len(suffix) != 32 or not all(c in "0123456789abcdef" for c in suffix):
+                continue
+            owner = (read_owner(other) or "").split()
+            try:
+                age = time.time() - other.stat().st_mtime
+            except OSError:
+                continue
+            mine_host = len(owner) >= 2 and owner[0] == socket.gethostname() and owner[1].isdigit()
+            if (mine_host and not alive(int(owner[1])) and age > 1.0) or (not mine_host and age > 86400):
+                other.unlink(missing_ok=True)
+
     def _break(self, holder: str) -> None:
         """Move the stale lock aside; if another waiter took the lock meanwhile, that one is put back."""
         aside = self.path.with_name(f"{self.path.name}.stale.{uuid.uuid4().hex}")
@@ -112,11 +126,20 @@ class FileLock:
         except OSError:
             return
         try:
-            if aside.read_text() != holder:
+            if read_owner(aside) != holder:
                 os.link(aside, self.path)
         except OSError:
             pass
         aside.unlink(missing_ok=True)
+
+
+def read_owner(path: Path):
+    """The `host pid uuid` line of a lock file (undecodable bytes replaced: such a lock is judged by its age); None
+    when there is no such file."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
 
 
 def missing_folders(folder: Path) -> list:

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from oodbench import workflow
 from oodbench.cli import main
 
 FAST = ["--preset", "quick", "--set", "train.steps=80", "--set", "data.limit=3000"]
@@ -35,7 +36,7 @@ def test_eval_separates_noise_and_writes_json_csv(runs_dir, capsys):
     run = runs_dir / "classifier-fashion_mnist-s0"
     saved = json.loads((run / "metrics.json").read_text())
     assert len(saved) == 12 and (run / "metrics.csv").read_text().startswith("method,in,out,auroc")
-    assert (run / "scores/msp/noise_gaussian.npz").is_file()
+    assert (run / "scores/msp" / f"{workflow.safe_name('noise:gaussian')}.npz").is_file()
 
 
 def test_training_features_are_cached_in_the_run(runs_dir, monkeypatch):

@@ -56,12 +56,13 @@ class Recorder:
             record = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError):
             return None   # a damaged cell is recomputed
-        if not isinstance(record, dict):
-            return None
+        if not isinstance(record, dict) or record.pop("digest", None) != record_digest(record):
+            return None   # changed after it was written (or from before digests): recomputed
         return record if record.get("material") == json.loads(json.dumps(material, default=str)) else None
 
     def save(self, material: dict, record: dict) -> None:
-        record = {**record, "material": material}
+        record = json.loads(json.dumps({**record, "material": material}, default=str))
+        record["digest"] = record_digest(record)
         self.computed += 1
         workflow.write_atomic(self.folder / "cells" / f"{self.key(material)}.json",
                           json.dumps(record, indent=1, default=str) + "\n")
@@ -89,6 +90,11 @@ class Recorder:
         self.from_cache += result["cached"]
         for what, seconds in result["seconds"].items():
             self.seconds[what] = self.seconds.get(what, 0.0) + seconds
+
+
+def record_digest(record: dict) -> str:
+    """sha256 of a cell record (without its `digest`), as stored: a record changed on disk is recomputed."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def describe_error(error: BaseException) -> str:
@@ -194,7 +200,6 @@ def load_plot_scores(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return workflow.load_npz(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError):
         return {}

@@ -112,7 +112,12 @@ def load_bench(config) -> Bench:
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise OODBenchError(f"{where}: seeds must be an integer or a list of integers, got {raw.get('seeds')!r}")
+    if len(set(seeds)) < len(seeds):
+        raise OODBenchError(f"{where}: seeds {seeds} lists a seed twice; a mean over seeds needs distinct seeds")
     name = str(raw.get("name") or path.stem)
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise OODBenchError(f"{where}: name {name!r} must be a plain name (no / or ..); the report goes to "
+                            f"reports/<name> (use `report:` or --out for another folder)")
     bench = Bench(path=path, name=name, report=Path(raw.get("report") or f"reports/{name}"),
                   preset=raw.get("preset"), seeds=seeds, ins=ins, outs=outs, groups=groups,
                   limit=_limit(raw.get("limit"), where), bootstrap=_count(raw.get("bootstrap", 0), where),
@@ -182,6 +187,12 @@ def _overrides(value, where: str) -> list:
 def _train_overrides(value, where: str) -> dict:
     """A list applies to every kind; a mapping gives overrides per kind (`all` for every kind)."""
     if isinstance(value, dict):
+        kinds = sorted({c.kind for c in registry.REGISTRY.values()} | set(registry.TRAINERS) | {"all"})
+        for k in value:
+            if str(k) not in kinds:
+                close = difflib.get_close_matches(str(k), kinds, n=1)
+                raise OODBenchError(f"{where}: train_overrides.{k}: unknown run kind"
+                                    + (f"; did you mean {close[0]!r}?" if close else "") + f" (kinds: {', '.join(kinds)})")
         return {str(k): _overrides(v, f"{where}: train_overrides.{k}") for k, v in value.items()}
     return {"all": _overrides(value, f"{where}: train_overrides")}
 

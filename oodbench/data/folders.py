@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -12,10 +13,10 @@ from PIL import Image
 
 from oodbench.data.convert import check_method, from_pil
 from oodbench.data.sources import Raw, make_raw
-from oodbench.errors import OODBenchError
+from oodbench.errors import OODBenchError, check_allocation
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 class FolderSet(NamedTuple):
@@ -83,14 +84,27 @@ def load_folder_set(name: str, root: Path, size=None, channels=None, resample="b
 def list_images(folder: Path, exclude=()) -> list[Path]:
     """Image files (by extension) anywhere under `folder`, sorted; hidden files and `exclude` (relative) skipped."""
     excluded = set(exclude)
-    found = []
+    found, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:   # a symlink loop or a second link to a folder: listed once
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
+        for f in sorted(filenames):
             if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
                 continue
             path = Path(dirpath) / f
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue                          # a dangling link
+            # regular files only (a FIFO named x.png would block the decoder), each file once
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen_files:
+                continue
             if path.relative_to(folder).as_posix() not in excluded:
+                seen_files.add((st.st_dev, st.st_ino))
                 found.append(path)
     return sorted(found)
 
@@ -158,7 +172,9 @@ def decode_file(path, channels=None, size=None, resample="bilinear", crop_resize
             with Image.open(path) as im:
                 im.load()
                 gray = im.mode in GRAY_MODES
-                im = im.convert("L" if channels == 1 else "RGB")
+                im = to_8bit(im).convert("L" if channels == 1 else "RGB")
+        if im.width < 1 or im.height < 1:
+            raise ValueError("an image of zero width or height")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImage(str(path)) from e
     if size is not None:
@@ -174,6 +190,13 @@ def decode_file(path, channels=None, size=None, resample="bilinear", crop_resize
         elif (im.height, im.width) != size:
             im = im.resize((size[1], size[0]), resample=method)
     return from_pil(im), gray
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit grayscale images scaled to 0..255 (PIL's own conversion clips them at 255)."""
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().astype(np.uint8))
+    return im
 
 
 def corrupt_error(folder, corrupt: list) -> OODBenchError:
@@ -352,6 +375,10 @@ def _check_npz_images(path: Path, key: str, shape: tuple, dtype) -> int:
                             f"(N, C, H, W) with C = 1 or 3")
     if shape[0] == 0:
         raise OODBenchError(f"{path}: {key!r} holds no images")
+    if 0 in shape:
+        raise OODBenchError(f"{path}: {key!r} has shape {shape}: images of zero height, width or channels")
+    check_allocation(float(np.prod(shape, dtype=np.float64)), f"{path}: {key!r} of shape {shape}",
+                     "the header is damaged or the file is too large for this machine")
     return shape[0]
 
 

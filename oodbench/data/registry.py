@@ -326,8 +326,11 @@ def _class_subset(arg: str, inner: str, r: Resolved) -> Resolved:
         raise OODBenchError(f"classes:{arg}: class ids must be distinct and non-negative")
     if r.labels is None:
         raise OODBenchError(f"classes:{arg}:{inner}: {inner!r} has no labels to select classes by")
-    table = torch.full((max(int(r.labels.max()), max(wanted)) + 1,), -1, dtype=torch.int64)
-    table[torch.tensor(wanted)] = torch.arange(len(wanted))
+    top = int(r.labels.max())
+    table = torch.full((top + 1,), -1, dtype=torch.int64)   # ids above the set's largest label select nothing
+    present = [(i, c) for i, c in enumerate(wanted) if c <= top]
+    if present:
+        table[torch.tensor([c for _, c in present])] = torch.tensor([i for i, _ in present])
     new = table[r.labels]
     keep = new >= 0
     if not bool(keep.any()):

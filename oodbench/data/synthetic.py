@@ -7,7 +7,7 @@ import zlib
 import torch
 
 from oodbench.data import glyphs
-from oodbench.errors import OODBenchError
+from oodbench.errors import OODBenchError, check_allocation
 
 DEFAULT_COUNT = 2000
 DEFAULT_SHAPE = (1, 28, 28)
@@ -24,6 +24,8 @@ def synthetic(kind: str, count: int = DEFAULT_COUNT, shape=DEFAULT_SHAPE, split:
     if count < 1:
         raise OODBenchError(f"{kind}: the image count must be at least 1, got {count}")
     shape = tuple(int(s) for s in shape)
+    check_allocation(float(count) * shape[0] * shape[1] * shape[2] * (5 if kind == "noise:gaussian" else 1),
+                     f"{kind}:{count} ({count} images of {shape})", "ask for fewer images")
     if kind == "glyphs":
         images, _ = glyphs.glyphs(count, shape[1:], split)
         return torch.from_numpy(images).expand(-1, shape[0], -1, -1).contiguous()

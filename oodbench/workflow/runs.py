@@ -252,7 +252,13 @@ def check_model_takes(model, shape, in_spec: str) -> None:
 
 
 def runs_root(runs_dir=None) -> Path:
-    return Path(runs_dir or os.environ.get("OODBENCH_RUNS", "runs"))
+    """The folder of runs: `runs_dir`, else $OODBENCH_RUNS, else ./runs (an empty name or a file is an error)."""
+    if runs_dir is not None and not str(runs_dir).strip():
+        raise OODBenchError("--runs-dir '': give a folder name (or leave the option out for ./runs)")
+    root = Path(runs_dir if runs_dir is not None else (os.environ.get("OODBENCH_RUNS") or "runs"))
+    if root.exists() and not root.is_dir():
+        raise OODBenchError(f"--runs-dir {root} is a file, not a folder; name a folder for the runs")
+    return root
 
 
 class ModelRun(Run):
@@ -294,7 +300,8 @@ class ModelRun(Run):
         self._given_test = in_spec is None   # the user's own images: no spec to load them again from
         self._name = in_spec or getattr(self._id_test, "name", "id")
         self.config = {"seed": seed, "data": {**d, "in": in_spec or self._name}}
-        folder = f"model-{safe_name(label)}-{safe_name(self._name)}"
+        # keyed by the weights' digest too: two models whose specs share a name get their own folders
+        folder = f"model-{safe_name(label)}-{model.digest[:8]}-{safe_name(self._name)}"
         self.path = None if runs_dir is False else runs_root(runs_dir) / folder
         self.meta = {"kind": "classifier", "model": label, "in": self._name, "shape": list(self._id_test.shape)}
         check_model_takes(model, self._id_test.shape, self._name)

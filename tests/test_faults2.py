@@ -1,0 +1,216 @@
+"""The second fault battery (issue 29): silent wrong results and lost files, hangs, tracebacks on the newer surfaces
+(model specs, the Python API, data files, bench concurrency, a full disk, crafted files). Each test failed before
+its fix. The cases and their outcomes are rows of docs/reliability.md."""
+import json
+import os
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from oodbench import data, locks
+from oodbench import workflow
+from oodbench.bench import cells as bench_cells
+from oodbench.bench.plan import load_bench
+from oodbench.cli import main
+from oodbench.errors import OODBenchError
+from oodbench.workflow import files
+
+
+def fails(capsys, args) -> str:
+    """Run the CLI; it must exit 2 with one error line on stderr and no traceback. Returns that line."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("oodbench: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def png(path: Path, value=128, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size, value, dtype=np.uint8)).save(path)
+
+
+# ------------------------------------------------------------------ silent wrong results, lost or misplaced files
+def test_derived_file_names_are_injective():
+    names = ["x y", "x_y", "x:y", "x/y", "noise:gaussian", "noise_gaussian", "..", "."]
+    assert len({files.safe_name(n) for n in names}) == len(names)
+    assert files.safe_name("fashion_mnist") == "fashion_mnist"            # a safe name stays as it is
+    assert all("/" not in files.safe_name(n) and files.safe_name(n) not in (".", "..") for n in names)
+
+
+def test_seeds_listed_twice_are_refused(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"in": ["digits"], "out": ["noise:gaussian"], "methods": ["msp"], "seeds": [0, 0]}))
+    with pytest.raises(OODBenchError, match="twice"):
+        load_bench(path)
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", ".."])
+def test_bench_name_cannot_leave_reports(tmp_path, name):
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"in": ["digits"], "out": ["noise:gaussian"], "methods": ["msp"], "name": name}))
+    with pytest.raises(OODBenchError, match="plain name"):
+        load_bench(path)
+
+
+def test_misspelt_kind_under_train_overrides_is_an_error(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"in": ["digits"], "out": ["noise:gaussian"], "methods": ["msp"],
+                                    "train_overrides": {"clasifier": ["train.steps=2"]}}))
+    with pytest.raises(OODBenchError, match="classifier"):
+        load_bench(path)
+
+
+def test_empty_runs_dir_is_refused(capsys):
+    assert "--runs-dir" in fails(capsys, ["eval", "--method", "msp", "--in", "digits", "--out", "noise:gaussian",
+                                          "--runs-dir", ""])
+
+
+def test_cached_cell_record_changed_on_disk_is_recomputed(tmp_path):
+    recorder = bench_cells.Recorder(tmp_path)
+    material = {"method": "msp", "out": "x"}
+    recorder.save(material, {"status": "ok", "rows": [{"auroc": 0.26}]})
+    assert recorder.cached(material)["rows"][0]["auroc"] == 0.26
+    path = next((tmp_path / "cells").glob("*.json"))
+    path.write_text(path.read_text().replace("0.26", "0.76"))
+    assert recorder.cached(material) is None
+
+
+def test_score_file_changed_on_disk_is_recomputed(tmp_path, capsys):
+    path = tmp_path / "s.npz"
+    files.save_npz(path, {"key": np.array("k"), "msp": np.arange(4, dtype=np.float32)})
+    assert files.read_npz(path, "key", "k")["msp"].tolist() == [0, 1, 2, 3]
+    arrays = dict(np.load(path))
+    arrays["msp"] = arrays["msp"] + 1            # valid npz, other numbers
+    np.savez(path, **arrays)
+    assert files.read_npz(path, "key", "k") is None
+    assert "recomputing" in capsys.readouterr().err
+    assert bench_cells.load_plot_scores(path) == {}      # the plot scores are verified the same way
+
+
+def huge_header_npz(path: Path, key="images"):
+    """An npz whose array header declares a 730 GiB uint8 array (the file itself is tiny)."""
+    header = {"descr": "|u1", "fortran_order": False, "shape": (730 * 2 ** 20, 1024, 1, 1)}
+    buf = bytearray(b"\x93NUMPY\x01\x00")
+    text = repr(header).encode()
+    text += b" " * (63 - (len(buf) + 2 + len(text)) % 64) + b"\n"
+    buf += len(text).to_bytes(2, "little") + text + b"\0" * 64
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{key}.npy", bytes(buf))
+
+
+def test_score_cache_declaring_a_huge_array_is_recomputed(tmp_path, capsys):
+    path = tmp_path / "s.npz"
+    huge_header_npz(path, "msp")
+    assert files.read_npz(path, "key", "k") is None
+    assert "recomputing" in capsys.readouterr().err
+
+
+def test_npz_declaring_a_huge_array_is_an_error(tmp_path, capsys):
+    path = tmp_path / "big.npz"
+    huge_header_npz(path)
+    with pytest.raises(OODBenchError, match="memory"):
+        data.load(f"npz:{path}")
+    fails(capsys, ["data", "check", f"npz:{path}"])
+
+
+@pytest.mark.parametrize("spec", ["noise:gaussian:100000000000", "classes:100000000000:digits"])
+def test_huge_declared_sizes_are_one_line_errors(capsys, spec):
+    fails(capsys, ["data", "check", spec])
+
+
+def test_concurrent_metrics_merges_keep_every_row(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = type("R", (), {"path": run})()
+
+    def merge(i):
+        workflow.Run.update_metrics(holder, [{"method": "msp", "in": "digits", "out": f"set{i}", "auroc": 0.5}])
+
+    threads = [threading.Thread(target=merge, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(json.loads((run / "metrics.json").read_text())) == 6
+
+
+def test_symlink_loops_list_each_file_once(tmp_path):
+    root = tmp_path / "imgs"
+    for name in ("a.png", "sub/b.png", "sub/c.png"):
+        png(root / name)
+    os.symlink(root, root / "sub" / "loop1")
+    os.symlink(root / "sub", root / "loop2")
+    from oodbench.data import folders
+
+    listed = folders.list_images(root)
+    assert len(listed) == 3
+    assert len(data.load(f"folder:{root}")) == 3
+
+
+def test_fifo_in_a_folder_is_skipped_not_opened(tmp_path):
+    root = tmp_path / "imgs"
+    png(root / "a.png")
+    os.mkfifo(root / "pipe.png")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("n", len(data.load(f"folder:{root}"))), daemon=True)
+    t.start()
+    t.join(20)
+    assert result.get("n") == 1
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)).save(root / "a.png")
+    images = data.load(f"folder:{root}").images
+    assert images.flatten().tolist() == [0, 64, 128, 255]
+
+
+# ------------------------------------------------------------------ hangs
+def test_lock_with_undecodable_content_is_judged_stale(tmp_path):
+    path = tmp_path / ".run.lock"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    old = time.time() - 2 * 3600
+    os.utime(path, (old, old))
+    done = threading.Event()
+
+    def take():
+        with locks.FileLock(path, poll_s=0.05):
+            done.set()
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(10)
+    assert done.is_set()
+
+
+def test_killed_waiters_file_is_removed(tmp_path):
+    path = tmp_path / ".run.lock"
+    left = tmp_path / f".run.lock.{'0' * 32}"
+    dead = 2 ** 22 + 12345
+    while locks.alive(dead):
+        dead += 1
+    left.write_text(f"{socket.gethostname()} {dead} abcd\n")
+    old = time.time() - 10
+    os.utime(left, (old, old))
+    holder = locks.FileLock(path)
+    holder.acquire()
+    try:
+        waiter = threading.Thread(target=lambda: locks.FileLock(path, poll_s=0.05).acquire(), daemon=True)
+        waiter.start()
+        deadline = time.time() + 10
+        while left.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not left.exists()
+    finally:
+        holder.release()
+        waiter.join(10)
