@@ -15,7 +15,8 @@ import os
 import time
 import traceback
 from collections import deque
-from multiprocessing import connection, get_context
+import threading
+from multiprocessing import connection, get_context, parent_process
 from pathlib import Path
 
 from oodbench import data, progress, workflow
@@ -39,13 +40,14 @@ def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=Non
     options = bench.executor.updated(executor or {})
     device = resolve_device(device)
     folder = Path(out) if out else bench.report
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    recorder = Recorder(folder)
-    with recorder.timed("stage: check data"):
-        missing = check_data(bench, data_root)
+    # the executor before any file: one that cannot start (submitit missing) leaves no report folder behind
     pool = SequentialExecutor() if report_only else make_executor(options, bench, folder)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        recorder = Recorder(folder)
+        with recorder.timed("stage: check data"):
+            missing = check_data(bench, data_root)
         counts = Grid(bench, missing, recorder, folder, runs_dir, data_root, device, not report_only).run(pool)
     finally:
         pool.close()
@@ -290,6 +292,7 @@ class LocalExecutor:
 def worker(conn, threads: int) -> None:
     """A LocalExecutor worker: run (function, args) pairs until None; reply (True, result) or (False, error)."""
     os.environ["OODBENCH_PROGRESS"] = "0"   # the submitting process shows the one bar
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -302,3 +305,9 @@ def worker(conn, threads: int) -> None:
             except BaseException as e:  # noqa: BLE001 - reported as the task's failure; the worker goes on
                 reply = (False, f"{type(e).__name__}: {e}")
             conn.send(reply)
+
+
+def exit_with_parent() -> None:
+    """End this worker as soon as the bench process that started it is gone (killed, crashed): no orphan trains on."""
+    parent_process().join()
+    os._exit(70)

@@ -4,11 +4,18 @@ Tasks submitted together (the grid's trainings; the scoring units a finished tra
 array per kind. A training with `gpus > 1` is one job with a task per GPU, which join one process group as torchrun's
 ranks would (the existing DDP path, oodbench/engine/distributed.py). On preemption or timeout submitit calls
 `SlurmTask.checkpoint` and requeues the same call; the training resumes from the run's newest checkpoint.
+
+Job states: submitit asks `sacct`, which fails on clusters whose accounting storage is off (a common setup); there
+oodbench reads them from `squeue` instead (`QueueWatcher`), so a job that ended without a result (killed, node
+failure) is still seen to end, and submitit's "Bypassing sacct error" warnings are shown once, as one line.
 """
 from __future__ import annotations
 
+import getpass
+import logging
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +23,10 @@ from oodbench.bench.plan import ExecutorOptions, TaskFailed, sbatch_flag
 from oodbench.errors import OODBenchError
 
 POLL_S = 10.0
+# Job states that may still end with a result (squeue's long names); any other state, or a job squeue no longer
+# lists, has ended.
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "RESV_DEL_HOLD"}
 
 
 def parameters(options: ExecutorOptions, kind: str, name: str) -> dict:
@@ -72,6 +83,55 @@ def join_ranks() -> None:
                       MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(port))
 
 
+def accounting_enabled() -> bool:
+    """Whether this cluster keeps job accounting (so `sacct` can tell job states); unknown counts as yes."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    found = re.search(r"^AccountingStorageType\s*=\s*(\S+)", shown, re.M)
+    return not (found and found.group(1).endswith("/none"))
+
+
+def queue_watcher(submitit):
+    """A submitit state watcher that reads `squeue` (every job of this user, array tasks one per line)."""
+
+    class QueueWatcher(submitit.slurm.slurm.SlurmInfoWatcher):
+        def _make_command(self):
+            if not self._registered - self._finished:
+                return None
+            return ["squeue", "--noheader", "--array", "--states=all", f"--user={getpass.getuser()}",
+                    "--format=%i|%T"]
+
+        def read_info(self, string):
+            text = string.decode() if isinstance(string, bytes) else string
+            listed = dict(line.strip().split("|", 1) for line in text.splitlines() if "|" in line)
+            return {job: {"State": listed.get(job, "ENDED")} for job in self._registered}
+
+        def is_done(self, job_id, mode="standard"):
+            return self.get_state(job_id, mode=mode).upper() not in ACTIVE_STATES | {"UNKNOWN"}
+
+    return QueueWatcher(delay_s=60)
+
+
+class OnceFilter(logging.Filter):
+    """Lets the first "Bypassing sacct error" warning through as one line, and none after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record) -> bool:
+        if "Bypassing sacct error" not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg, record.args = ("sacct could not tell job states (status may lag; shown once): "
+                                   + " ".join(record.getMessage().split())[:300]), ()
+        return True
+
+
 class SlurmExecutor:
     """Tasks as SLURM jobs; `cluster` is submitit's (slurm, or its local/debug executors for tests)."""
 
@@ -85,6 +145,13 @@ class SlurmExecutor:
         self.submitit, self.options, self.name, self.cluster, self.poll_s = submitit, options, name, cluster, poll_s
         self.folder = Path(options.folder) if options.folder else Path(folder) / "slurm"
         self.jobs: dict = {}     # key -> submitit job
+        self.watcher = None
+        if cluster == "slurm":
+            log = logging.getLogger("submitit")
+            if not any(isinstance(f, OnceFilter) for f in log.filters):
+                log.addFilter(OnceFilter())
+            if not accounting_enabled():
+                self.watcher = queue_watcher(submitit)
 
     def executor(self, kind: str):
         """The submitit executor of jobs of `kind`, with their resources set."""
@@ -100,6 +167,9 @@ class SlurmExecutor:
             executor = self.executor(kind)
             with executor.batch():      # one job array
                 jobs = [executor.submit(task) for _, task in mine]
+            if self.watcher is not None:
+                for job in jobs:
+                    job.watcher = self.watcher    # states from squeue: sacct has no accounting to read
             self.jobs.update({key: job for (key, _), job in zip(mine, jobs)})
 
     def running(self) -> int:

@@ -63,7 +63,8 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
         if engine.is_main:
             engine.begin()   # a detector that trained no network here (oe.from_run) still gets its config
             meta = {"kind": cls.kind, "method": method, "in": cfg["data"]["in"], "shape": list(train_set.shape),
-                    "train_size": len(train_set), "val_size": len(val_set), "torch": torch.__version__}
+                    "train_size": len(train_set), "val_size": len(val_set), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()}   # CPU results move at float level with the thread count
             write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
             checkpoint.save_atomic(det.state_dict(), run_dir / "detector.pt")
             checkpoint.load(run_dir / "detector.pt")   # success is reported only for a detector file that loads back
