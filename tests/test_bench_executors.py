@@ -263,3 +263,38 @@ def test_one_progress_bar_over_the_cells_with_failed_and_running_counts(sequenti
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "bench: cells" in ln]
     assert lines[-1].startswith("oodbench: bench: cells: 12/12 cell (100%) [4 failed, 0 task(s) running]")
     assert lines[-1].endswith(", done") and len(lines) >= 6    # the 4 cells of `nope` fail at once, then per unit
+
+
+def test_local_workers_end_when_the_bench_process_is_killed(tmp_path):
+    import subprocess
+    import sys
+
+    config, runs = grid(tmp_path, steps=100000, ckpt=100000, seeds=[0]), tmp_path / "runs"
+    code = ("from oodbench import bench; bench.run_bench(%r, runs_dir=%r, device='cpu', out=%r, "
+            "executor={'name': 'local', 'jobs': 1})" % (str(config), str(runs), str(tmp_path / "report")))
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock, deadline = runs / ".classifier-fashion_mnist-s0.lock", time.time() + 120
+    while not lock.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    worker = int(lock.read_text().split()[1])       # the lock names the worker that trains
+    parent.kill()
+    parent.wait()
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 20
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker), "the worker trained on after its bench process was killed"
+
+
+def test_slurm_executor_without_submitit_leaves_no_report_folder(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "submitit", None)     # import submitit fails
+    out = tmp_path / "report"
+    assert main(["bench", str(grid(tmp_path)), "--out", str(out), "--executor", "slurm"]) == 2
+    assert "needs submitit" in capsys.readouterr().err and not out.exists()
