@@ -16,7 +16,8 @@ from oodbench.nets.classifiers import build_classifier
 from test_posthoc import images
 
 POSTHOC = sorted(n for n, c in detectors.REGISTRY.items() if issubclass(c, PostHoc))
-OPTIONS = {"knn": {"k": 5}, "nnguide": {"k": 5}, "gradlayer": {"val_size": 30}}
+OPTIONS = {"knn": {"k": 5}, "nnguide": {"k": 5}, "gradlayer": {"val_size": 30},
+           "mcdropout": {"where": "features"}}   # resnet20 has no dropout layer
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ from oodbench.detectors import shaping  # noqa: F401,E402  react, ash_p, ash_b, 
 from oodbench.detectors import multilayer  # noqa: F401,E402  gram, mds_ensemble, rankfeat
 from oodbench.detectors import openmax  # noqa: F401,E402  openmax
 from oodbench.detectors import gradients  # noqa: F401,E402  gradnorm, gradlayer
+from oodbench.detectors import logit_scaling  # noqa: F401,E402  lts
+from oodbench.detectors import pnml  # noqa: F401,E402  pnml
+from oodbench.detectors import uncertainty  # noqa: F401,E402  mcdropout, graduncertainty
 from oodbench.detectors import msma  # noqa: F401,E402  msma (gmm, knn, flow rows)
 from oodbench.detectors import llr  # noqa: F401,E402  llr, likelihood
 from oodbench.detectors import amp  # noqa: F401,E402  amp (xent, energy, entropy, msp rows)

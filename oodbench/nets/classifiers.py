@@ -48,12 +48,13 @@ class _Block(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
                          if stride != 1 or cin != cout else nn.Identity())
+        self.drop = nn.Dropout(dropout)   # a module, so that MC-dropout (mcdropout) finds and activates it
 
     def forward(self, x):
         if self.preact:
             o = F.relu(self.bn1(x))
             y = self.conv1(o)
-            y = F.dropout(F.relu(self.bn2(y)), self.dropout, self.training)
+            y = self.drop(F.relu(self.bn2(y)))
             return self.conv2(y) + self.shortcut(o if not isinstance(self.shortcut, nn.Identity) else x)
         y = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
