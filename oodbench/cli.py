@@ -266,6 +266,7 @@ def cmd_bench(a) -> None:
     time_limit = int(a.time_limit) if a.time_limit and a.time_limit.isdigit() else a.time_limit
     executor = {"name": a.executor, "jobs": a.jobs, "partition": a.partition, "gpus": a.gpus_per_job,
                 "cpus": a.cpus_per_job, "time": time_limit, "sbatch": tuple(a.sbatch)}
+    bench.check_report_folder(a.out or bench.load_bench(a.config).report)   # never a folder of the user's own files
     folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out,
                              executor=executor, report_only=a.report_only)
     results = json.loads((folder / "results.json").read_text())

@@ -54,7 +54,11 @@ class ClassifierModel:
                  channels: Optional[int] = None, head: Optional[nn.Module] = None, name: str = "model",
                  layers: Optional[Sequence[str]] = None):
         self.net = net.eval()
-        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.mean, self.std = _stats(mean, "mean", name), _stats(std, "std", name)
+        if len(self.mean) == 1 < len(self.std):         # a scalar applies to every channel
+            self.mean = self.mean * len(self.std)
+        elif len(self.std) == 1 < len(self.mean):
+            self.std = self.std * len(self.mean)
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise OODBenchError(f"model {name}: mean and std need the same number of values and std > 0, got "
                                 f"mean={self.mean}, std={self.std} (set model.mean / model.std)")
@@ -104,7 +108,7 @@ class ClassifierModel:
             raise OODBenchError(f"model {self.name} has no features/head split (a torchscript model gives logits "
                                 f"only); load it as python:MODULE:CALLABLE:WEIGHTS, or use a logit-based method")
         self._captured.clear()
-        logits = self.net(inp)
+        logits = self._output(self.net(inp))
         if len(self._captured) != 1:
             raise OODBenchError(f"model {self.name}: the head layer ran {len(self._captured)} times in one forward; "
                                 f"name the final linear layer with --set model.head=LAYER_NAME")
@@ -122,9 +126,17 @@ class ClassifierModel:
                                 f"head; name the final linear layer with --set model.head=LAYER_NAME")
         self._checked = True
 
+    def _output(self, out) -> torch.Tensor:
+        """The network's output, which must be a (B, K) logits tensor."""
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            what = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"a {out.dim()}-D tensor"
+            raise OODBenchError(f"model {self.name} returns {what}; oodbench needs a network whose forward returns "
+                                f"(batch, classes) logits: wrap it in a module that returns only the logits")
+        return out
+
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(self.prepare(x)).float()
+        out = self._output(self.net(self.prepare(x))).float()
         self._captured.clear()   # the head hook's features are not needed here (and would pile up over a set)
         return out
 
@@ -196,6 +208,20 @@ class ClassifierModel:
         (default `layer_names()`), from one forward."""
         maps, logits = self.forward_maps(self.prepare(x), list(layers or self.layer_names()))
         return {k: v.float() for k, v in maps.items()}, logits.float()
+
+
+def _stats(value, what: str, name: str) -> list:
+    """model.mean / model.std: a number (every channel) or a list of numbers (one per channel)."""
+    number = (int, float)
+    if isinstance(value, number) and not isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, number) and not isinstance(v, bool)
+                                                          for v in value):
+        return [float(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() and value.dim() <= 1 and value.is_floating_point():
+        return [float(v) for v in value.reshape(-1)]
+    raise OODBenchError(f"model {name}: {what} must be a number or a list of numbers (one per channel), e.g. "
+                        f"model.{what}=[0.5,0.5,0.5], got {value!r}")
 
 
 def _layer_list(layers) -> Optional[list]:
@@ -474,12 +500,31 @@ def _from_python(rest: str, spec: str, seed: int):
         raise OODBenchError(f"{spec}: {module_name} has no callable {factory_name!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = factory()
+        net = call_user(factory, f"{spec}: {factory_name}()")
     if not isinstance(net, nn.Module):
         raise OODBenchError(f"{spec}: {factory_name}() returned a {type(net).__name__}, not an nn.Module")
     if weights:
         load_state(net, _read_state(weights, spec), spec)
     return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def call_user(fn, what: str, *args, **kwargs):
+    """Call user code (a model factory): whatever it raises, `SystemExit` and `KeyboardInterrupt` included, becomes
+    one OODBenchError naming it, so user code can neither end oodbench silently nor print a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except OODBenchError:
+        raise
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 - user code may raise anything
+        if isinstance(e, SystemExit):
+            reason = f"called sys.exit({e.code!r})"
+        elif isinstance(e, KeyboardInterrupt):
+            reason = "raised KeyboardInterrupt"
+        else:
+            text = (str(e).strip().splitlines() or [""])[0][:200]
+            reason = f"raised {type(e).__name__}" + (f": {text}" if text else "")
+        raise OODBenchError(f"{what} {reason}; a model factory is called with no arguments and must return an "
+                            f"nn.Module") from None
 
 
 def _from_torchscript(rest: str, spec: str, seed: int):
@@ -498,8 +543,8 @@ def _read_state(path: str, spec: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated files, pickles with code, ...
-        raise OODBenchError(f"{spec}: cannot read {path} as a state dict with weights_only=True "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise OODBenchError(f"{spec}: cannot read {path} as a state dict of tensors ({checkpoint.load_failure(e)}); save "
+                            f"the weights with torch.save(net.state_dict(), path)") from None
     for key in ("state_dict", "model", "net"):  # common wrappers around a state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -214,3 +214,97 @@ def test_killed_waiters_file_is_removed(tmp_path):
     finally:
         holder.release()
         waiter.join(10)
+
+
+# ------------------------------------------------------------------ user code and what models return
+PAIR_MODULE = """
+import torch.nn as nn
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        return y, y
+
+
+def pair():
+    return Pair()
+"""
+
+
+@pytest.mark.parametrize("spec, reason", [("python:sys:exit", "called sys.exit"),
+                                          ("python:os:system", "raised TypeError")])
+def test_a_factory_that_exits_or_raises_is_a_one_line_error(capsys, tmp_path, spec, reason):
+    line = fails(capsys, ["eval", "--model", spec, "--in", "digits", "--out", "noise:gaussian", "--method", "msp",
+                          "--limit", "20", "--runs-dir", str(tmp_path / "runs")])
+    assert reason in line and not (tmp_path / "runs").exists()
+
+
+def test_a_model_that_returns_a_tuple_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    import oodbench
+
+    (tmp_path / "pairmod.py").write_text(PAIR_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = fails(capsys, ["eval", "--model", "python:pairmod:pair", "--in", "digits", "--out", "noise:gaussian",
+                          "--method", "msp", "--limit", "20", "--runs-dir", str(tmp_path / "runs"),
+                          "--set", "model.mean=0.5", "--set", "model.std=0.5"])
+    assert "returns a tuple" in line
+    import pairmod
+    with pytest.raises(OODBenchError, match="returns a tuple"):
+        oodbench.wrap(pairmod.pair(), mean=0.5, std=0.5).logits(torch_zeros())
+
+
+def torch_zeros():
+    import torch
+    return torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+
+
+def test_scalar_mean_is_every_channel_and_a_bad_mean_is_an_error():
+    import oodbench
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    model = oodbench.wrap(net, mean=0.5, std=[0.2, 0.3, 0.4])
+    assert model.mean == [0.5, 0.5, 0.5] and model.std == [0.2, 0.3, 0.4]
+    with pytest.raises(OODBenchError, match="mean must be a number or a list of numbers"):
+        oodbench.wrap(net, mean="abc", std=0.5)
+
+
+def test_torchscript_models_score_logit_methods(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "net.pt"
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    torch.jit.trace(net, torch.zeros(1, 1, 8, 8)).save(str(path))
+    assert main(["eval", "--model", f"torchscript:{path}", "--in", "digits", "--out", "noise:gaussian", "--method",
+                 "msp,maxlogit", "--limit", "30", "--runs-dir", str(tmp_path / "runs"), "--format", "json",
+                 "--set", "model.mean=0.5", "--set", "model.std=0.5"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in rows} == {"msp", "maxlogit"}
+
+
+def test_a_weights_file_with_code_is_refused_without_torchs_advice(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2), "extra": Path("x")}, path)     # a pickled object beyond tensors
+    line = fails(capsys, ["eval", "--model", f"python:torchvision.models:resnet18:{path}", "--in", "digits",
+                          "--out", "noise:gaussian", "--method", "msp", "--runs-dir", str(tmp_path / "runs")])
+    assert "weights_only=False" not in line and "never unpickles" in line
+
+
+
+def test_bench_out_of_the_users_own_files_is_refused(capsys, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("report.md", "results.csv", "errors.log"):
+        (out / name).write_text("the user's own\n")
+    line = fails(capsys, ["bench", "quick", "--out", str(out)])
+    assert "not an oodbench report folder" in line
+    assert all((out / n).read_text() == "the user's own\n" for n in ("report.md", "results.csv", "errors.log"))
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in fails(capsys, ["bench", "quick", "--out", str(tmp_path / "file")])

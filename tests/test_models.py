@@ -185,7 +185,7 @@ def test_malformed_specs_are_one_line_errors(spec, match):
 def test_bad_weights_files_are_one_line_errors(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(OODBenchError, match="weights_only"):
+    with pytest.raises(OODBenchError, match="cannot read .* as a state dict of tensors"):
         oodbench.load_model(f"python:torchvision.models:resnet18:{garbage}")
     wrong = tmp_path / "wrong.pt"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), wrong)

@@ -14,7 +14,8 @@ from oodbench.bench.aggregate import report_notes, summarise
 from oodbench.bench.cells import Recorder, load_plot_scores
 from oodbench.bench.execute import run_bench
 from oodbench.bench.plan import Bench, Entry, ExecutorOptions, load_bench, renamer
-from oodbench.bench.report import auroc_tables, markdown_report
+from oodbench.bench.report import auroc_tables, check_report_folder, markdown_report
 
-__all__ = ["Bench", "Entry", "ExecutorOptions", "Recorder", "auroc_tables", "load_bench", "load_plot_scores",
+__all__ = ["Bench", "Entry", "ExecutorOptions", "Recorder", "auroc_tables", "check_report_folder", "load_bench",
+           "load_plot_scores",
            "markdown_report", "renamer", "report_notes", "run_bench", "summarise"]

@@ -23,6 +23,7 @@ from oodbench.bench.plan import Bench, Entry, renamer
 from oodbench.engine import setup_device
 from oodbench.errors import OODBenchError
 
+MARKER = ".oodbench-report"     # the file that makes a folder an oodbench report folder (bench.check_report_folder)
 NOT_COMPUTED = "not computed yet (--report-only shows finished cells only; run the bench without it)"
 
 
@@ -64,6 +65,7 @@ class Recorder:
         record = json.loads(json.dumps({**record, "material": material}, default=str))
         record["digest"] = record_digest(record)
         self.computed += 1
+        mark_report_folder(self.folder)
         workflow.write_atomic(self.folder / "cells" / f"{self.key(material)}.json",
                           json.dumps(record, indent=1, default=str) + "\n")
 
@@ -190,8 +192,16 @@ def plot_scores_path(folder: Path, entry: Entry, in_spec: str, spec: str) -> Pat
     return folder / "scores" / workflow.safe_name(in_spec) / workflow.safe_name(entry.label) / f"{workflow.safe_name(spec)}.npz"
 
 
+def mark_report_folder(folder: Path) -> None:
+    """Write the marker that makes `folder` an oodbench report folder (before the first file of the report)."""
+    if not (Path(folder) / MARKER).is_file():
+        workflow.write_atomic(Path(folder) / MARKER, "an oodbench bench report: `oodbench bench --out` rewrites "
+                                                     "the files in this folder\n")
+
+
 def save_plot_scores(path: Path, arrays: dict) -> None:
     """The first seed's scores, kept in the report folder for the plots (float32, evaluated rows only)."""
+    mark_report_folder(path.parents[3])
     workflow.save_npz(path, {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if not k.startswith("_")})
 
 

@@ -8,13 +8,33 @@ import numpy as np
 
 from oodbench import plots, progress, report, workflow
 from oodbench.bench.aggregate import BELOW_CHANCE, collapse, describe_timing, failures, report_notes
-from oodbench.bench.cells import load_plot_scores, plot_scores_path
+from oodbench.bench.cells import MARKER, load_plot_scores, mark_report_folder, plot_scores_path
 from oodbench.bench.plan import Bench, renamer
+from oodbench.errors import OODBenchError
 from oodbench.metrics import METRIC_TITLES, TABLE_METRICS
+
+
+def check_report_folder(folder) -> Path:
+    """The report folder, refused (before anything is written) when it is a file or a folder of the user's own
+    files: a bench writes and deletes report.md, results.csv, errors.log and plots/*.png there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OODBenchError(f"--out {folder} is a file; name a new folder (or an oodbench report folder)")
+    if folder.is_dir() and not (folder / MARKER).is_file():
+        entries = sorted(p.name for p in folder.iterdir())
+        older_report = (folder / "results.json").is_file() and (folder / "cells").is_dir()   # before the marker
+        # a bench stopped before its first cell record leaves only its own folders (no file it would replace)
+        started = all(name in ("cells", "scores", "plots", "slurm") and (folder / name).is_dir() for name in entries)
+        if entries and not older_report and not started:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise OODBenchError(f"--out {folder} is not an oodbench report folder (it holds {shown}); a bench would "
+                                f"overwrite or delete files there: name a new or empty folder")
+    return folder
 
 
 def write_report(bench, folder, recorder, summary, missing, plot_note, took: dict, device) -> dict:
     """Write every report file; returns the results (what results.json holds)."""
+    mark_report_folder(folder)
     failed = failures(bench, recorder.cells)
     skipped = [{"dataset": spec, "reason": why} for spec, why in missing.items()]
     public = [{k: v for k, v in r.items() if k != "group"} | {"kind": "group" if r["group"] else "set"}

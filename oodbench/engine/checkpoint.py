@@ -97,10 +97,18 @@ def load(path: Path, map_location="cpu"):
         payload = _payload(raw)
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for bad files
-        reason = (str(e).splitlines() or [""])[0][:120]
         raise OODBenchError(
-            f"checkpoint {path} is corrupt, truncated or not an oodbench checkpoint ({type(e).__name__}"
-            f"{': ' + reason if reason else ''}); delete it to resume from an earlier checkpoint, or retrain") from e
+            f"checkpoint {path} is corrupt, truncated or not an oodbench checkpoint ({load_failure(e)}); delete it "
+            f"to resume from an earlier checkpoint, or retrain") from e
+
+
+def load_failure(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in oodbench's words (torch's own message advises retrying with
+    weights_only=False, which would run the file's code: never quoted)."""
+    if "weights_only" in str(e) or "Weights only" in str(e):
+        return "it holds Python objects other than tensors, which oodbench never unpickles"
+    text = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}" + (f": {text}" if text else "")
 
 
 def _payload(raw: bytes) -> bytes:

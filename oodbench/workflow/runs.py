@@ -240,9 +240,12 @@ def check_model_takes(model, shape, in_spec: str) -> None:
     training = net.training
     try:
         net.eval()
-        with torch.no_grad():
-            model.features_and_logits(blank.to(next(net.parameters(), blank).device))
-    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        with torch.no_grad():   # logits only for a model without a features/head split (torchscript)
+            forward = model.features_and_logits if model.head is not None else model.logits
+            forward(blank.to(next(net.parameters(), blank).device))
+    except OODBenchError:
+        raise
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 - the user's forward may raise anything
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise OODBenchError(f"model {model.name} cannot score {in_spec}'s images (prepared from {tuple(shape)}): "
                             f"{first}; give the model its input size (weights with a preprocessing size, or "
