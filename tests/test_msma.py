@@ -381,5 +381,5 @@ def test_cli_end_to_end_on_fashion_mnist_subset(tmp_path):
     for name, row in rows.items():
         assert row["auroc"] > 0.95, (name, row)
     run = next(tmp_path.glob("msma-fashion_mnist-s0*"))
-    with np.load(next((run / "scores" / "msma").glob("noise*gaussian.npz"))) as f:
+    with np.load(next((run / "scores" / "msma").glob("noise*gaussian*.npz"))) as f:
         assert f["_score_norms"].shape == (500, 10)
