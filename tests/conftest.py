@@ -16,3 +16,17 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(before)
+
+
+def tiny_image_batch(n: int, seed: int) -> torch.Tensor:
+    """n uint8 8×8 RGB images: one random tint per image plus ±40 of noise (the post-hoc tests' inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    tint = torch.randint(0, 256, (n, 3, 1, 1), generator=g)
+    noise = torch.randint(-40, 41, (n, 3, 8, 8), generator=g)
+    return (tint + noise).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_images():
+    """`tiny_images(n, seed)`: the small seeded images the post-hoc method tests score."""
+    return tiny_image_batch

@@ -10,6 +10,7 @@ from sklearn.covariance import EmpiricalCovariance
 from oodbench.data import ImageSet
 from oodbench.detectors import get, method
 from oodbench.models import wrap
+from conftest import tiny_image_batch as images  # noqa: F401  (imported from here by other test files)
 
 pood = pytest.importorskip("pytorch_ood.detector", reason="pytorch-ood is in the test extra")
 K, D = 5, 32
@@ -25,18 +26,11 @@ class SmallNet(nn.Module):
         return self.fc(self.body(x))
 
 
-def images(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    tint = torch.randint(0, 256, (n, 3, 1, 1), generator=g)
-    noise = torch.randint(-40, 41, (n, 3, 8, 8), generator=g)
-    return (tint + noise).clamp(0, 255).to(torch.uint8)
-
-
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_images):
     torch.manual_seed(0)
     model = wrap(SmallNet(), mean=[0.5] * 3, std=[0.25] * 3)
-    x_train, x_val, x_test = images(600, 1), images(200, 2), images(100, 3)
+    x_train, x_val, x_test = tiny_images(600, 1), tiny_images(200, 2), tiny_images(100, 3)
     with torch.no_grad():   # a head centred on the training features, so that every class is predicted
         z = model.features(x_train)
         fc = model.head

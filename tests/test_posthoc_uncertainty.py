@@ -26,21 +26,15 @@ class DropNet(nn.Module):
         return self.fc(self.body(x))
 
 
-def images(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    tint = torch.randint(0, 256, (n, 3, 1, 1), generator=g)
-    return (tint + torch.randint(-40, 41, (n, 3, 8, 8), generator=g)).clamp(0, 255).to(torch.uint8)
-
-
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_images):
     torch.manual_seed(0)
     net = DropNet()
     with torch.no_grad():
         net.body[1].running_mean.uniform_(-0.2, 0.2)
         net.body[1].running_var.uniform_(0.5, 2.0)
     model = wrap(net, mean=[0.5] * 3, std=[0.25] * 3)
-    x_train, x = images(300, 1), images(60, 3)
+    x_train, x = tiny_images(300, 1), tiny_images(60, 3)
     with torch.no_grad():
         z_train, _ = model.features_and_logits(x_train)
         z, logits = model.features_and_logits(x)

@@ -10,6 +10,7 @@ from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, rmds, k
 from oodbench.detectors import logit_scores  # noqa: F401,E402  entropy, gen, tempscale, klm
 from oodbench.detectors import feature_space  # noqa: F401,E402  vim, residual, she, nnguide, fdbd, nci
 from oodbench.detectors import shaping  # noqa: F401,E402  react, ash_p, ash_b, ash_s, scale, dice
+from oodbench.detectors import adascale  # noqa: F401,E402  adascale_a, adascale_l
 from oodbench.detectors import multilayer  # noqa: F401,E402  gram, mds_ensemble, rankfeat
 from oodbench.detectors import openmax  # noqa: F401,E402  openmax
 from oodbench.detectors import gradients  # noqa: F401,E402  gradnorm, gradlayer

@@ -43,7 +43,8 @@ def _seeded(device):
 
 @register("mcdropout")
 class MCDropout(PostHoc):
-    summary = "MC-dropout: T stochastic passes with dropout active, -max mean softmax (Gal & Ghahramani 2016)"
+    summary = "MC-dropout: T stochastic passes with dropout active, -max softmax of the mean logits " \
+              "(Gal & Ghahramani 2016)"
     OPTIONS = {
         "passes": Option(5, "T stochastic passes (OpenOOD dropout.yml: 5; pytorch-ood MCD: 30)"),
         "where": Option("model", "model = the model's own dropout layers (pytorch-ood MCD) | features = dropout on "

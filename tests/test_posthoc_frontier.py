@@ -1,0 +1,143 @@
+"""AdaSCALE-A / AdaSCALE-L: equal to a transcription, written here, of OpenOOD v1.5's `adascale` postprocessor
+(openood/postprocessors/adascale_postprocessor.py, openood/networks/adascale_net.py) on the same model and images,
+plus the defining property: the percentile adapts to the measured shift, and a fixed one is SCALE."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from oodbench.data import ImageSet
+from oodbench.detectors import method
+from oodbench.errors import OODBenchError
+from oodbench.models import wrap
+
+K, D = 5, 32
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, D, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(D, K)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_images):
+    torch.manual_seed(0)
+    net = SmallNet()
+    model = wrap(net, mean=[0.5] * 3, std=[0.25] * 3)
+    x_val, x = tiny_images(200, 2), tiny_images(80, 3)
+    return dict(model=model, net=net, val=ImageSet(x_val, None, "val"), x_val=x_val, x=x)
+
+
+def close(a, b, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=rtol, atol=atol)
+
+
+# -- the reference: OpenOOD's postprocessor, re-written from its code on an OpenOOD-style (x → logits, feature) net --
+def openood_features(net, data):
+    """(logits, feature) of an OpenOOD backbone's forward(x, return_feature=True)."""
+    feature = net.body(data)
+    return net.fc(feature), feature
+
+
+def openood_shift(net, data, o):
+    """setup()/postprocess(): gradient of the top logit, perturb the o·CHW smallest-|grad| inputs by 0.5·sign."""
+    data = data.clone().requires_grad_(True)
+    output, feature = openood_features(net, data)
+    labels = output.detach().argmax(dim=1)
+    net.zero_grad()
+    output[torch.arange(len(labels)), labels].backward(torch.ones(len(labels)))
+    grad = data.grad.detach()
+    b, c, h, w = data.shape
+    n_pixels = int(c * h * w * o)
+    abs_grad = grad.abs().view(b, c * h * w)
+    idx = torch.topk(abs_grad, n_pixels, dim=1, largest=False)[1]
+    mask = torch.zeros_like(abs_grad, dtype=torch.uint8).scatter_(1, idx, 1).view(b, c, h, w)
+    with torch.no_grad():
+        _, perturbed = openood_features(net, data.detach() + grad.sign() * mask * 0.5)
+    return feature.detach(), perturbed, (feature.detach() - perturbed).abs()
+
+
+def openood_norm(feature, perturbed, shift, k1, k2, lmbda):
+    k1_, k2_ = int(D * k1 / 100), int(D * k2 / 100)
+    top1 = torch.topk(feature, k=k1_, dim=1)[1]
+    top2 = torch.topk(feature, k=k2_, dim=1)[1]
+    return torch.gather(torch.relu(perturbed), 1, top1).sum(1) + lmbda * torch.gather(shift, 1, top2).sum(1)
+
+
+def openood_adascale(net, inp_val, inp, percentile=(75, 85), k1=5, k2=1, lmbda=10, o=0.05, logit_scaling=False):
+    val_norms = openood_norm(*openood_shift(net, inp_val, o), k1, k2, lmbda).numpy()
+    feature, perturbed, shift = openood_shift(net, inp, o)
+    norms = openood_norm(feature, perturbed, shift, k1, k2, lmbda).numpy()
+    ecdf = (val_norms[None, :] <= norms[:, None]).mean(1)          # statsmodels ECDF: P(X <= t)
+    pct = torch.from_numpy(percentile[0] + (1 - ecdf) * (percentile[1] - percentile[0]))
+    x = torch.relu(feature)                                        # adascale_net.ada_scale
+    n = x.shape[1]
+    ks = n - torch.round(n * pct / 100.0).to(torch.int)
+    values, _ = torch.topk(x, int(ks.max()), dim=1)
+    mask = torch.arange(int(ks.max()))[None, :] < ks[:, None]
+    scale = x.sum(1, keepdim=True) / (values * mask).sum(1, keepdim=True)
+    with torch.no_grad():
+        if logit_scaling:
+            logits = net.fc(feature) * scale.float() ** 2.0
+        else:
+            logits = net.fc(feature * torch.exp(scale.float()))
+    return torch.logsumexp(logits, dim=1), pct
+
+
+@pytest.mark.parametrize("name,logit_scaling", [("adascale_a", False), ("adascale_l", True)])
+@pytest.mark.parametrize("options", [{}, dict(percentile=[60, 95], k1=20, k2=10, lmbda=1.0, o=0.2)])
+def test_adascale_equals_openood(setup, name, logit_scaling, options):
+    model = setup["model"]
+    ref_opts = dict(options, percentile=tuple(options.get("percentile", (75, 85))))
+    ref, _ = openood_adascale(setup["net"], model.prepare(setup["x_val"]), model.prepare(setup["x"]),
+                              logit_scaling=logit_scaling, **ref_opts)
+    ours = method(name, **options).fit(model, val=setup["val"]).score(setup["x"])
+    close(ours, -ref, rtol=1e-4, atol=1e-5)
+
+
+def test_adascale_percentile_falls_as_the_measured_shift_grows(setup):
+    model = setup["model"]
+    m = method("adascale_a", percentile=[60, 95]).fit(model, val=setup["val"])
+    out = m.outputs(setup["x"])
+    norms = m.shift_norm(out["features"], out["perturbed"]).double()
+    pct = m.percentiles(out["features"], out["perturbed"])
+    order = norms.argsort()
+    assert (pct[order].diff() <= 1e-12).all()                  # larger Q' → lower percentile (more kept)
+    assert pct.min() >= 60 and pct.max() <= 95 and pct.max() - pct.min() > 10   # it really adapts
+    _, ref_pct = openood_adascale(setup["net"], model.prepare(setup["x_val"]), model.prepare(setup["x"]),
+                                  percentile=(60, 95))
+    close(pct, ref_pct, rtol=0, atol=1e-9)
+    # more shift on the same features → a lower percentile
+    bigger = m.percentiles(out["features"], out["perturbed"] * 0 + out["perturbed"] + 1.0)
+    assert (bigger <= pct + 1e-12).all() and (bigger < pct).any()
+
+
+def test_adascale_a_with_a_fixed_percentile_is_scale(setup):
+    model = setup["model"]
+    ours = method("adascale_a", percentile=[85, 85]).fit(model, val=setup["val"]).score(setup["x"])
+    close(ours, method("scale", percentile=85).fit(model).score(setup["x"]), rtol=1e-5, atol=1e-5)
+
+
+def test_adascale_options_grid_and_state(setup):
+    from oodbench.detectors.adascale import AdaScaleA
+
+    assert AdaScaleA.defaults()["percentile"] == [75, 85]
+    grid = AdaScaleA.sweep()["percentile"]
+    assert len(grid) == 36 and [60, 65] in grid and [95, 99] in grid and all(a < b for a, b in grid)
+    model = setup["model"]
+    m = method("adascale_l").fit(model, val=setup["val"])
+    again = method("adascale_l").use_model(model).load_state_dict(m.state_dict())
+    close(again.score(setup["x"]), m.score(setup["x"]), rtol=0, atol=0)
+    for bad in (dict(percentile=[90, 80]), dict(percentile=[0, 50]), dict(percentile=85), dict(k1=0),
+                dict(o=1.5), dict(lmbda=-1.0), dict(num_samples=0)):
+        with pytest.raises(OODBenchError):
+            method("adascale_a", **bad).fit(model, val=setup["val"])
+    with pytest.raises(OODBenchError, match="validation"):
+        method("adascale_a").fit(model, setup["val"])
+    with pytest.raises(OODBenchError):
+        method("adascale_a").fit_features(np.zeros((4, D), np.float32), np.zeros((4, K), np.float32))
