@@ -141,3 +141,67 @@ def test_adascale_options_grid_and_state(setup):
         method("adascale_a").fit(model, setup["val"])
     with pytest.raises(OODBenchError):
         method("adascale_a").fit_features(np.zeros((4, D), np.float32), np.zeros((4, K), np.float32))
+
+
+# -- MDS++ / RMDS++ (Mueller & Hein 2025, arXiv 2505.18032) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def labelled(tiny_images):
+    torch.manual_seed(1)
+    model = wrap(SmallNet(), mean=[0.5] * 3, std=[0.25] * 3)
+    x_train, x = tiny_images(400, 4), tiny_images(60, 5)
+    with torch.no_grad():   # a head centred on the training features, so that every class is predicted
+        z = model.features(x_train)
+        model.head.weight.copy_(torch.randn(K, D) / z.std(0).clamp_min(1e-3))
+        model.head.bias.copy_(-(model.head.weight @ z.mean(0)))
+        z_train, logits_train = model.features_and_logits(x_train)
+        z_test, _ = model.features_and_logits(x)
+    y = logits_train.argmax(1)
+    assert set(y.tolist()) == set(range(K))
+    return dict(model=model, train=ImageSet(x_train, y, "train"), x=x, z_train=z_train.numpy().astype(np.float64),
+                y=y.numpy(), z=z_test.numpy().astype(np.float64))
+
+
+def maha_norm_reference(z_train, y, z, relative):
+    """The Mahalanobis++ authors' evaluate_(Relative_)Mahalanobis_norm (mueller-mp/maha-norm, NINCO/
+    detection_methods.py), re-written: unit-norm features, class means, EmpiricalCovariance(assume_centered=True) of
+    the class-centred rows; RMDS++ subtracts the distance to the global mean of the normalised training features."""
+    from sklearn.covariance import EmpiricalCovariance
+
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)   # noqa: E731
+    f_train, f = unit(z_train), unit(z)
+    means = np.stack([f_train[y == c].mean(0) for c in range(K)])
+    centred = np.concatenate([f_train[y == c] - means[c] for c in range(K)])
+    prec = EmpiricalCovariance(assume_centered=True).fit(centred).precision_
+    d = np.stack([(((f - m) @ prec) * (f - m)).sum(-1) for m in means], 1)          # (B, C)
+    if relative:
+        m0 = f_train.mean(0)
+        prec0 = EmpiricalCovariance(assume_centered=True).fit(f_train - m0).precision_
+        d = d - ((((f - m0) @ prec0) * (f - m0)).sum(-1))[:, None]
+    return d.min(1)        # the authors' score is minus this (higher = ID); oodbench's is this (higher = OOD)
+
+
+@pytest.mark.parametrize("name,relative", [("mahalanobis_pp", False), ("rmds_pp", True)])
+def test_mahalanobis_pp_equals_the_authors_code(labelled, name, relative):
+    ref = maha_norm_reference(labelled["z_train"], labelled["y"], labelled["z"], relative)
+    ours = method(name).fit(labelled["model"], labelled["train"]).score(labelled["x"])
+    close(ours.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,plain", [("mahalanobis_pp", "mahalanobis"), ("rmds_pp", "rmds")])
+def test_mahalanobis_pp_ignores_feature_norms_and_is_the_plain_method_on_unit_features(labelled, name, plain):
+    g = torch.Generator().manual_seed(0)
+    z_train, z = torch.from_numpy(labelled["z_train"]).float(), torch.from_numpy(labelled["z"]).float()
+    y = torch.from_numpy(labelled["y"])
+    logits = torch.zeros(len(z), K)
+    m = method(name).fit_features(z_train, torch.zeros(len(z_train), K), y)
+    base = m.score_features(z, logits)
+    scaled = m.score_features(z * (0.1 + 10 * torch.rand(len(z), 1, generator=g)), logits)   # per-image norms
+    close(scaled, base, rtol=1e-5, atol=1e-5)
+    refit = method(name).fit_features(z_train * (0.1 + 10 * torch.rand(len(z_train), 1, generator=g)),
+                                      torch.zeros(len(z_train), K), y)
+    close(refit.score_features(z, logits), base, rtol=1e-4, atol=1e-4)
+    unit = torch.nn.functional.normalize
+    on_unit = method(plain).fit_features(unit(z_train, dim=1), torch.zeros(len(z_train), K), y)
+    close(on_unit.score_features(unit(z, dim=1), logits), base, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(method(plain).fit_features(z_train, torch.zeros(len(z_train), K), y)
+                              .score_features(z, logits), base, rtol=1e-2)

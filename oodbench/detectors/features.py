@@ -1,5 +1,5 @@
-"""Feature-space baselines: Mahalanobis (MDS), relative Mahalanobis (RMDS) and deep nearest neighbours (KNN), on the
-ID training features.
+"""Feature-space baselines: Mahalanobis (MDS), relative Mahalanobis (RMDS), their Mahalanobis++ forms on L2-normalised
+features (MDS++, RMDS++) and deep nearest neighbours (KNN), on the ID training features.
 
 Mahalanobis and RMDS use class means and one tied covariance, in float64 on the device, inverted as scikit-learn's
 `EmpiricalCovariance` does (`tied_gaussian`, `squared_distances`; mds_ensemble uses them per layer too). KNN searches
@@ -66,6 +66,33 @@ class RMDS(PostHoc):
         means, precision, mean0, precision0 = self.stats_
         background = squared_distances(out["features"], mean0, precision0)          # (B, 1)
         return (squared_distances(out["features"], means, precision) - background).amin(1).float()
+
+
+def _unit(arrays: dict) -> dict:
+    """The arrays with each feature row scaled to unit L2 norm (float64), as Mahalanobis++ does before fit and score."""
+    return dict(arrays, features=F.normalize(arrays["features"].double(), dim=1))
+
+
+@register("mahalanobis_pp")
+class MahalanobisPP(Mahalanobis):
+    summary = "Mahalanobis++: mahalanobis on L2-normalised penultimate features (Mueller & Hein 2025, MDS++)"
+
+    def fit_outputs(self, ref):
+        return super().fit_outputs(_unit(ref))
+
+    def score_outputs(self, out):
+        return super().score_outputs(_unit(out))
+
+
+@register("rmds_pp")
+class RMDSPP(RMDS):
+    summary = "relative Mahalanobis++: rmds on L2-normalised penultimate features (Mueller & Hein 2025, RMDS++)"
+
+    def fit_outputs(self, ref):
+        return super().fit_outputs(_unit(ref))
+
+    def score_outputs(self, out):
+        return super().score_outputs(_unit(out))
 
 
 @register("knn")
