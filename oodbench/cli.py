@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
     e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")
     e.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add N-resample bootstrap 95%% intervals")
+    e.add_argument("--joint", action="store_true", help="add the metrics that join classification and detection "
+                   "(OSCR, CCR@FPR, AUTC, AURC, AUGRC, ECE, ...; docs/metrics.md) from the classifier's predictions")
     e.add_argument("--tune", action="store_true", help="choose each post-hoc method's options from its grid on "
                    "the ID validation split against tune.val_ood (never a test set); the choice is printed and saved")
     common(e, set_help=scoring_set, where=" (with --in; ignored with --run or --model)")
@@ -194,7 +196,7 @@ def cmd_eval(a) -> None:
     workflow.check_evaluation(methods, outs, a.limit, a.bootstrap)   # before a model or run is loaded
     run, overrides = workflow.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
                                        a.fit_limit, a.overrides, a.data_root, a.fit_data)
-    rows = workflow.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune)
+    rows = workflow.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune, a.joint)
     if a.format == "json":
         print(report.json_rows(rows))
     elif a.format == "csv":

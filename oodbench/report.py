@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from oodbench.joint_metrics import JOINT_TITLES
 from oodbench.metrics import METRIC_TITLES, TABLE_METRICS
 from oodbench.tables import rows_to_csv
 
@@ -11,13 +12,19 @@ JSON_KEYS = ("method", "in", "out") + TABLE_METRICS
 
 
 def markdown_table(rows: list) -> str:
-    """One line per (method, in, out); metrics in percent."""
-    head = "| method | in | out | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    """One line per (method, in, out); metrics in percent. The joint metrics (--joint) get columns when a row has
+    them; a row without one shows "-"."""
+    columns = COLUMNS + tuple((k, t) for k, t in JOINT_TITLES.items() if any(k in r for r in rows))
+    head = "| method | in | out | " + " | ".join(title for _, title in columns) + " |"
+    lines = [head, "|" + "---|" * (3 + len(columns))]
     for r in rows:
-        cells = [r["method"], r["in"], r["out"]] + [f"{100 * r[k]:.2f}" for k, _ in COLUMNS]
+        cells = [r["method"], r["in"], r["out"]] + [_percent(r.get(k)) for k, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def json_rows(rows: list) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-from oodbench import data, metrics
+from oodbench import data, joint_metrics, metrics
 from oodbench.engine import distributed, setup_device
 from oodbench.errors import OODBenchError
 from oodbench.workflow.files import check_limit
@@ -37,12 +37,15 @@ def set_name(spec) -> str:
 
 
 def metric_rows(id_scores: dict, ood_scores: dict, in_name: str, out_name: str, bootstrap: int = 0,
-                rename=lambda row: row) -> list:
-    """One metrics row per reported score row (keys not starting with "_"), with bootstrap intervals if asked."""
+                rename=lambda row: row, joint: bool = False) -> list:
+    """One metrics row per reported score row (keys not starting with "_"), with bootstrap intervals if asked and,
+    with `joint`, the joint metrics (joint_metrics.JOINT_TITLES) from the ID set's recorded predictions."""
     rows = []
     for row in (k for k in id_scores if not k.startswith("_")):
         result = {"method": rename(row), "in": in_name, "out": out_name,
                   **metrics.evaluate(id_scores[row], ood_scores[row])}
+        if joint:
+            result.update(joint_numbers(id_scores, row, ood_scores[row]))
         if bootstrap:
             for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
                 result[f"{name}_ci"] = [lo, hi]
@@ -50,9 +53,23 @@ def metric_rows(id_scores: dict, ood_scores: dict, in_name: str, out_name: str, 
     return rows
 
 
+def joint_numbers(id_scores: dict, row: str, ood_row) -> dict:
+    """The joint metrics of score row `row` (higher = more OOD) with the ID side's `_pred`/`_label`/`_conf`."""
+    correct = id_scores["_pred"] == id_scores["_label"]
+    values = joint_metrics.evaluate_joint(id_scores[row], ood_row, correct, id_scores.get("_conf"))
+    return {k: values[k] for k in joint_metrics.JOINT_TITLES if k in values}
+
+
+def check_joint(method: str, det) -> None:
+    """Joint metrics asked of a method without class predictions: the one-line error, before any scoring."""
+    from oodbench.detectors.posthoc import PostHoc
+
+    joint_metrics.require_predictions(method, isinstance(det, PostHoc) and det.model is not None, True)
+
+
 def evaluate_method(run, scoring, outs: Iterable, limit: Optional[int] = None, bootstrap: int = 0,
                     tune: bool = False, rename=lambda row: row, accuracies: Optional[dict] = None,
-                    on_id=None) -> Iterator[Outcome]:
+                    on_id=None, joint: bool = False) -> Iterator[Outcome]:
     """Outcomes of one prepared method on each OOD set of `outs`. Errors while scoring the ID set raise; an error on
     one OOD set is yielded as that set's outcome, so a caller may record it and go on (bench) or raise (eval).
     `on_id(IdResult)` is called once the ID side is scored."""
@@ -60,7 +77,11 @@ def evaluate_method(run, scoring, outs: Iterable, limit: Optional[int] = None, b
     extra = {}
     if tune:   # {} for a method without a grid: the rows say it was asked and nothing was chosen
         extra["tuned"] = tune_method(run, scoring)
+    if joint:
+        check_joint(scoring.name, det)
     id_scores = run.score(scoring, run.in_distribution(), limit)
+    if joint:
+        joint_metrics.require_predictions(scoring.name, "_pred" in id_scores, "_label" in id_scores)
     if hasattr(det, "accuracy"):   # classifiers report their ID test accuracy beside the rows (once per model)
         accuracies = {} if accuracies is None else accuracies
         if scoring.tag not in accuracies:
@@ -77,7 +98,7 @@ def evaluate_method(run, scoring, outs: Iterable, limit: Optional[int] = None, b
             ood_scores = run.score(scoring, out, limit)
             numbers = {**extra, **det.extra_metrics(id_scores, ood_scores)}
             rows = [{**r, **numbers} for r in
-                    metric_rows(id_scores, ood_scores, in_name, set_name(out), bootstrap, rename)]
+                    metric_rows(id_scores, ood_scores, in_name, set_name(out), bootstrap, rename, joint)]
         except Exception as e:  # noqa: BLE001 - handed to the caller, which raises or records it
             yield Outcome(out, error=e)
         else:
@@ -85,18 +106,23 @@ def evaluate_method(run, scoring, outs: Iterable, limit: Optional[int] = None, b
 
 
 def evaluate(run, methods: Iterable, out_specs: Iterable, limit: Optional[int] = None, overrides: Iterable[str] = (),
-             device="auto", bootstrap: int = 0, tune: bool = False) -> list:
+             device="auto", bootstrap: int = 0, tune: bool = False, joint: bool = False) -> list:
     """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run. With `tune`,
-    each method's options are first chosen on validation data and recorded in its rows. Every method, option,
+    each method's options are first chosen on validation data and recorded in its rows; with `joint`, the joint
+    metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) join every row. Every method, option,
     dataset and setting is checked, and the fit/test overlap refused, before the first image is scored."""
     methods, out_specs = list(methods), list(out_specs)
     check_evaluation(methods, out_specs, limit, bootstrap)
     device = setup_device(device)
     check_run(run, run.scoring_config(overrides), device, [run.in_distribution(), *out_specs])
     prepared = [run.prepare(m, overrides, device) for m in methods]
+    if joint:
+        for scoring in prepared:
+            check_joint(scoring.name, scoring.det)
     rows, accuracies = [], {}
     for scoring in prepared:
-        for outcome in evaluate_method(run, scoring, out_specs, limit, bootstrap, tune, accuracies=accuracies):
+        for outcome in evaluate_method(run, scoring, out_specs, limit, bootstrap, tune, accuracies=accuracies,
+                                       joint=joint):
             if outcome.error is not None:
                 raise outcome.error
             rows += outcome.rows

@@ -24,7 +24,8 @@ def score_cached(run, scoring, spec, limit: Optional[int] = None, batch_size: in
     h = hashlib.sha1()
     h.update(scoring.tag.encode())
     h.update(imageset.fingerprint.encode())
-    h.update(json.dumps({"options": scoring.options, "limit": limit}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"options": scoring.options, "limit": limit, "predictions": PREDICTIONS_VERSION},
+                        sort_keys=True, default=str).encode())
     key = h.hexdigest()[:20]
     path = run.score_path(scoring, spec)
     cached = None if path is None else read_npz(path, "_cache_key", key)
@@ -42,6 +43,30 @@ def score_cached(run, scoring, spec, limit: Optional[int] = None, batch_size: in
     return arrays
 
 
+PREDICTIONS_VERSION = 1   # in the cache key: score files written before predictions were recorded are rescored
+
+
+def predictions(det, imageset, batch_size: int = 256) -> dict:
+    """The classifier's side of a post-hoc method's score file: `_pred` (N,) int64 arg-max class, `_conf` (N,)
+    float32 top-class softmax probability and, when the set's labels are the model's classes, `_label` (N,) int64.
+    The logits come from the process memo the methods share (no extra network pass after a features+logits one).
+    {} for a detector without a classifier (trained families)."""
+    if not isinstance(det, PostHoc) or det.model is None:
+        return {}
+    from oodbench.detectors.posthoc import shared_outputs
+
+    logits = shared_outputs(det, imageset, "scored", lambda x: {"logits": det.logits(x)}, ("logits",),
+                            batch_size)["logits"]
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    arrays = {"_pred": logits.argmax(axis=1).astype(np.int64),
+              "_conf": (shifted.max(axis=1) / shifted.sum(axis=1)).astype(np.float32)}
+    if imageset.labels is not None and det.model.num_classes == imageset.num_classes:
+        arrays["_label"] = np.asarray(imageset.labels.cpu() if hasattr(imageset.labels, "cpu") else
+                                      imageset.labels).astype(np.int64)
+    return arrays
+
+
 def score_set(det, imageset, batch_size: int = 256) -> dict:
     """`det` over a whole set → numpy arrays: a post-hoc method through its shared outputs (one network pass per
     set for all of them), a trained detector through `score_rows` per batch."""
@@ -49,6 +74,7 @@ def score_set(det, imageset, batch_size: int = 256) -> dict:
     part = imageset.subset(distributed.shard(len(imageset), distributed.rank(), world)) if world > 1 else imageset
     if isinstance(det, PostHoc):
         arrays = {k: v.detach().float().cpu().numpy() for k, v in det.score_set(part, batch_size).items()}
+        arrays.update(predictions(det, part, batch_size))
         return distributed.gather_concat(arrays, world)
     chunks: dict = {}
     total = -(-len(part) // batch_size)
