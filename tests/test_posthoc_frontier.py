@@ -205,3 +205,63 @@ def test_mahalanobis_pp_ignores_feature_norms_and_is_the_plain_method_on_unit_fe
     close(on_unit.score_features(unit(z, dim=1), logits), base, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(method(plain).fit_features(z_train, torch.zeros(len(z_train), K), y)
                               .score_features(z, logits), base, rtol=1e-2)
+
+
+# -- GMM (OpenOOD gmm) and the class-conditional GMM (pytorch-ood GMM) --------------------------------------------------
+def openood_gmm(z_train, z, components, pca, seed=0):
+    """OpenOOD's get_GMM_stat / compute_GMM_score, re-written for the penultimate layer: PCA axes (uncentred
+    projection), GaussianMixture(tied, random_state), conf = log Σ_k w_k exp(−½ d_k) (float64: no underflow here)."""
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    # OpenOOD's 'none' is np.eye (float64: the mixture then fits in float64); oodbench fits the float32 features
+    # as they are (no N x D float64 copy), so the reference keeps their dtype here
+    transform = PCA(n_components=pca).fit(z_train).components_.T if pca else np.eye(z_train.shape[1],
+                                                                                 dtype=z_train.dtype)
+    gm = GaussianMixture(n_components=components, random_state=seed, covariance_type="tied").fit(z_train @ transform)
+    f = z @ transform
+    prob = np.stack([np.exp(-0.5 * (((f - m) @ gm.precisions_) * (f - m)).sum(1)) for m in gm.means_], 1)
+    return np.log(prob @ gm.weights_)
+
+
+@pytest.mark.parametrize("components,pca", [(4, 8), (2, 0)])
+def test_gmm_equals_openood(labelled, components, pca):
+    z_train = labelled["z_train"].astype(np.float32)
+    ref = openood_gmm(z_train, labelled["z"].astype(np.float32), components, pca)
+    ours = method("gmm", components=components, pca=pca).fit(labelled["model"], labelled["train"]).score(labelled["x"])
+    assert np.isfinite(ref).all()
+    close(ours.double(), -torch.from_numpy(ref), rtol=1e-4, atol=1e-3)
+
+
+def test_gmm_with_one_component_is_half_the_mahalanobis_distance_to_the_mean(labelled):
+    z_train, z = torch.from_numpy(labelled["z_train"]), torch.from_numpy(labelled["z"])
+    logits = torch.zeros(len(z), K)
+    ours = method("gmm", components=1, pca=0, reg=0.0).fit_features(z_train.float(), torch.zeros(len(z_train), K))
+    centred = z_train - z_train.mean(0)
+    prec = torch.linalg.inv(centred.T @ centred / len(z_train))
+    d = (((z - z_train.mean(0)) @ prec) * (z - z_train.mean(0))).sum(1)
+    close(ours.score_features(z.float(), logits).double(), 0.5 * d, rtol=1e-3, atol=1e-3)
+    again = method("gmm").load_state_dict(ours.state_dict())
+    close(again.score_features(z.float(), logits), ours.score_features(z.float(), logits), rtol=0, atol=0)
+    for bad in (dict(components=0), dict(pca=33), dict(pca=-1), dict(components=1000), dict(reg=-1.0)):
+        with pytest.raises(OODBenchError):
+            method("gmm", **bad).fit_features(z_train.float(), torch.zeros(len(z_train), K))
+
+
+def test_gmm_class_equals_pytorch_ood(labelled):
+    pood = pytest.importorskip("pytorch_ood.detector", reason="pytorch-ood is in the test extra")
+    z_train, y = torch.from_numpy(labelled["z_train"]).float(), torch.from_numpy(labelled["y"])
+    ref = pood.GMM(None, reg=1e-4).fit_features(z_train, y).predict_features(torch.from_numpy(labelled["z"]).float())
+    ours = method("gmm_class", reg=1e-4).fit(labelled["model"], labelled["train"]).score(labelled["x"])
+    close(ours.double(), ref.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_gmm_class_is_the_gaussian_negative_log_density():
+    z_train = torch.tensor([[0.0], [2.0], [4.0], [10.0], [14.0]])
+    y = torch.tensor([0, 0, 0, 1, 1])
+    m = method("gmm_class", reg=0.0).fit_features(z_train, torch.zeros(5, 2), y)
+    z = torch.tensor([[1.0], [30.0]])
+    var0, var1 = 8.0 / 3.0, 4.0
+    dens = lambda x, mu, var: np.exp(-(x - mu) ** 2 / (2 * var)) / np.sqrt(2 * np.pi * var)   # noqa: E731
+    ref = [-np.log(0.6 * dens(x, 2.0, var0) + 0.4 * dens(x, 12.0, var1)) for x in (1.0, 30.0)]
+    close(m.score_features(z, torch.zeros(2, 2)).double(), torch.tensor(ref), rtol=1e-6, atol=1e-6)

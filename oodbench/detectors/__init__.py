@@ -7,6 +7,7 @@ from oodbench.detectors.posthoc import PostHoc
 from oodbench.errors import OODBenchError
 from oodbench.detectors import classifier  # noqa: F401,E402  msp, maxlogit, energy, odin
 from oodbench.detectors import features  # noqa: F401,E402  mahalanobis, rmds, mahalanobis_pp, rmds_pp, knn
+from oodbench.detectors import gmm  # noqa: F401,E402  gmm, gmm_class
 from oodbench.detectors import logit_scores  # noqa: F401,E402  entropy, gen, tempscale, klm
 from oodbench.detectors import feature_space  # noqa: F401,E402  vim, residual, she, nnguide, fdbd, nci
 from oodbench.detectors import shaping  # noqa: F401,E402  react, ash_p, ash_b, ash_s, scale, dice
