@@ -5,8 +5,9 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
-from oodbench.errors import OODBenchError
+from oodbench.errors import OODBenchError, system_error_message
 
 EPILOGS = {
     "train": """examples:
@@ -43,8 +44,15 @@ RUNS_DIR_HELP = "folder of runs (default: $OODBENCH_RUNS, else ./runs)"
 DEVICE_HELP = "auto (a GPU when there is one) | cpu | cuda | cuda:N"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format (the usage block only with --help)."""
+
+    def error(self, message):
+        self.exit(2, f"oodbench: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oodbench", description="Train and benchmark out-of-distribution detectors "
+    p = _Parser(prog="oodbench", description="Train and benchmark out-of-distribution detectors "
                                 "for images. Scores: higher = more out-of-distribution.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -196,7 +204,13 @@ def cmd_eval(a) -> None:
     workflow.check_evaluation(methods, outs, a.limit, a.bootstrap)   # before a model or run is loaded
     run, overrides = workflow.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
                                        a.fit_limit, a.overrides, a.data_root, a.fit_data)
-    rows = workflow.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune, a.joint)
+    rows = workflow.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune, a.joint,
+                             save=False)
+    try:   # results computed from cached scores are printed even where they cannot be saved (a read-only runs folder)
+        workflow.save_metrics(run, rows)
+        not_saved = None
+    except OSError as e:
+        not_saved = f"oodbench: warning: results not saved: {system_error_message(e)}"
     if a.format == "json":
         print(report.json_rows(rows))
     elif a.format == "csv":
@@ -214,7 +228,10 @@ def cmd_eval(a) -> None:
         tuned = {k: v for r in rows for k, v in (r.get("tuned") or {}).items()}
         if tuned:
             print("\ntuned on validation data: " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
-        print(f"\nsaved: {run.path / 'metrics.json'} and metrics.csv")
+        if not not_saved:
+            print(f"\nsaved: {run.path / 'metrics.json'} and metrics.csv")
+    if not_saved:
+        print(not_saved, file=sys.stderr)
 
 
 def cmd_methods(a) -> None:
@@ -268,7 +285,6 @@ def cmd_bench(a) -> None:
     time_limit = int(a.time_limit) if a.time_limit and a.time_limit.isdigit() else a.time_limit
     executor = {"name": a.executor, "jobs": a.jobs, "partition": a.partition, "gpus": a.gpus_per_job,
                 "cpus": a.cpus_per_job, "time": time_limit, "sbatch": tuple(a.sbatch)}
-    bench.check_report_folder(a.out or bench.load_bench(a.config).report)   # never a folder of the user's own files
     folder = bench.run_bench(a.config, runs_dir=a.runs_dir, data_root=a.data_root, device=a.device, out=a.out,
                              executor=executor, report_only=a.report_only)
     results = json.loads((folder / "results.json").read_text())
@@ -278,20 +294,37 @@ def cmd_bench(a) -> None:
     print(f"full report (all metrics, confidence intervals, plots): {folder / 'report.md'}")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (torch's among them) as one `oodbench: warning:` line each; the full text with --debug."""
+    text = (str(message).strip().splitlines() or [category.__name__])[0]
+    print(f"oodbench: warning: {text}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = _parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:   # --help (0) or a usage error (2, already printed on one line)
+        return e.code if isinstance(e.code, int) else 2
     if a.command is None:
         parser.print_help()
         return 0
     handler = {"train": cmd_train, "score": cmd_score, "eval": cmd_eval, "methods": cmd_methods,
                "data": cmd_data, "bench": cmd_bench}[a.command]
     try:
-        handler(a)
+        with warnings.catch_warnings():
+            if not (a.debug or os.environ.get("OODBENCH_DEBUG")):
+                warnings.showwarning = _one_line_warning
+            handler(a)
     except OODBenchError as e:
         if a.debug or os.environ.get("OODBENCH_DEBUG"):
             raise
         print(f"oodbench: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as e:
+        if a.debug or os.environ.get("OODBENCH_DEBUG"):
+            raise
+        print(f"oodbench: error: {system_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("oodbench: interrupted; checkpoints written so far are kept (continue with --resume)", file=sys.stderr)

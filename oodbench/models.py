@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -100,6 +101,10 @@ class ClassifierModel:
                 x = TF.center_crop(TF.resize(x, [self.resize], antialias=True), list(self.size))
             else:
                 x = TF.resize(x, list(self.size), antialias=True)
+        if len(self.mean) not in (1, x.shape[1]):   # would broadcast 1-channel images to 3 channels silently
+            raise OODBenchError(f"model {self.name} normalises {len(self.mean)} channels (mean {self.mean}) but the "
+                                f"images have {x.shape[1]}; set model.mean / model.std for them (a number applies to "
+                                f"every channel)")
         return transforms.normalize(x, self.mean, self.std)
 
     def forward_split(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,7 +536,9 @@ def _from_torchscript(rest: str, spec: str, seed: int):
     if not Path(rest).is_file():
         raise OODBenchError(f"{spec}: no file {rest}")
     try:
-        net = torch.jit.load(rest, map_location="cpu")
+        with warnings.catch_warnings():   # torch's deprecation notice is not the user's to act on
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(rest, map_location="cpu")
     except (RuntimeError, ValueError) as e:
         raise OODBenchError(f"{spec}: {rest} is not a TorchScript file ({str(e).splitlines()[0]})") from e
     return net, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}

@@ -18,6 +18,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def fails(capsys, args) -> str:
+    """Run the CLI; it must exit 2 with one error line on stderr and no traceback. Returns that line."""
+    from oodbench.cli import main
+
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("oodbench: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert all(line.startswith("oodbench: ") and "warning" not in line for line in err.splitlines()), err
+    return errors[0]
+
+
 def tiny_image_batch(n: int, seed: int) -> torch.Tensor:
     """n uint8 8×8 RGB images: one random tint per image plus ±40 of noise (the post-hoc tests' inputs)."""
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ import torch
 
 from oodbench import config as configs
 from oodbench import workflow as runs
+from conftest import fails
 from oodbench.cli import main
 from oodbench.engine import Engine, TrainSpec
 from oodbench.engine import checkpoint as ckpt
@@ -41,17 +42,6 @@ def run_copy(trained, tmp_path):
     dst = tmp_path / "runs" / trained.name
     shutil.copytree(trained, dst)
     return dst
-
-
-def fails(capsys, args) -> str:
-    """Run the CLI; it must exit 2 with one error line on stderr and no traceback. Returns that line."""
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("oodbench: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    assert all(line.startswith("oodbench: ") and "warning" not in line for line in err.splitlines()), err
-    return errors[0]
 
 
 def eval_args(run, *extra):

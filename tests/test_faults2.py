@@ -18,19 +18,10 @@ from oodbench import data, locks
 from oodbench import workflow
 from oodbench.bench import cells as bench_cells
 from oodbench.bench.plan import load_bench
+from conftest import fails
 from oodbench.cli import main
 from oodbench.errors import OODBenchError
 from oodbench.workflow import files
-
-
-def fails(capsys, args) -> str:
-    """Run the CLI; it must exit 2 with one error line on stderr and no traceback. Returns that line."""
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("oodbench: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 def png(path: Path, value=128, size=(8, 8)):
@@ -308,3 +299,166 @@ def test_bench_out_of_the_users_own_files_is_refused(capsys, tmp_path):
     assert all((out / n).read_text() == "the user's own\n" for n in ("report.md", "results.csv", "errors.log"))
     (tmp_path / "file").write_text("x")
     assert "is a file" in fails(capsys, ["bench", "quick", "--out", str(tmp_path / "file")])
+
+
+# ------------------------------------------------------------------ the CLI's own errors, OS errors, links, warnings
+TINY_TRAIN = ["train", "--method", "msp", "--in", "digits", "--preset", "quick", "--set", "train.steps=4",
+              "--set", "data.limit=64", "--set", "train.batch_size=16", "--set", "model.width=8",
+              "--set", "train.ckpt_every=2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("args, message", [(["methods", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                                           (["train", "--seed", "abc"], "invalid int value: 'abc'"),
+                                           (["nosuchcommand"], "invalid choice: 'nosuchcommand'")])
+def test_argparse_errors_are_one_line(capsys, args, message):
+    line = fails(capsys, args)
+    assert message in line and "--help" in line
+    assert main(["--help"]) == 0
+
+
+def test_a_huge_seed_is_a_one_line_error(capsys, tmp_path):
+    line = fails(capsys, [*TINY_TRAIN, "--seed", "100000000000000000000", "--runs-dir", str(tmp_path / "runs")])
+    assert "--seed must be a whole number from 0 to 2147483647" in line and not (tmp_path / "runs").exists()
+    line = fails(capsys, ["eval", "--method", "msp", "--in", "digits", "--out", "noise:gaussian",
+                          "--seed", str(2 ** 40), "--runs-dir", str(tmp_path / "runs")])
+    assert "--seed must be" in line
+
+
+def test_a_huge_seed_in_a_bench_is_a_one_line_error(tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "b", "in": ["digits"], "out": ["noise:gaussian"], "seeds": [0, 2 ** 40],
+                                   "methods": ["msp"]}))
+    with pytest.raises(OODBenchError, match="seeds must be a whole number"):
+        load_bench(cfg)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_resume_finishes(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from oodbench.engine import checkpoint
+
+    runs = tmp_path / "runs"
+    real_save = torch.save
+    calls = []
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:      # the first checkpoint is written, the second finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_fill_the_disk)
+    line = fails(capsys, [*TINY_TRAIN, "--runs-dir", str(runs)])
+    assert "no space left on the device" in line and "--resume" in line
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert main([*TINY_TRAIN, "--runs-dir", str(runs), "--resume"]) == 0
+
+
+def test_a_read_only_runs_folder_still_prints_cached_results(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from oodbench.workflow import runs as run_folders
+
+    args = ["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "noise:gaussian", "--method",
+            "msp", "--limit", "20", "--fit-limit", "40", "--runs-dir", str(tmp_path / "runs"), "--format", "json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "runs"))
+
+    monkeypatch.setattr(run_folders, "merge_metrics", read_only)
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == first
+    assert captured.err.strip().splitlines() == [
+        f"oodbench: warning: results not saved: cannot write ({tmp_path / 'runs'}): Read-only file system; choose a "
+        f"folder you can write to (--runs-dir, --out) or fix its permissions"]
+
+
+def test_a_log_that_links_out_of_the_run_is_never_appended_to(capsys, tmp_path):
+    runs = tmp_path / "runs"
+    assert main([*TINY_TRAIN, "--runs-dir", str(runs)]) == 0
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    log = runs / "classifier-digits-s0" / "log.jsonl"
+    log.unlink()
+    log.symlink_to(outside)
+    line = fails(capsys, [*TINY_TRAIN, "--runs-dir", str(runs), "--resume", "--set", "train.steps=6"])
+    assert "is a symbolic link" in line and outside.read_text() == "mine\n"
+
+
+def test_a_one_channel_set_on_a_model_normalising_three_channels_is_an_error(capsys, tmp_path):
+    import torch
+
+    path = tmp_path / "net.pt"
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    torch.jit.trace(net, torch.zeros(1, 1, 8, 8)).save(str(path))
+    line = fails(capsys, ["eval", "--model", f"torchscript:{path}", "--in", "digits", "--out", "noise:gaussian",
+                          "--method", "msp", "--runs-dir", str(tmp_path / "runs")])
+    assert "normalises 3 channels" in line and "model.mean" in line
+
+
+@pytest.mark.parametrize("value", ["abc", "[1, x]"])
+def test_a_bad_model_mean_on_the_cli_is_one_line(capsys, tmp_path, value):
+    line = fails(capsys, ["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "noise:gaussian",
+                          "--method", "msp", "--runs-dir", str(tmp_path / "runs"), "--set", f"model.mean={value}"])
+    assert "mean must be a number or a list of numbers" in line
+
+
+def test_an_evaluator_without_in_distribution_data_says_what_to_give():
+    import oodbench
+    import torch
+
+    ev = oodbench.Evaluator(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), in_dataset=None)
+    with pytest.raises(OODBenchError, match="give the in-distribution test images"):
+        ev.evaluate("noise:gaussian")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--runs-dir"])
+def test_out_or_runs_dir_naming_an_existing_file_is_one_line(capsys, tmp_path, flag):
+    existing = tmp_path / "file.txt"
+    existing.write_text("mine\n")
+    args = {"--out": ["data", "make-resize-benchmark", "--src", "digits", "--out", str(existing)],
+            "--runs-dir": ["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out",
+                           "noise:gaussian", "--method", "msp", "--runs-dir", str(existing)]}[flag]
+    line = fails(capsys, args)
+    assert "is a file" in line and existing.read_text() == "mine\n"
+
+
+def test_a_bench_from_python_refuses_a_folder_of_the_users_files(tmp_path):
+    from oodbench import bench
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("the user's own\n")
+    with pytest.raises(OODBenchError, match="not an oodbench report folder"):
+        bench.run_bench("quick", out=out)
+    assert (out / "report.md").read_text() == "the user's own\n"
+
+
+def test_python_warnings_are_one_line(capsys):
+    import warnings
+
+    from oodbench import cli
+
+    cli._one_line_warning(UserWarning("first line\nsecond line"), UserWarning, "x.py", 1)
+    assert capsys.readouterr().err == "oodbench: warning: first line\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["methods"]) == 0      # the CLI's handler leaves the caller's warning settings as they were
+    assert warnings.showwarning is not cli._one_line_warning
+
+
+def test_lpips_weights_with_code_are_refused_without_torchs_advice(tmp_path):
+    import torch
+
+    from oodbench.detectors.ddpm import load_lpips
+
+    path = tmp_path / "lin.pth"
+    torch.save({"lin0.model.1.weight": torch.zeros(1), "extra": Path("x")}, path)
+    with pytest.raises(OODBenchError, match="never unpickles") as e:
+        load_lpips({"alexnet_weights": str(path), "lpips_weights": str(path)})
+    assert "weights_only=False" not in str(e.value)

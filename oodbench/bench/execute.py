@@ -23,7 +23,7 @@ from oodbench import data, progress, workflow
 from oodbench.bench.aggregate import summarise, timing
 from oodbench.bench.cells import Recorder, describe_error, score_unit
 from oodbench.bench.plan import Bench, ExecutorOptions, TaskFailed, load_bench, run_job
-from oodbench.bench.report import make_plots, write_report
+from oodbench.bench.report import check_report_folder, make_plots, write_report
 from oodbench.engine import resolve_device
 from oodbench.errors import OODBenchError
 
@@ -39,7 +39,7 @@ def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=Non
     bench = load_bench(config_path)
     options = bench.executor.updated(executor or {})
     device = resolve_device(device)
-    folder = Path(out) if out else bench.report
+    folder = check_report_folder(Path(out) if out else bench.report)   # never a folder of the user's own files
     # the executor before any file: one that cannot start (submitit missing) leaves no report folder behind
     pool = SequentialExecutor() if report_only else make_executor(options, bench, folder)
     try:

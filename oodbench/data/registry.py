@@ -403,6 +403,8 @@ def write_resize_benchmark(src_spec: str, size: int, out_dir, root=None) -> dict
     if size < 1:
         raise OODBenchError(f"resize benchmark size must be positive, got {size}")
     out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OODBenchError(f"--out {out_dir} is a file; name a new folder for the resized sets")
     targets = {m: out_dir / m for m in convert.RESIZE_METHODS}
     for folder in targets.values():
         if folder.is_dir() and any(folder.iterdir()):

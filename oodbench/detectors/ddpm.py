@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from oodbench.detectors.base import Detector, register
 from oodbench.diffusion import SAMPLERS, Diffusion
+from oodbench.engine.checkpoint import load_failure
 from oodbench.errors import OODBenchError
 from oodbench.nets.unet import build_unet
 
@@ -147,10 +148,10 @@ def load_lpips(options: dict) -> tuple[Optional[LPIPS], str]:
     try:
         states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
         return LPIPS(*states), ""
-    except (RuntimeError, KeyError, OSError) as e:
-        raise OODBenchError(f"LPIPS weights {paths[0]} / {paths[1]} could not be loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120]}); point ddpm.alexnet_weights / ddpm.lpips_weights "
-                            f"at torchvision's {ALEXNET_FILE} and the lpips package's v0.1 {LPIPS_FILE}") from e
+    except Exception as e:  # noqa: BLE001 - torch raises several types (UnpicklingError, RuntimeError, ...)
+        raise OODBenchError(f"LPIPS weights {paths[0]} / {paths[1]} could not be loaded ({load_failure(e)}); "
+                            f"point ddpm.alexnet_weights / ddpm.lpips_weights at torchvision's {ALEXNET_FILE} and "
+                            f"the lpips package's v0.1 {LPIPS_FILE}") from e
 
 
 # --- combination ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from oodbench import progress
+from oodbench.errors import OODBenchError
 from oodbench.data.imageset import ImageSet
 from oodbench.engine import checkpoint as ckpt
 from oodbench.engine import distributed
@@ -84,6 +85,9 @@ class Engine:
         self.config = config or {}
         self.rank, self.world_size, self.device = distributed.init_from_env(resolve_device(device))
         self.is_main = self.rank == 0
+        if (self.run_dir / "log.jsonl").is_symlink():   # never write through a link out of the run folder
+            raise OODBenchError(f"{self.run_dir / 'log.jsonl'} is a symbolic link; oodbench writes only files inside "
+                                "the run folder: replace it by a plain file (or remove it) and run again")
         seed_everything(self.seed + self.rank)  # networks built before `fit` get seeded initial weights
 
     # ----------------------------------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ class Engine:
         self.begin()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         line = (json.dumps({"time": round(time.time(), 3), **record}) + "\n").encode()
-        fd = os.open(self.run_dir / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(self.run_dir / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:                         # one write(2) of the whole line in append mode: lines never interleave or
             os.write(fd, line)       # tear across processes (a crash mid-line is the only torn line possible)
         finally:

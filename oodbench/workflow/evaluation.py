@@ -106,8 +106,9 @@ def evaluate_method(run, scoring, outs: Iterable, limit: Optional[int] = None, b
 
 
 def evaluate(run, methods: Iterable, out_specs: Iterable, limit: Optional[int] = None, overrides: Iterable[str] = (),
-             device="auto", bootstrap: int = 0, tune: bool = False, joint: bool = False) -> list:
-    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run. With `tune`,
+             device="auto", bootstrap: int = 0, tune: bool = False, joint: bool = False, save: bool = True) -> list:
+    """Metrics rows (one per reported row × OOD set) for methods of one run; also saved in the run (unless not
+    `save`: the caller then calls `save_metrics`, e.g. after printing them). With `tune`,
     each method's options are first chosen on validation data and recorded in its rows; with `joint`, the joint
     metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) join every row. Every method, option,
     dataset and setting is checked, and the fit/test overlap refused, before the first image is scored."""
@@ -126,9 +127,15 @@ def evaluate(run, methods: Iterable, out_specs: Iterable, limit: Optional[int] =
             if outcome.error is not None:
                 raise outcome.error
             rows += outcome.rows
+    if save:
+        save_metrics(run, rows)
+    return rows
+
+
+def save_metrics(run, rows: list) -> None:
+    """Merge `rows` into the run's metrics.json / metrics.csv (main process only)."""
     if distributed.is_main():
         run.update_metrics(rows)
-    return rows
 
 
 def check_run(run, cfg: dict, device, specs: list) -> None:

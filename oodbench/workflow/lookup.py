@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 from oodbench import config as configs
 from oodbench import detectors as registry
-from oodbench.errors import OODBenchError
+from oodbench.errors import OODBenchError, check_seed
 from oodbench.workflow.files import safe_name
 from oodbench.workflow.runs import ModelRun, Run, runs_root
 
@@ -40,6 +40,7 @@ def find_run(method: str, in_spec: Optional[str], seed: int = 0, runs_dir=None, 
     """(the run given by --model, --run, or the default run of `method`'s kind for this set and seed; the overrides
     left for scoring)."""
     overrides = list(overrides)
+    check_seed(seed)
     if model:
         if run:
             raise OODBenchError("give either --model SPEC or --run RUN_DIR, not both")

@@ -14,7 +14,7 @@ import torch
 from oodbench import config as configs
 from oodbench import data, detectors as registry, locks
 from oodbench.engine import Engine, TrainSpec, checkpoint, distributed
-from oodbench.errors import OODBenchError
+from oodbench.errors import OODBenchError, check_seed
 from oodbench.workflow.evaluation import check_dataset_options
 from oodbench.workflow.files import check_limit, read_meta, write_atomic
 from oodbench.workflow.lookup import default_run_dir
@@ -35,6 +35,7 @@ def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = No
         overrides.append(f"data.root={data_root}")
     cfg = configs.load_config(cls.kind, preset, overrides, sections=registry.option_sections(cls.kind))
     check_training_config(cls.kind, cfg)
+    check_seed(cfg["seed"], "seed" if seed is None else "--seed")
     run_dir = default_run_dir(cls.kind, cfg["data"]["in"], cfg["seed"], runs_dir, run_name)
     existing = run_dir / "config.yaml"
 
