@@ -11,7 +11,7 @@ from typing import Optional
 from oodbench import config as configs
 from oodbench import protocols
 from oodbench import detectors as registry
-from oodbench.errors import OODBenchError
+from oodbench.errors import OODBenchError, check_seed
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
               "plots", "methods", "tune", "executor")
@@ -112,6 +112,8 @@ def load_bench(config) -> Bench:
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise OODBenchError(f"{where}: seeds must be an integer or a list of integers, got {raw.get('seeds')!r}")
+    for seed in seeds:
+        check_seed(seed, f"{where}: seeds")
     if len(set(seeds)) < len(seeds):
         raise OODBenchError(f"{where}: seeds {seeds} lists a seed twice; a mean over seeds needs distinct seeds")
     name = str(raw.get("name") or path.stem)
