@@ -90,11 +90,11 @@ class ClassGMM(PostHoc):
         reg = float(self.options["reg"])
         if not reg >= 0:
             raise OODBenchError(f"gmm_class.reg must be >= 0, got {self.options['reg']}")
-        z, y = ref["features"].double(), ref["labels"].long()
-        eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+        z, y = ref["features"], ref["labels"].long()
+        eye = torch.eye(z.shape[1], dtype=torch.float64, device=z.device)
         means, precisions, log_dets, log_weights = [], [], [], []
         for c in y.unique():
-            zc = z[y == c]
+            zc = z[y == c].double()     # one class in float64 at a time: never an N x D float64 copy
             mu = zc.mean(0)
             chol, info = torch.linalg.cholesky_ex((zc - mu).T @ (zc - mu) / len(zc) + reg * eye)
             if info != 0:
@@ -105,7 +105,7 @@ class ClassGMM(PostHoc):
             log_dets.append(2 * chol.diagonal().log().sum())
             log_weights.append(math.log(len(zc) / len(z)))
         return {"means": torch.stack(means), "precisions": torch.stack(precisions), "log_dets": torch.stack(log_dets),
-                "log_weights": torch.tensor(log_weights, dtype=z.dtype, device=z.device)}
+                "log_weights": torch.tensor(log_weights, dtype=torch.float64, device=z.device)}
 
     def score_outputs(self, out):
         s = self.stats_
