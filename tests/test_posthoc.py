@@ -80,10 +80,31 @@ def test_logit_scores_equal_pytorch_ood(setup):
 
 
 @pytest.mark.parametrize("gamma,m", [(0.1, 100), (2.0, 3)])
-def test_gen_is_pytorch_ood_times_m(setup, gamma, m):
+def test_gen_with_clamp_is_pytorch_ood_times_m(setup, gamma, m):
     # pytorch-ood averages over the top-M probabilities; the paper (and OpenOOD) sums them: a constant factor.
     expected = pood.GEN.score(setup["logits"], gamma=gamma, M=m) * min(m, K)
-    close(ours(setup, "gen", gamma=gamma, m=m), expected)
+    close(ours(setup, "gen", gamma=gamma, m=m, clamp=True), expected)
+
+
+def openood_gen(logits: torch.Tensor, gamma: float, m: int) -> np.ndarray:
+    """Transcription of OpenOOD v1.5's gen_postprocessor.generalized_entropy (the GEN authors' formula), in float64:
+    sort the softmax, keep the top M, sum p^gamma (1 - p)^gamma; no clamp. OpenOOD's confidence is its negation."""
+    from scipy.special import softmax
+
+    probs = softmax(logits.double().numpy(), axis=1)
+    top = np.sort(probs, axis=1)[:, -m:]
+    return np.sum(top ** gamma * (1 - top) ** gamma, axis=1)
+
+
+@pytest.mark.parametrize("scale", [1, 4, 8])
+def test_gen_equals_openood_without_a_clamp_on_confident_logits(setup, scale):
+    logits = setup["logits"] * scale * 4          # confident: 1 - p underflows the clamp's 1e-7 for many images
+    det = method("gen", gamma=0.1, m=100)
+    got = det.score_logits(logits).double().numpy()
+    np.testing.assert_allclose(got, openood_gen(logits, 0.1, 100), rtol=1e-5, atol=1e-7)
+    if scale == 8:    # where pytorch-ood's clamp is no longer a reference: its scores differ
+        clamped = method("gen", gamma=0.1, m=100, clamp=True).score_logits(logits).double().numpy()
+        assert np.abs(clamped - got).max() > 1e-3
 
 
 def test_tempscale_finds_the_nll_optimum_on_validation(setup):

@@ -240,12 +240,57 @@ def test_openmax_equals_pytorch_ood_on_correctly_classified_training_logits(setu
     ref.fit_logits(logits[correct].double(), y[correct])
     test_logits = setup["model"].logits(setup["x"])
     assert len(test_logits.argmax(1).unique()) == K    # pytorch-ood measures distances to predicted classes only
-    close(ours(setup, "openmax", tailsize=tailsize, alpha=alpha), ref.predict_logits(test_logits.double()))
+    close(ours(setup, "openmax", tailsize=tailsize, alpha=alpha, translation=10000),
+          ref.predict_logits(test_logits.double()))
+
+
+def libmr_openmax(train_logits, train_labels, test_logits, tailsize, alpha):
+    """Transcription of OpenOOD v1.5's openmax_postprocessor with libmr 0.1.9's MR(): per class the mean of the
+    correctly classified training logits, `fit_high` on the `tailsize` largest Euclidean distances (sorted descending,
+    small_score = the tail's smallest, data + translate_amount(1) - small_score, 2-parameter Weibull MLE), w_score =
+    CDF(d + 1 - small_score); the top-alpha logits revised by (alpha - rank)/alpha weights; the unknown class's
+    softmax probability."""
+    from scipy.stats import weibull_min
+
+    x, t = train_logits.double().numpy(), test_logits.double().numpy()
+    k = x.shape[1]
+    models = []
+    for c in range(k):
+        own = x[(x.argmax(1) == c) & (train_labels.numpy() == c)]
+        mav = own.mean(0)
+        dist = np.sort(np.linalg.norm(own - mav, axis=1))[::-1][:tailsize]
+        small = dist[-1]
+        shape, _, scale = weibull_min.fit(dist + 1 - small, floc=0)
+        models.append((mav, small, shape, scale))
+    probs = []
+    for row in t:
+        ranked = np.argsort(row)[::-1]
+        weights = np.zeros(k)
+        weights[ranked[:alpha]] = [(alpha - i) / alpha for i in range(alpha)]
+        revised, unknown = row.copy(), 0.0
+        for c, (mav, small, shape, scale) in enumerate(models):
+            w = weibull_min.cdf(np.linalg.norm(row - mav) + 1 - small, shape, scale=scale)
+            revised[c] = row[c] * (1 - w * weights[c])
+            unknown += row[c] - revised[c]
+        z = np.concatenate([[unknown], revised])
+        e = np.exp(z - z.max())
+        probs.append(e[0] / e.sum())
+    return np.array(probs)
+
+
+def test_openmax_defaults_to_libmrs_translation_of_one(setup):
+    logits, y = setup["logits_train"], setup["y_train"]
+    test_logits = setup["model"].logits(setup["x"])
+    expected = libmr_openmax(logits, y, test_logits, tailsize=8, alpha=3)
+    got = ours(setup, "openmax", tailsize=8, alpha=3)
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_openmax_options_are_checked(setup):
     with pytest.raises(OODBenchError, match="openmax.tailsize must be a positive integer"):
         ours(setup, "openmax", tailsize=0)
+    with pytest.raises(OODBenchError, match="openmax.translation must be a positive number"):
+        ours(setup, "openmax", translation=0)
 
 
 # -- through the workflow --------------------------------------------------------------------------------------------

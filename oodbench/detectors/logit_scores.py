@@ -27,13 +27,20 @@ class Entropy(LogitScore):
 class GEN(LogitScore):
     summary = "generalized entropy of the top-M softmax probabilities, exponent gamma (Liu et al. 2023)"
     OPTIONS = {"gamma": Option(0.1, "exponent of p^gamma (1-p)^gamma (gen.yml)", grid=(0.01, 0.1, 0.5, 1, 2, 5, 10)),
-               "m": Option(100, "top-M probabilities (all classes when fewer)", grid=(10, 50, 100, 200, 500, 1000))}
+               "m": Option(100, "top-M probabilities (all classes when fewer)", grid=(10, 50, 100, 200, 500, 1000)),
+               "clamp": Option(False, "clamp p to [1e-7, 1 - 1e-7] first, as pytorch-ood does (the paper's code and "
+                                      "OpenOOD do not)")}
 
     def score_logits(self, logits):
         gamma, m = float(self.options["gamma"]), int(self.options["m"])
-        p = logits.softmax(1).clamp(1e-7, 1 - 1e-7)
-        top = p.sort(1, descending=True).values[:, :m]
-        return (top.pow(gamma) * (1 - top).pow(gamma)).sum(1)
+        if self.options["clamp"]:
+            p = logits.softmax(1).clamp(1e-7, 1 - 1e-7)
+            top = p.sort(1, descending=True).values[:, :m]
+            return (top.pow(gamma) * (1 - top).pow(gamma)).sum(1)
+        # no clamp: p^g (1-p)^g = exp(g (log p + log(1-p))) in float64, exact where 1 - p underflows in float32
+        log_p = logits.double().log_softmax(1).sort(1, descending=True).values[:, :m]
+        log_q = torch.where(log_p > -math.log(2), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+        return (gamma * (log_p + log_q)).exp().sum(1).to(logits.dtype)
 
 
 @register("tempscale")

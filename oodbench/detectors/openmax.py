@@ -1,10 +1,11 @@
 """OpenMax (Bendale & Boult 2016): the probability of an "unknown" class after Weibull recalibration of the logits.
 
 Per in-distribution class: the mean logit vector (MAV) of the training images it classifies correctly and a Weibull
-model of the largest `tailsize` Euclidean distances to it. The Weibull fit is libMR's `FitHigh` done with scipy, as
-pytorch-ood's `LibNotMR` does: the tail is shifted so that its minimum sits at 10000 (libMR's translation) and a
-two-parameter Weibull (scipy's `exponweib` with a = 1, loc = 0) is fitted by maximum likelihood. Defaults are OpenOOD
-v1.5's (`openmax_postprocessor.py`: tail 20, α 3, Euclidean distance).
+model of the largest `tailsize` Euclidean distances to it. The Weibull fit is libMR's `FitHigh` done with scipy:
+the tail is shifted so that its minimum sits at `translation` and a two-parameter Weibull (scipy's `exponweib` with
+a = 1, loc = 0) is fitted by maximum likelihood. libMR's Python `MR()` (libmr 0.1.9, what OpenOOD calls) translates by
+1, the default here; pytorch-ood's `LibNotMR` by 10000 (`translation=10000`). Defaults are OpenOOD v1.5's
+(`openmax_postprocessor.py`: tail 20, α 3, Euclidean distance).
 """
 from __future__ import annotations
 
@@ -16,13 +17,12 @@ from oodbench.detectors.base import Option, register
 from oodbench.detectors.posthoc import LogitScore
 from oodbench.errors import OODBenchError
 
-TRANSLATION = 10000.0   # libMR's translate_amount
 
-
-def fit_weibull(distances: np.ndarray, tailsize: int) -> tuple[float, float, float]:
-    """(shift, shape c, scale) of a Weibull fitted to the `tailsize` largest distances, shifted by `shift`."""
+def fit_weibull(distances: np.ndarray, tailsize: int, translation: float) -> tuple[float, float, float]:
+    """(shift, shape c, scale) of a Weibull fitted to the `tailsize` largest distances, shifted by `shift` so that
+    the smallest of them sits at `translation` (libMR's translate_amount)."""
     tail = np.sort(distances)[-tailsize:]
-    shift = TRANSLATION - float(tail.min())
+    shift = translation - float(tail.min())
     _, c, _, scale = exponweib.fit(tail + shift, f0=1, floc=0)
     return shift, float(c), float(scale)
 
@@ -42,10 +42,16 @@ class OpenMax(LogitScore):
     needs_labels = True
     OPTIONS = {"tailsize": Option(20, "largest distances per class the Weibull is fitted to (OpenOOD "
                                       "openmax_postprocessor.py)"),
-               "alpha": Option(3, "top classes whose logits are revised (OpenOOD weibull_alpha)")}
+               "alpha": Option(3, "top classes whose logits are revised (OpenOOD weibull_alpha)"),
+               "translation": Option(1.0, "where the tail's smallest distance is shifted to before the Weibull fit "
+                                          "(libMR translate_amount: libmr's MR() default 1, as OpenOOD; pytorch-ood "
+                                          "10000)")}
 
     def fit_outputs(self, ref):
         tailsize = positive_int(self, "tailsize")
+        translation = self.options["translation"]
+        if isinstance(translation, bool) or not isinstance(translation, (int, float)) or not translation > 0:
+            raise OODBenchError(f"openmax.translation must be a positive number, got {translation!r}")
         classes, index = ref["labels"].long().unique(return_inverse=True)
         logits = ref["logits"][:, classes].double()
         correct = logits.argmax(1) == index
@@ -56,7 +62,7 @@ class OpenMax(LogitScore):
             if len(own):            # a class no training image is correctly classified as has no model: w = 1
                 centres[k] = own.mean(0)
                 distances = (own - centres[k]).norm(dim=1).cpu().numpy()
-                weibull[k] = torch.tensor(fit_weibull(distances, tailsize), dtype=torch.float64)
+                weibull[k] = torch.tensor(fit_weibull(distances, tailsize, float(translation)), dtype=torch.float64)
         return classes, centres, weibull
 
     def score_logits(self, logits):
