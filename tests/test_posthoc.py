@@ -9,6 +9,7 @@ from sklearn.covariance import EmpiricalCovariance
 
 from oodbench.data import ImageSet
 from oodbench.detectors import get, method
+from oodbench.errors import OODBenchError
 from oodbench.models import wrap
 from conftest import tiny_image_batch as images  # noqa: F401  (imported from here by other test files)
 
@@ -135,13 +136,30 @@ def test_vim_equals_pytorch_ood(setup):
     close(ours(setup, "vim", dim=12), ref.predict_features(setup["z"]), rtol=1e-4, atol=1e-3)
 
 
-def test_residual_equals_openood_formula(setup):
-    fc, z_train, z = head(setup), setup["z_train"].double().numpy(), setup["z"].double().numpy()
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_residual_equals_openood_formula(setup, split):
+    """OpenOOD's residual postprocessor fits on the validation features; ViM's code on the training ones."""
+    with torch.no_grad():
+        z_fit = setup["z_train"] if split == "train" else setup["model"].features(setup["val"].images)
+    fc, z_fit, z = head(setup), z_fit.double().numpy(), setup["z"].double().numpy()
     w, b = fc.weight.detach().double().numpy(), fc.bias.detach().double().numpy()
     u = -np.linalg.pinv(w) @ b
-    values, vectors = np.linalg.eig(EmpiricalCovariance(assume_centered=True).fit(z_train - u).covariance_)
+    values, vectors = np.linalg.eig(EmpiricalCovariance(assume_centered=True).fit(z_fit - u).covariance_)
     ns = vectors.T[np.argsort(-values)[12:]].T
-    close(ours(setup, "residual", dim=12), np.linalg.norm((z - u) @ ns, axis=-1), rtol=1e-4, atol=1e-4)
+    close(ours(setup, "residual", dim=12, fit_split=split), np.linalg.norm((z - u) @ ns, axis=-1), rtol=1e-4,
+          atol=1e-4)
+
+
+def test_react_threshold_from_the_chosen_split(setup):
+    """react.fit_split=val takes the clip threshold from the validation features (OpenOOD), train from the training
+    ones (the paper, pytorch-ood); a split that is neither is a one-line error."""
+    with torch.no_grad():
+        z_val = setup["model"].features(setup["val"].images)
+    for split, feats in (("train", setup["z_train"]), ("val", z_val)):
+        det = fitted(setup, "react", percentile=90, fit_split=split)
+        assert det.stats_ == pytest.approx(float(np.percentile(feats.numpy().ravel(), 90)))
+    with pytest.raises(OODBenchError, match="react.fit_split is 'train' or 'val'"):
+        fitted(setup, "react", fit_split="test")
 
 
 def test_rmds_equals_the_paper_and_ranks_as_pytorch_ood(setup):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from oodbench.detectors.base import Option, register
-from oodbench.detectors.posthoc import PostHoc, energy, subspace_dim
+from oodbench.detectors.posthoc import PostHoc, chosen_split, energy, subspace_dim
 
 
 def principal_residual(features: torch.Tensor, origin: torch.Tensor, dim: int) -> torch.Tensor:
@@ -52,7 +52,13 @@ class ViM(HeadOrigin):
 class Residual(HeadOrigin):
     summary = "norm of the feature residual outside the principal subspace (ViM's residual alone; Wang et al. 2022)"
     OPTIONS = {"dim": Option(512, "principal-subspace size (residual.yml; D//2 when the features have <= dim "
-                                  "dimensions)", grid=(512,))}
+                                  "dimensions)", grid=(512,)),
+               "fit_split": Option("train", "the ID split the subspace is fitted on: train (ViM's code, pytorch-ood) "
+                                            "or val (OpenOOD's residual postprocessor)")}
+
+    @property
+    def fit_on(self) -> str:
+        return chosen_split(self)
 
     def fit_outputs(self, ref):
         feats = ref["features"]

@@ -446,3 +446,11 @@ def subspace_dim(name: str, dim: int, features: int) -> int:
     if dim <= 0:
         raise OODBenchError(f"{name}.dim must be a positive integer, got {dim}")
     return dim if dim < features else features // 2
+
+
+def chosen_split(det, key: str = "fit_split") -> str:
+    """The ID split a method with a `fit_split` option fits on: "train" or "val"."""
+    split = det.options[key]
+    if split not in ("train", "val"):
+        raise OODBenchError(f"{det.name}.{key} is 'train' or 'val', got {split!r}")
+    return split

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from oodbench.detectors.base import Option, register
-from oodbench.detectors.posthoc import PostHoc, energy
+from oodbench.detectors.posthoc import PostHoc, chosen_split, energy
 from oodbench.errors import OODBenchError
 
 
@@ -43,9 +43,14 @@ class Shaping(PostHoc):
 @register("react")
 class ReAct(Shaping):
     summary = "energy after clipping features at a percentile of the ID training activations (Sun et al. 2021)"
-    fit_on = "train"
     OPTIONS = {"percentile": Option(90, "clip at this percentile of the ID training activations (react.yml)",
-                                    grid=(85, 90, 95, 99))}
+                                    grid=(85, 90, 95, 99)),
+               "fit_split": Option("train", "the ID split the threshold comes from: train (the ReAct paper, "
+                                            "pytorch-ood) or val (OpenOOD's react postprocessor)")}
+
+    @property
+    def fit_on(self) -> str:
+        return chosen_split(self)
 
     def fit_outputs(self, ref):
         return float(np.percentile(ref["features"].cpu().numpy().ravel(), percentile_option(self)))
