@@ -76,14 +76,15 @@ class Evaluator:
         return self._runs[key]
 
     def evaluate(self, ood, id_test=None, limit: Optional[int] = None, bootstrap: int = 0,
-                 groups: Optional[dict] = None) -> list:
+                 groups: Optional[dict] = None, joint: bool = False) -> list:
         """The rows of `oodbench eval --format json`: one per method row × OOD set.
 
         `ood`: dataset specs (a list or one string) or {name: data}; `groups` {"near": [names], "far": [...]} adds
-        a row per method and group with the mean of each metric over the group's sets (out = the group's name)."""
+        a row per method and group with the mean of each metric over the group's sets (out = the group's name);
+        `joint` adds the joint metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) as `oodbench eval --joint` does."""
         outs = self._ood_sets(ood)
         run = self.run_for(id_test)
-        rows = workflow.evaluate(run, self.methods, outs, limit, self.overrides, self.device, bootstrap)
+        rows = workflow.evaluate(run, self.methods, outs, limit, self.overrides, self.device, bootstrap, joint=joint)
         return rows + group_rows(rows, groups) if groups else rows
 
     def score(self, method, dataset, limit: Optional[int] = None, id_test=None) -> dict:

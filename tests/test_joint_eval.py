@@ -92,3 +92,56 @@ def test_joint_metrics_of_a_method_without_predictions_is_one_line():
     with pytest.raises(OODBenchError, match="gives no class predictions") as e:
         check_joint("msma", Trained())
     assert "\n" not in str(e.value)
+
+
+BENCH = """
+in: [fashion_mnist]
+out: [noise:gaussian, digits]
+limit: 100
+joint: true
+plots: false
+methods:
+  - {method: msp, model: "python:tinynet_joint:build", fit_limit: 100, overrides: [model.mean=0.5, model.std=0.5]}
+"""
+
+
+def test_bench_joint_rows_reach_results_and_the_report(tinynet, monkeypatch):
+    from oodbench import bench
+
+    monkeypatch.setenv("OODBENCH_PROGRESS", "0")
+    (tinynet / "joint.yaml").write_text(BENCH)
+    report = bench.run_bench(tinynet / "joint.yaml", runs_dir=tinynet / "runs", device="cpu", out=tinynet / "rep")
+    res = json.loads((report / "results.json").read_text())
+    per_seed = {r["out"]: r for r in res["per_seed"]}
+    assert set(per_seed) == {"noise:gaussian", "digits"}
+    summary = {r["out"]: r for r in res["summary"]}
+    for out, row in per_seed.items():
+        for key in joint_metrics.JOINT_TITLES:
+            np.testing.assert_equal(summary[out][key], row[key])
+    assert "oscr" in (report / "results.csv").read_text().splitlines()[0]
+    assert "### Joint metrics" in (report / "report.md").read_text()
+
+
+def test_bench_joint_with_a_trained_family_is_one_line(tmp_path):
+    from oodbench import bench
+
+    (tmp_path / "bad.yaml").write_text("in: [fashion_mnist]\nout: [digits]\njoint: true\nmethods: [msp, msma]\n")
+    with pytest.raises(OODBenchError, match="msma gives no class predictions") as e:
+        bench.load_bench(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_bench_model_entry_takes_model_options_only(tmp_path):
+    from oodbench import bench
+
+    (tmp_path / "bad.yaml").write_text("in: [fashion_mnist]\nout: [digits]\nmethods:\n"
+                                       "  - {method: msp, model: 'torchvision:resnet18:none', "
+                                       "overrides: [model.arch=wrn40_2]}\n")
+    with pytest.raises(OODBenchError, match="model options are model.mean") as e:
+        bench.load_bench(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+    (tmp_path / "ok.yaml").write_text("in: [fashion_mnist]\nout: [digits]\nmethods:\n"
+                                      "  - {method: odin, model: 'torchvision:resnet18:none', "
+                                      "overrides: [model.mean=0.5, odin.temperature=2]}\n")
+    entry = bench.load_bench(tmp_path / "ok.yaml").entries[0]
+    assert entry.model_overrides == ["model.mean=0.5"] and entry.score_overrides == ["odin.temperature=2"]

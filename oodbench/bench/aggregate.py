@@ -7,12 +7,18 @@ import time
 import numpy as np
 
 from oodbench.bench.plan import Bench
+from oodbench.joint_metrics import JOINT_TITLES
 from oodbench.metrics import METRIC_NAMES
+
+
+def metric_names(bench: Bench) -> tuple:
+    """The metrics averaged over sets and seeds: the detection ones, plus the joint ones when the bench asks."""
+    return METRIC_NAMES + (tuple(JOINT_TITLES) if bench.joint else ())
 
 
 def summarise(bench: Bench, cells: dict) -> dict:
     """{"per_seed": rows, "summary": rows}: per-set rows and group rows (plain means of per-set metrics)."""
-    per_seed = []
+    per_seed, names = [], metric_names(bench)
     for (label, in_spec, seed, out), record in cells.items():
         if record["status"] == "ok":
             per_seed += [{**row, "seed": seed, "entry": label, "group": False} for row in record["rows"]]
@@ -22,7 +28,7 @@ def summarise(bench: Bench, cells: dict) -> dict:
             if not row["group"] and row["out"] in specs:
                 by_key.setdefault((row["entry"], row["method"], row["in"], row["seed"]), []).append(row)
         for (label, method, in_spec, seed), rows in by_key.items():
-            mean = {m: float(np.mean([r[m] for r in rows])) for m in METRIC_NAMES}
+            mean = {m: float(np.mean([r[m] for r in rows])) for m in names}
             per_seed.append({"method": method, "in": in_spec, "out": group, **mean, "seed": seed, "entry": label,
                              "group": True, "sets": [r["out"] for r in rows],
                              **({"tuned": rows[0]["tuned"]} if "tuned" in rows[0] else {})})
@@ -33,7 +39,7 @@ def summarise(bench: Bench, cells: dict) -> dict:
     for (label, method, in_spec, out), rows in keyed.items():
         agg = {"method": method, "in": in_spec, "out": out, "entry": label, "group": rows[0]["group"],
                "seeds": [r["seed"] for r in rows]}
-        for m in METRIC_NAMES:
+        for m in names:
             values = np.array([r[m] for r in rows])
             agg[m], agg[f"{m}_std"] = float(values.mean()), float(values.std())
             if all(f"{m}_ci" in r for r in rows):

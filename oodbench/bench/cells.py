@@ -111,7 +111,8 @@ def model_run(entry: Entry, in_spec: str, seed: int, runs_dir, data_root):
     from oodbench.models import load_model
 
     try:
-        return workflow.ModelRun(load_model(entry.model, seed=seed), in_spec, entry.model, entry.fit_limit, runs_dir,
+        options, _ = workflow.split_model_overrides(entry.model_overrides)
+        return workflow.ModelRun(load_model(entry.model, seed=seed, **options), in_spec, entry.model, entry.fit_limit, runs_dir,
                                  data_root, seed)
     except Exception as e:  # noqa: BLE001 - a model that cannot be loaded is a failed cell, reported in the table
         return f"model {entry.model} failed: {describe_error(e)}"
@@ -142,7 +143,9 @@ def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, fol
                           "model": entry.model, "fit_limit": entry.fit_limit, "tune": entry.tune,
                           "train_overrides": entry.train_overrides, "score_overrides": entry.score_overrides,
                           "limit": entry.limit, "in": in_spec, "out": out, "seed": seed, "bootstrap": bench.bootstrap,
-                          "run": str(run.path), "detector": digest, "options": options}
+                          "run": str(run.path), "detector": digest, "options": options,
+                          **({"joint": True} if bench.joint else {}),
+                          **({"model_overrides": entry.model_overrides} if entry.model_overrides else {})}
         record = recorder.cached(materials[out])
         needs_plot_scores = seed == bench.seeds[0] and not all(
             plot_scores_path(folder, entry, in_spec, s).is_file() for s in (in_spec, out))
@@ -167,7 +170,7 @@ def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, fol
                 save_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec), result.scores)
 
         outcomes = workflow.evaluate_method(run, scoring, todo, entry.limit, bench.bootstrap, entry.tune,
-                                            renamer(entry), on_id=keep_id)
+                                            renamer(entry), on_id=keep_id, joint=bench.joint)
         for outcome in outcomes:
             if outcome.error is not None:
                 recorder.fail(entry, in_spec, seed, [outcome.out], outcome.error)

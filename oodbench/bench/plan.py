@@ -11,11 +11,13 @@ from typing import Optional
 from oodbench import config as configs
 from oodbench import protocols
 from oodbench import detectors as registry
+from oodbench import joint_metrics
 from oodbench.errors import OODBenchError, check_seed
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
-              "plots", "methods", "tune", "executor")
+              "plots", "methods", "tune", "joint", "executor")
 ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit", "tune")
+MODEL_KEYS = ("model.mean", "model.std", "model.size", "model.head", "model.layers")   # of an entry with `model:`
 EXECUTORS = ("sequential", "local", "slurm")
 EXECUTOR_KEYS = ("name", "jobs", "partition", "gpus", "cpus", "time", "sbatch", "folder")
 
@@ -35,6 +37,7 @@ class Entry:
     model: Optional[str] = None     # a model spec: score that classifier (no training) instead of a trained run
     fit_limit: Optional[int] = None
     tune: bool = False              # choose the method's options on validation data first (oodbench.tuning)
+    model_overrides: list = field(default_factory=list)   # model.mean/std/size/head/layers of the `model:` spec
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Bench:
     plots: bool
     entries: list = field(default_factory=list)
     tune: bool = False
+    joint: bool = False         # add the joint metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) to every row
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
     def settings(self) -> dict:
@@ -79,7 +83,8 @@ class Bench:
                 "in": self.ins, "out": self.outs, "groups": self.groups, "limit": self.limit,
                 "bootstrap": self.bootstrap, "train_overrides": self.train_overrides, "run_name": self.run_name,
                 "methods": [e.label for e in self.entries],
-                "limits": {e.label: e.limit for e in self.entries if e.limit != self.limit}}
+                "limits": {e.label: e.limit for e in self.entries if e.limit != self.limit},
+                **({"joint": True} if self.joint else {})}
 
     def run_jobs(self, missing: dict) -> dict:
         """{RunJob: method that trains it} for every run the grid needs on the sets that are on disk."""
@@ -127,7 +132,12 @@ def load_bench(config) -> Bench:
                   run_name=raw.get("run_name"), plots=bool(raw.get("plots", True)))
     bench.tune = _flag(raw.get("tune", False), f"{where}: tune")
     bench.executor = executor_options(raw.get("executor") or {}, f"{where}: executor")
+    bench.joint = _flag(raw.get("joint", False), f"{where}: joint")
     bench.entries = [_entry(item, bench, where) for item in raw["methods"]]
+    if bench.joint:   # before any work: every method must give class predictions
+        for e in bench.entries:
+            if not e.error and not issubclass(registry.REGISTRY[e.method], registry.PostHoc):
+                joint_metrics.require_predictions(f"{where}: method {e.method}", False, True)
     labels = [e.label for e in bench.entries]
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
@@ -207,6 +217,14 @@ def _entry(item, bench: Bench, where: str) -> Entry:
                             f"got {item!r}")
     _check_keys(item, ENTRY_KEYS, f"{where}: method {item['method']}")
     overrides = _overrides(item.get("overrides"), f"{where}: method {item['method']} overrides")
+    model_overrides = []
+    if item.get("model") is not None:   # model.mean=... etc. set how the `model:` spec is loaded (as eval's --set)
+        model_overrides = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] == "model"]
+        overrides = [o for o in overrides if o not in model_overrides]
+        bad = [o for o in model_overrides if o.split("=", 1)[0].strip() not in MODEL_KEYS]
+        if bad:
+            raise OODBenchError(f"{where}: method {item['method']} overrides {bad[0]}: with `model:`, the model "
+                                f"options are {', '.join(MODEL_KEYS)}")
     try:
         kind = registry.get(item["method"]).kind
     except OODBenchError:
@@ -217,7 +235,8 @@ def _entry(item, bench: Bench, where: str) -> Entry:
                   score_overrides=[o for o in overrides if o not in training],
                   limit=_limit(item.get("limit", bench.limit), f"{where}: method {item['method']}"),
                   model=item.get("model"), fit_limit=_limit(item.get("fit_limit"), f"{where}: fit_limit"),
-                  tune=_flag(item.get("tune", bench.tune), f"{where}: method {item['method']} tune"))
+                  tune=_flag(item.get("tune", bench.tune), f"{where}: method {item['method']} tune"),
+                  model_overrides=model_overrides)
     try:
         entry.kind = registry.get(entry.method).kind
     except OODBenchError as e:

@@ -11,6 +11,7 @@ from oodbench.bench.aggregate import BELOW_CHANCE, collapse, describe_timing, fa
 from oodbench.bench.cells import MARKER, load_plot_scores, mark_report_folder, plot_scores_path
 from oodbench.bench.plan import Bench, renamer
 from oodbench.errors import OODBenchError
+from oodbench.joint_metrics import JOINT_TITLES
 from oodbench.metrics import METRIC_TITLES, TABLE_METRICS
 
 
@@ -214,10 +215,24 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: di
                 cells.append(f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
             lines.append(f"| {name} | {col} | " + " | ".join(cells) + " |")
     lines.append("")
+    if bench.joint:
+        lines += joint_table(labels, summary, in_spec, columns, index, n_seeds)
     images = sorted((folder / "plots").glob(f"*{workflow.safe_name(in_spec)}*.png")) if (folder / "plots").is_dir() else []
     if images:
         lines += ["### Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images] + [""]
     return lines
+
+
+def joint_table(labels: list, summary: list, in_spec: str, columns: list, index: dict, n_seeds: int) -> list:
+    """The joint metrics (bench `joint: true`) of each row, in percent (docs/metrics.md)."""
+    lines = ["### Joint metrics: classification and detection (%)", "",
+             "| method | out | " + " | ".join(JOINT_TITLES.values()) + " |", "|---|---|" + "---|" * len(JOINT_TITLES)]
+    for label, name in entry_rows(labels, summary, in_spec):
+        for col in columns:
+            row = index.get((label, name, col))
+            if row:
+                lines.append(f"| {name} | {col} | " + " | ".join(pct(row, m, n_seeds) for m in JOINT_TITLES) + " |")
+    return lines + [""]
 
 
 def make_plots(bench: Bench, cells: dict, summary: dict, folder: Path) -> str:
