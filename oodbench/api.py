@@ -76,15 +76,19 @@ class Evaluator:
         return self._runs[key]
 
     def evaluate(self, ood, id_test=None, limit: Optional[int] = None, bootstrap: int = 0,
-                 groups: Optional[dict] = None, joint: bool = False) -> list:
+                 groups: Optional[dict] = None, joint: bool = False, csid=None) -> list:
         """The rows of `oodbench eval --format json`: one per method row × OOD set.
 
         `ood`: dataset specs (a list or one string) or {name: data}; `groups` {"near": [names], "far": [...]} adds
         a row per method and group with the mean of each metric over the group's sets (out = the group's name);
-        `joint` adds the joint metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) as `oodbench eval --joint` does."""
+        `joint` adds the joint metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) as `oodbench eval --joint` does;
+        `csid` (specs or {name: labelled data}, as `ood`): covariate-shifted ID sets, as `oodbench eval --csid`: the
+        full-spectrum metrics (fs_*, ID ∪ csID against each OOD set) and csid_accuracy join every row."""
         outs = self._ood_sets(ood)
+        shifted = self._ood_sets(csid) if csid is not None else []
         run = self.run_for(id_test)
-        rows = workflow.evaluate(run, self.methods, outs, limit, self.overrides, self.device, bootstrap, joint=joint)
+        rows = workflow.evaluate(run, self.methods, outs, limit, self.overrides, self.device, bootstrap, joint=joint,
+                                 csid=shifted)
         return rows + group_rows(rows, groups) if groups else rows
 
     def score(self, method, dataset, limit: Optional[int] = None, id_test=None) -> dict:

@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="use only the first N images of each test set")
     e.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print")
     e.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add N-resample bootstrap 95%% intervals")
+    e.add_argument("--csid", default=None, metavar="SPECS", help="comma-separated covariate-shifted ID sets (e.g. "
+                   "corrupt:gaussian_noise:3:cifar10): counted as in-distribution, they add the full-spectrum "
+                   "(FS-OOD) metrics of ID+csID against each OOD set and the csID accuracy")
     e.add_argument("--joint", action="store_true", help="add the metrics that join classification and detection "
                    "(OSCR, CCR@FPR, AUTC, AURC, AUGRC, ECE, ...; docs/metrics.md) from the classifier's predictions")
     e.add_argument("--tune", action="store_true", help="choose each post-hoc method's options from its grid on "
@@ -201,11 +204,12 @@ def cmd_eval(a) -> None:
     from oodbench import report, workflow
 
     methods, outs = _split(a.method, "--method"), _split(a.out, "--out")
-    workflow.check_evaluation(methods, outs, a.limit, a.bootstrap)   # before a model or run is loaded
+    csid = _split(a.csid, "--csid") if a.csid is not None else []
+    workflow.check_evaluation(methods, outs, a.limit, a.bootstrap, csid)   # before a model or run is loaded
     run, overrides = workflow.find_run(methods[0], a.in_spec, a.seed or 0, a.runs_dir, a.run, a.run_name, a.model,
                                        a.fit_limit, a.overrides, a.data_root, a.fit_data)
     rows = workflow.evaluate(run, methods, outs, a.limit, overrides, a.device, a.bootstrap, a.tune, a.joint,
-                             save=False)
+                             save=False, csid=csid)
     try:   # results computed from cached scores are printed even where they cannot be saved (a read-only runs folder)
         workflow.save_metrics(run, rows)
         not_saved = None
@@ -220,6 +224,10 @@ def cmd_eval(a) -> None:
         accuracy = {r["method"]: r["id_accuracy"] for r in rows if "id_accuracy" in r}
         if accuracy:
             print("\nin-distribution test accuracy: " + ", ".join(f"{m} {100 * a:.2f}%" for m, a in accuracy.items()))
+        accuracy = {r["method"]: r["csid_accuracy"] for r in rows if "csid_accuracy" in r}
+        if accuracy:
+            print("csID test accuracy (" + ", ".join(csid) + "): " +
+                  ", ".join(f"{m} {100 * a:.2f}%" for m, a in accuracy.items()))
         bpd = {r["in"]: r["id_bpd"] for r in rows if "id_bpd" in r}
         bpd.update({r["out"]: r["out_bpd"] for r in rows if "out_bpd" in r})
         if bpd:

@@ -21,6 +21,10 @@ JOINT_TITLES = {"autc": "AUTC", "oscr": "OSCR", "ccr_fpr1e-1": "CCR@FPR1e-1", "c
                 "ccr_fpr1e-3": "CCR@FPR1e-3", "ccr_fpr1e-4": "CCR@FPR1e-4", "aurc": "AURC", "augrc": "AUGRC",
                 "risk_at_80cov": "Risk@80%Cov", "cov_at_5risk": "Cov@5%Risk", "ece": "ECE", "mce": "MCE"}
 PREDICTION_METRICS = tuple(k for k in JOINT_TITLES if k != "autc")   # the ones that need predictions
+# Full-spectrum OOD (csID images count as in-distribution): the detection metrics, and with joint the joint ones,
+# of ID ∪ csID against each OOD set, under "fs_" names (docs/metrics.md).
+FS_TITLES = {f"fs_{k}": f"FS-{t}" for k, t in metrics.METRIC_TITLES.items()}
+FS_JOINT_TITLES = {f"fs_{k}": f"FS-{t}" for k, t in JOINT_TITLES.items()}
 CCR_FPRS = {"ccr_fpr1e-1": 0.1, "ccr_fpr1e-2": 0.01, "ccr_fpr1e-3": 0.001, "ccr_fpr1e-4": 0.0001}
 ECE_BINS = 15          # torch-uncertainty's classification routine default
 RISK_COVERAGE = 0.8    # Risk@80%Cov

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from oodbench.joint_metrics import JOINT_TITLES
+from oodbench.joint_metrics import FS_JOINT_TITLES, FS_TITLES, JOINT_TITLES
 from oodbench.metrics import METRIC_TITLES, TABLE_METRICS
 from oodbench.tables import rows_to_csv
 
@@ -13,8 +13,9 @@ JSON_KEYS = ("method", "in", "out") + TABLE_METRICS
 
 def markdown_table(rows: list) -> str:
     """One line per (method, in, out); metrics in percent. The joint metrics (--joint) get columns when a row has
-    them; a row without one shows "-"."""
-    columns = COLUMNS + tuple((k, t) for k, t in JOINT_TITLES.items() if any(k in r for r in rows))
+    them, and so do the full-spectrum ones (--csid, FS-*); a row without one shows "-"."""
+    optional = {**JOINT_TITLES, **{f"fs_{m}": FS_TITLES[f"fs_{m}"] for m in TABLE_METRICS}, **FS_JOINT_TITLES}
+    columns = COLUMNS + tuple((k, t) for k, t in optional.items() if any(k in r for r in rows))
     head = "| method | in | out | " + " | ".join(title for _, title in columns) + " |"
     lines = [head, "|" + "---|" * (3 + len(columns))]
     for r in rows:

@@ -2,24 +2,25 @@
 
     name                      torchvision set, image-folder OOD set or `digits`
     noise:gaussian[:N]  noise:uniform[:N]  constant[:N]  glyphs[:N]
-    vflip:S  hflip:S  gray:S  classes:0,1,2:S  resize:METHOD:S  mnistlike:S
+    vflip:S  hflip:S  gray:S  classes:0,1,2:S  resize:METHOD:S  mnistlike:S  corrupt:TYPE:SEVERITY:S
     folder:PATH  npz:PATH          (a train/ + test/ folder or a train/test npz file is split by `split`)
 """
 from __future__ import annotations
 
 import difflib
 import sys
+import zlib
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
-from oodbench.data import convert, folders, imglists, sources, stream as streaming, synthetic
+from oodbench.data import convert, corrupt, folders, imglists, sources, stream as streaming, synthetic
 from oodbench.data.imageset import ImageSet
 from oodbench.errors import OODBenchError
 
 RESIZE_DEFAULT = (32, 32)
-DERIVED = ("vflip", "hflip", "gray", "classes", "resize", "mnistlike")
+DERIVED = ("vflip", "hflip", "gray", "classes", "resize", "mnistlike", "corrupt")
 NAMES = tuple(sources.TORCHVISION) + ("digits",) + tuple(folders.FOLDER_SETS) + tuple(imglists.IMGLIST_SETS)
 
 
@@ -104,6 +105,8 @@ def check_spec(spec: str) -> str:
         arg, inner = _derived_parts(head, rest)
         if head == "resize":
             convert.check_method(arg)
+        if head == "corrupt":
+            corrupt.check(*arg, spec)
         check_spec(inner)
     elif rest or head not in NAMES:
         close = difflib.get_close_matches(spec, NAMES + synthetic.KINDS, n=1)
@@ -283,6 +286,13 @@ def _synthetic(spec: str, split: str, hint: Hint) -> Resolved:
 
 
 def _derived_parts(op: str, rest: str) -> tuple[Optional[str], str]:
+    if op == "corrupt":   # corrupt:TYPE:SEVERITY:<spec>
+        kind, _, tail = rest.partition(":")
+        severity, _, inner = tail.partition(":")
+        if not kind or not severity or not inner:
+            raise OODBenchError(f"bad spec corrupt:{rest}; use corrupt:TYPE:SEVERITY:<spec>, e.g. "
+                                f"corrupt:gaussian_noise:3:cifar10 (types: {', '.join(corrupt.TYPES)}; severity 1-5)")
+        return (kind, severity), inner
     if op in ("classes", "resize"):
         arg, _, inner = rest.partition(":")
         if not arg or not inner:
@@ -306,6 +316,18 @@ def _derived(op: str, rest: str, split: str, root: Path, download: bool, hint: H
             return r
         return _changed(r, images, note=f"resized to {size[0]}x{size[1]} with PIL {arg}")
     r = _resolve(inner, split, root, download, hint)
+    if op == "corrupt":   # each split its own draw, as the synthetic sets; the same pixels on every call
+        kind, severity = arg
+        severity = corrupt.check(kind, severity, f"corrupt:{kind}:{severity}:{inner}")
+        key = (r.fingerprint, tuple(r.images.shape), kind, severity, split)
+        images = _CORRUPTED.get(key) if r.fingerprint else None
+        if images is None:
+            images = corrupt.corrupt(r.images, kind, severity, seed=zlib.crc32(split.encode()))
+            if r.fingerprint:   # a few recent results: a command loads a csID set more than once
+                _CORRUPTED[key] = images
+                while len(_CORRUPTED) > 4:
+                    _CORRUPTED.pop(next(iter(_CORRUPTED)))
+        return _changed(r, images.clone(), note=f"corrupted: {kind} at severity {severity} (ImageNet-C constants)")
     if op == "vflip":
         return _changed(r, r.images.flip(-2))
     if op == "hflip":
@@ -315,6 +337,9 @@ def _derived(op: str, rest: str, split: str, root: Path, download: bool, hint: H
     if op == "mnistlike":
         return _changed(r, convert.mnist_layout(r.images), note="fitted into a 20x20 box on a black 28x28 canvas")
     return _class_subset(arg, inner, r)
+
+
+_CORRUPTED: dict = {}
 
 
 def _class_subset(arg: str, inner: str, r: Resolved) -> Resolved:
