@@ -98,3 +98,65 @@ def test_evaluator_takes_csid_images(tinynet):
     assert "fs_auroc" in rows[0] and 0 <= rows[0]["csid_accuracy"] <= 1
     with pytest.raises(OODBenchError, match="csID set unlabelled has no class labels"):
         ev.evaluate(["noise:gaussian"], limit=100, csid={"unlabelled": shifted.images})
+
+
+BENCH = """
+in: [fashion_mnist]
+out:
+  far: [noise:gaussian, digits]
+limit: 100
+plots: false
+csid: [corrupt:gaussian_noise:2:fashion_mnist, corrupt:contrast:3:fashion_mnist, cifar10c]
+methods:
+  - {method: msp, model: "python:tinynet_fs:build", fit_limit: 100, overrides: [model.mean=0.5, model.std=0.5]}
+"""
+
+
+def test_bench_csid_rows_reach_results_and_the_report(tinynet):
+    from oodbench import bench
+
+    (tinynet / "fs.yaml").write_text(BENCH)      # cifar10c is not on disk: skipped with a note, the rest is used
+    report = bench.run_bench(tinynet / "fs.yaml", runs_dir=tinynet / "runs", device="cpu", out=tinynet / "rep",
+                             data_root=tinynet / "data")
+    res = json.loads((report / "results.json").read_text())
+    assert res["settings"]["csid"]["fashion_mnist"][:2] == CSID
+    assert any(s["dataset"] == "cifar10c" for s in res["skipped"])
+    runs = tinynet / "runs"
+    id_s = scores_of(runs, "msp", "fashion_mnist")
+    cs = [scores_of(runs, "msp", "corrupt_gaussian"), scores_of(runs, "msp", "corrupt_contrast")]
+    per_seed = {r["out"]: r for r in res["per_seed"]}
+    for out, prefix in (("noise:gaussian", "noise"), ("digits", "digits")):
+        ood = scores_of(runs, "msp", prefix)["msp"]
+        want = metrics.evaluate(np.concatenate([id_s["msp"]] + [c["msp"] for c in cs]), ood)
+        np.testing.assert_equal(per_seed[out]["fs_auroc"], want["auroc"])
+        np.testing.assert_equal(per_seed[out]["fs_fpr95"], want["fpr95"])
+        assert 0 <= per_seed[out]["csid_accuracy"] <= 1
+    summary = {r["out"]: r for r in res["summary"]}
+    np.testing.assert_allclose(summary["far"]["fs_auroc"],
+                               np.mean([per_seed[o]["fs_auroc"] for o in ("noise:gaussian", "digits")]))
+    assert "fs_auroc" in (report / "results.csv").read_text().splitlines()[0]
+    text = (report / "report.md").read_text()
+    assert "### Full-spectrum OOD" in text and "FS-AUROC" in text and "Not available" in text
+
+
+@pytest.mark.parametrize("csid,message", [
+    ("[corrupt:fog:7:fashion_mnist]", "severity must be an integer 1-5"),
+    ("[digits]", "csid set digits is also an OOD set"),
+    ("{cifar10: [corrupt:fog:2:cifar10]}", "csid.cifar10 is not one of the `in` sets"),
+])
+def test_bench_bad_csid_is_one_line(tmp_path, csid, message):
+    from oodbench import bench
+
+    (tmp_path / "bad.yaml").write_text(f"in: [fashion_mnist]\nout: [digits]\ncsid: {csid}\nmethods: [msp]\n")
+    with pytest.raises(OODBenchError, match=message) as e:
+        bench.load_bench(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_bench_unlabelled_csid_is_one_line_before_work(tinynet):
+    from oodbench import bench
+
+    (tinynet / "bad.yaml").write_text(BENCH.replace(", cifar10c", ", noise:uniform"))
+    with pytest.raises(OODBenchError, match="csID set noise:uniform has no class labels") as e:
+        bench.run_bench(tinynet / "bad.yaml", runs_dir=tinynet / "runs", device="cpu", out=tinynet / "rep")
+    assert "\n" not in str(e.value) and not (tinynet / "runs").exists()

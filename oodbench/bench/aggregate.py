@@ -7,13 +7,25 @@ import time
 import numpy as np
 
 from oodbench.bench.plan import Bench
-from oodbench.joint_metrics import JOINT_TITLES
+from oodbench.joint_metrics import FS_JOINT_TITLES, FS_TITLES, JOINT_TITLES
 from oodbench.metrics import METRIC_NAMES
+
+ACCURACIES = ("id_accuracy", "csid_accuracy")   # averaged too where every row of a cell has them
 
 
 def metric_names(bench: Bench) -> tuple:
-    """The metrics averaged over sets and seeds: the detection ones, plus the joint ones when the bench asks."""
-    return METRIC_NAMES + (tuple(JOINT_TITLES) if bench.joint else ())
+    """The metrics averaged over sets and seeds: the detection ones, plus the joint ones when the bench asks, plus
+    the full-spectrum ones (fs_*) when it names csID sets."""
+    names = METRIC_NAMES + (tuple(JOINT_TITLES) if bench.joint else ())
+    if bench.csid:
+        names += tuple(FS_TITLES) + (tuple(FS_JOINT_TITLES) if bench.joint else ())
+    return names
+
+
+def _present(rows: list, names: tuple) -> tuple:
+    """`names` that every row has (FS-OOD metrics: only the ID sets with csID sets on disk have them), then the
+    accuracies every row has."""
+    return tuple(m for m in names + ACCURACIES if all(m in r for r in rows))
 
 
 def summarise(bench: Bench, cells: dict) -> dict:
@@ -28,7 +40,7 @@ def summarise(bench: Bench, cells: dict) -> dict:
             if not row["group"] and row["out"] in specs:
                 by_key.setdefault((row["entry"], row["method"], row["in"], row["seed"]), []).append(row)
         for (label, method, in_spec, seed), rows in by_key.items():
-            mean = {m: float(np.mean([r[m] for r in rows])) for m in names}
+            mean = {m: float(np.mean([r[m] for r in rows])) for m in _present(rows, names)}
             per_seed.append({"method": method, "in": in_spec, "out": group, **mean, "seed": seed, "entry": label,
                              "group": True, "sets": [r["out"] for r in rows],
                              **({"tuned": rows[0]["tuned"]} if "tuned" in rows[0] else {})})
@@ -39,7 +51,7 @@ def summarise(bench: Bench, cells: dict) -> dict:
     for (label, method, in_spec, out), rows in keyed.items():
         agg = {"method": method, "in": in_spec, "out": out, "entry": label, "group": rows[0]["group"],
                "seeds": [r["seed"] for r in rows]}
-        for m in names:
+        for m in _present(rows, names):
             values = np.array([r[m] for r in rows])
             agg[m], agg[f"{m}_std"] = float(values.mean()), float(values.std())
             if all(f"{m}_ci" in r for r in rows):

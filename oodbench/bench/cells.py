@@ -119,20 +119,21 @@ def model_run(entry: Entry, in_spec: str, seed: int, runs_dir, data_root):
 
 
 def score_unit(bench: Bench, entry: Entry, in_spec: str, seed: int, outs: list, run_path: Optional[str], device,
-               folder: Path, runs_dir=None, data_root=None, compute: bool = True) -> dict:
+               folder: Path, runs_dir=None, data_root=None, compute: bool = True, csid: Optional[list] = None) -> dict:
     """One method on one run (the trained run at `run_path`, or the entry's `model:`): the ID set once, then each
-    OOD set; finished cells come from the cell cache. With compute=False only cached cells are read."""
+    OOD set; finished cells come from the cell cache. With compute=False only cached cells are read. `csid`: the
+    ID set's covariate-shifted sets that are on disk (FS-OOD metrics in every row)."""
     recorder = Recorder(folder)
     with recorder.timed(f"score: {entry.label} on {in_spec}, seed {seed}"):
         run = model_run(entry, in_spec, seed, runs_dir, data_root) if entry.model else workflow.Run(run_path)
         if isinstance(run, str):
             recorder.fail(entry, in_spec, seed, outs, run)
         else:
-            _score(bench, entry, in_spec, seed, outs, run, run.tag, device, recorder, folder, compute)
+            _score(bench, entry, in_spec, seed, outs, run, run.tag, device, recorder, folder, compute, csid or [])
     return recorder.result()
 
 
-def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, folder, compute) -> None:
+def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, folder, compute, csid) -> None:
     todo, materials = [], {}
     try:  # the method's effective scoring options: a changed default or run config makes the cells stale
         options = run.scoring_config(entry.score_overrides).get(entry.method)
@@ -145,7 +146,8 @@ def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, fol
                           "limit": entry.limit, "in": in_spec, "out": out, "seed": seed, "bootstrap": bench.bootstrap,
                           "run": str(run.path), "detector": digest, "options": options,
                           **({"joint": True} if bench.joint else {}),
-                          **({"model_overrides": entry.model_overrides} if entry.model_overrides else {})}
+                          **({"model_overrides": entry.model_overrides} if entry.model_overrides else {}),
+                          **({"csid": csid} if csid else {})}
         record = recorder.cached(materials[out])
         needs_plot_scores = seed == bench.seeds[0] and not all(
             plot_scores_path(folder, entry, in_spec, s).is_file() for s in (in_spec, out))
@@ -170,7 +172,7 @@ def _score(bench, entry, in_spec, seed, outs, run, digest, device, recorder, fol
                 save_plot_scores(plot_scores_path(folder, entry, in_spec, in_spec), result.scores)
 
         outcomes = workflow.evaluate_method(run, scoring, todo, entry.limit, bench.bootstrap, entry.tune,
-                                            renamer(entry), on_id=keep_id, joint=bench.joint)
+                                            renamer(entry), on_id=keep_id, joint=bench.joint, csid=csid)
         for outcome in outcomes:
             if outcome.error is not None:
                 recorder.fail(entry, in_spec, seed, [outcome.out], outcome.error)

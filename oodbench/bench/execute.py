@@ -63,12 +63,20 @@ def run_bench(config_path, runs_dir=None, data_root=None, device="auto", out=Non
 def check_data(bench: Bench, data_root) -> dict:
     """{spec: why it cannot be used} for every in/out spec whose test split cannot be loaded."""
     missing = {}
-    specs = bench.ins + [s for s in bench.outs if s not in bench.ins]
+    csid = [s for specs in bench.csid.values() for s in specs]
+    specs = list(dict.fromkeys(bench.ins + [s for s in bench.outs if s not in bench.ins] + csid))
+    unlabelled = []
     for spec in progress.bar(specs, desc="bench: check data", unit="set"):
         try:
-            data.load(spec, split="test", root=data_root)
+            loaded = data.load(spec, split="test", root=data_root)
         except OODBenchError as e:
             missing[spec] = str(e)
+        else:
+            if spec in csid and loaded.labels is None:
+                unlabelled.append(spec)
+    asking = [e.method for e in bench.entries if not e.error and workflow.classifies(e.method)]
+    if unlabelled and asking:   # before any training or scoring
+        raise OODBenchError(f"bench config {bench.path}: " + workflow.csid_label_error(asking[0], unlabelled[0]))
     return missing
 
 
@@ -103,6 +111,7 @@ class Grid:
         self.bench, self.recorder, self.folder = bench, recorder, folder
         self.runs_dir, self.data_root, self.device, self.compute = runs_dir, data_root, device, compute
         self.outs = [s for s in bench.outs if s not in missing]
+        self.csid = {i: [s for s in specs if s not in missing] for i, specs in bench.csid.items()}
         self.jobs = bench.run_jobs(missing)
         self.units = bench.units(missing)
         self.tasks: dict = {}        # key -> (kind, function, args) of every submitted task
@@ -141,7 +150,8 @@ class Grid:
             if ready:
                 self.submit(executor, [(("score", unit[0].label, *unit[1:]), "score", score_unit,
                                         (self.bench, *unit, self.outs, path, self.device, self.folder,
-                                         self.runs_dir, self.data_root, self.compute)) for unit, path in ready])
+                                         self.runs_dir, self.data_root, self.compute,
+                                         self.csid.get(unit[1], []))) for unit, path in ready])
                 ready = []
             self.show(executor, train_left)
             finished = executor.wait()

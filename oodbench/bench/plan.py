@@ -15,7 +15,7 @@ from oodbench import joint_metrics
 from oodbench.errors import OODBenchError, check_seed
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
-              "plots", "methods", "tune", "joint", "executor")
+              "plots", "methods", "tune", "joint", "csid", "executor")
 ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit", "tune")
 MODEL_KEYS = ("model.mean", "model.std", "model.size", "model.head", "model.layers")   # of an entry with `model:`
 EXECUTORS = ("sequential", "local", "slurm")
@@ -76,6 +76,7 @@ class Bench:
     entries: list = field(default_factory=list)
     tune: bool = False
     joint: bool = False         # add the joint metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) to every row
+    csid: dict = field(default_factory=dict)   # ID set -> its covariate-shifted ID sets (FS-OOD rows, fs_*)
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
     def settings(self) -> dict:
@@ -84,7 +85,8 @@ class Bench:
                 "bootstrap": self.bootstrap, "train_overrides": self.train_overrides, "run_name": self.run_name,
                 "methods": [e.label for e in self.entries],
                 "limits": {e.label: e.limit for e in self.entries if e.limit != self.limit},
-                **({"joint": True} if self.joint else {})}
+                **({"joint": True} if self.joint else {}),
+                **({"csid": self.csid} if self.csid else {})}
 
     def run_jobs(self, missing: dict) -> dict:
         """{RunJob: method that trains it} for every run the grid needs on the sets that are on disk."""
@@ -133,6 +135,7 @@ def load_bench(config) -> Bench:
     bench.tune = _flag(raw.get("tune", False), f"{where}: tune")
     bench.executor = executor_options(raw.get("executor") or {}, f"{where}: executor")
     bench.joint = _flag(raw.get("joint", False), f"{where}: joint")
+    bench.csid = _csid(raw.get("csid"), ins, outs, where)
     bench.entries = [_entry(item, bench, where) for item in raw["methods"]]
     if bench.joint:   # before any work: every method must give class predictions
         for e in bench.entries:
@@ -175,6 +178,36 @@ def _out_specs(value, where: str):
             raise OODBenchError(f"{where}: group name {clash[0]!r} is also an OOD set; rename the group")
         return outs, groups
     return _spec_list(value, f"{where}: out"), {}
+
+
+def _csid(value, ins: list, outs: list, where: str) -> dict:
+    """{ID set: [csID specs]}: a list applies to every ID set, a mapping names the ID set of each list."""
+    if value is None or value == [] or value == {}:
+        return {}
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in ins]
+        if unknown:
+            raise OODBenchError(f"{where}: csid.{unknown[0]} is not one of the `in` sets ({', '.join(ins)})")
+        found = {str(k): _spec_list(v, f"{where}: csid.{k}") for k, v in value.items()}
+    else:
+        specs = _spec_list(value, f"{where}: csid")
+        found = {i: specs for i in ins}
+    for in_spec, specs in found.items():
+        for spec in specs:
+            data_check(spec, f"{where}: csid")
+            if spec in outs or spec == in_spec:
+                raise OODBenchError(f"{where}: csid set {spec} is also {'an OOD set' if spec in outs else 'the ID set'}"
+                                    f"; a csID set is the ID classes under covariate shift, named once")
+    return found
+
+
+def data_check(spec: str, where: str) -> None:
+    from oodbench import data
+
+    try:
+        data.check_spec(spec)
+    except OODBenchError as e:
+        raise OODBenchError(f"{where}: {e}") from None
 
 
 def _limit(value, where: str) -> Optional[int]:

@@ -217,6 +217,8 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: di
     lines.append("")
     if bench.joint:
         lines += joint_table(labels, summary, in_spec, columns, index, n_seeds)
+    if bench.csid.get(in_spec):
+        lines += fs_table(bench.csid[in_spec], skipped, labels, summary, in_spec, columns, index, n_seeds)
     images = sorted((folder / "plots").glob(f"*{workflow.safe_name(in_spec)}*.png")) if (folder / "plots").is_dir() else []
     if images:
         lines += ["### Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images] + [""]
@@ -232,6 +234,33 @@ def joint_table(labels: list, summary: list, in_spec: str, columns: list, index:
             row = index.get((label, name, col))
             if row:
                 lines.append(f"| {name} | {col} | " + " | ".join(pct(row, m, n_seeds) for m in JOINT_TITLES) + " |")
+    return lines + [""]
+
+
+FS_COLUMNS = (("id_accuracy", "ID acc"), ("csid_accuracy", "csID acc"), ("auroc", "AUROC"),
+              ("fs_auroc", "FS-AUROC"), ("fpr95", "FPR@95"), ("fs_fpr95", "FS-FPR@95"))
+
+
+def fs_table(csid: list, skipped: list, labels: list, summary: list, in_spec: str, columns: list, index: dict,
+             n_seeds: int) -> list:
+    """Full-spectrum OOD (bench `csid:`): ID and csID accuracy, the standard and the FS-OOD AUROC / FPR@95 of each
+    row, in percent; FS-OOD scores ID ∪ csID as in-distribution against each OOD set (docs/bench.md)."""
+    gone = {s["dataset"] for s in skipped}
+    used = [s for s in csid if s not in gone]
+    lines = ["### Full-spectrum OOD (%)", ""]
+    if not used:
+        return lines + ["No csID set is available (see Notes): no FS-OOD rows.", ""]
+    lines += [f"In-distribution = {in_spec} ∪ csID ({', '.join(f'`{s}`' for s in used)}) for the FS- columns; "
+              f"csID acc is the classifier's accuracy pooled over the csID images (— for a method without one)."
+              + (f" Not available: {', '.join(f'`{s}`' for s in csid if s in gone)}." if len(used) < len(csid) else ""),
+              "", "| method | out | " + " | ".join(t for _, t in FS_COLUMNS) + " |",
+              "|---|---|" + "---|" * len(FS_COLUMNS)]
+    for label, name in entry_rows(labels, summary, in_spec):
+        for col in columns:
+            row = index.get((label, name, col))
+            if row and "fs_auroc" in row:
+                lines.append(f"| {name} | {col} | " + " | ".join(pct(row, m, n_seeds) if m in row else "—"
+                                                                 for m, _ in FS_COLUMNS) + " |")
     return lines + [""]
 
 

@@ -49,7 +49,21 @@ IMGLIST_SETS = {
         "test": "benchmark_imglist/imagenet/test_openimage_o.txt"}, HOW),
     "imagenet_textures": ImageList("images_classic", {"test": "benchmark_imglist/imagenet/test_textures.txt"},
                                    HOW),
+    # covariate-shifted ID sets (csID, full-spectrum OOD): OpenOOD v1.5's DATA_INFO[...]["csid"] lists, labelled
+    # with the ID set's classes (openood/evaluation_api/datasets.py)
+    "cifar10c": ImageList("images_classic", {"test": "benchmark_imglist/cifar10/test_cifar10c.txt"}, HOW),
+    "imagenet_v2": ImageList("images_largescale", {"test": "benchmark_imglist/imagenet/test_imagenet_v2.txt"}, HOW),
+    "imagenet_c": ImageList("images_largescale", {"test": "benchmark_imglist/imagenet/test_imagenet_c.txt"}, HOW),
+    "imagenet_r": ImageList("images_largescale", {"test": "benchmark_imglist/imagenet/test_imagenet_r.txt"}, HOW),
+    "imagenet200_v2": ImageList("images_largescale",
+                                {"test": "benchmark_imglist/imagenet200/test_imagenet200_v2.txt"}, HOW),
+    "imagenet200_c": ImageList("images_largescale",
+                               {"test": "benchmark_imglist/imagenet200/test_imagenet200_c.txt"}, HOW),
+    "imagenet200_r": ImageList("images_largescale",
+                               {"test": "benchmark_imglist/imagenet200/test_imagenet200_r.txt"}, HOW),
 }
+CSID_SETS = ("cifar10c", "imagenet_v2", "imagenet_c", "imagenet_r", "imagenet200_v2", "imagenet200_c",
+             "imagenet200_r")
 
 
 def list_path(name: str, split: str, root: Path) -> Path:

@@ -10,8 +10,9 @@ writes files and hands methods what they fit on; the methods themselves (oodbenc
     lookup.py      which run a command means
     files.py       names, atomic writes, keyed caches, metrics.json
 """
-from oodbench.workflow.evaluation import (Outcome, check_evaluation, evaluate, evaluate_method,  # noqa: F401
-                                          metric_rows, name_every_failure, save_metrics, set_name)
+from oodbench.workflow.evaluation import (Outcome, check_evaluation, classifies, csid_label_error,  # noqa: F401
+                                          evaluate, evaluate_method, metric_rows, name_every_failure, save_metrics,
+                                          set_name)
 from oodbench.workflow.files import (check_limit, file_digest, load_npz, read_meta, read_metrics,  # noqa: F401
                                      read_npz, safe_name, save_npz, write_atomic)
 from oodbench.workflow.lookup import default_run_dir, find_run, split_model_overrides, train_hint  # noqa: F401

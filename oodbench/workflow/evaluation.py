@@ -96,17 +96,19 @@ def csid_label_error(method: str, spec: str) -> str:
             f"corrupt:gaussian_noise:3:<ID set> or OpenOOD's image lists")
 
 
-def check_csid(run, cfg: dict, device, csid: list, methods: list) -> None:
-    """Before any fitting: every csID set has labels when a method classifies (post-hoc methods, classifiers)."""
+def classifies(method) -> bool:
+    """Whether a method (a name or a post-hoc method object) gives class predictions or an accuracy."""
     from oodbench import detectors as registry
     from oodbench.detectors.posthoc import PostHoc
 
-    def classifies(m):
-        if isinstance(m, PostHoc):
-            return True
-        cls = registry.get(m)
-        return issubclass(cls, PostHoc) or hasattr(registry.trainer_for(cls), "accuracy")
+    if isinstance(method, PostHoc):
+        return True
+    cls = registry.get(method)
+    return issubclass(cls, PostHoc) or hasattr(registry.trainer_for(cls), "accuracy")
 
+
+def check_csid(run, cfg: dict, device, csid: list, methods: list) -> None:
+    """Before any fitting: every csID set has labels when a method classifies (post-hoc methods, classifiers)."""
     asking = [m if isinstance(m, str) else type(m).__name__ for m in methods if classifies(m)]
     for spec in csid:
         labels = run.scored_set(spec, cfg, device=device).labels if isinstance(spec, str) else spec.labels
