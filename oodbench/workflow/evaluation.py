@@ -46,13 +46,10 @@ def metric_rows(id_scores: dict, ood_scores: dict, in_name: str, out_name: str, 
     rows = []
     for row in (k for k in id_scores if not k.startswith("_")):
         result = {"method": rename(row), "in": in_name, "out": out_name,
-                  **metrics.evaluate(id_scores[row], ood_scores[row])}
-        if joint:
-            result.update(joint_numbers(id_scores, row, ood_scores[row]))
+                  **detection_numbers(id_scores, row, ood_scores[row], joint)}
         if fs_scores is not None:
-            result.update({f"fs_{k}": v for k, v in metrics.evaluate(fs_scores[row], ood_scores[row]).items()})
-            if joint:
-                result.update({f"fs_{k}": v for k, v in joint_numbers(fs_scores, row, ood_scores[row]).items()})
+            fs = detection_numbers(fs_scores, row, ood_scores[row], joint)
+            result.update({f"fs_{k}": fs[k] for k in result if k in fs})
         if bootstrap:
             for name, (lo, hi) in metrics.bootstrap_ci(id_scores[row], ood_scores[row], bootstrap).items():
                 result[f"{name}_ci"] = [lo, hi]
@@ -60,11 +57,15 @@ def metric_rows(id_scores: dict, ood_scores: dict, in_name: str, out_name: str, 
     return rows
 
 
-def joint_numbers(id_scores: dict, row: str, ood_row) -> dict:
-    """The joint metrics of score row `row` (higher = more OOD) with the ID side's `_pred`/`_label`/`_conf`."""
+def detection_numbers(id_scores: dict, row: str, ood_row, joint: bool) -> dict:
+    """The detection metrics of score row `row` and, with `joint`, the joint ones: one sort of the pooled scores
+    either way (evaluate_joint computes the detection metrics from the counts it sorts for the joint ones)."""
+    if not joint:
+        return metrics.evaluate(id_scores[row], ood_row)
     correct = id_scores["_pred"] == id_scores["_label"]
     values = joint_metrics.evaluate_joint(id_scores[row], ood_row, correct, id_scores.get("_conf"))
-    return {k: values[k] for k in joint_metrics.JOINT_TITLES if k in values}
+    keep = metrics.METRIC_NAMES + tuple(joint_metrics.JOINT_TITLES)
+    return {k: values[k] for k in keep if k in values}
 
 
 def pooled_scores(id_scores: dict, csid_scores: list) -> dict:
