@@ -124,3 +124,25 @@ def test_bad_corrupt_specs_are_one_line_errors(spec, message):
     with pytest.raises(OODBenchError, match=message) as e:
         data.check_spec(spec)
     assert "\n" not in str(e.value)
+
+
+def test_motion_blur_is_the_sum_of_shifted_copies():
+    """imagecorruptions' _motion_blur: Σ_i w_i · x shifted by (dy_i, dx_i) = −ceil(i·(sin, cos)(angle) − 0.5), edges
+    replicated, w_i ∝ exp(−i²/2σ²) for i < 2·radius + 1; here one grouped kernel per image."""
+    import math
+
+    x = smooth_images(n=3).float() / 255
+    angles = torch.tensor([-40.0, 7.5, 33.0])
+    got = C._filter(x, C._motion_kernels(3, 2.0, angles), "replicate")
+    h, w = x.shape[-2:]
+    for b, angle in enumerate(angles.tolist()):
+        weights = np.exp(-np.arange(7) ** 2 / 8.0)
+        weights /= weights.sum()
+        want = np.zeros((3, h, w))
+        for i, wi in enumerate(weights):
+            dy = -math.ceil(i * math.sin(math.radians(angle)) - 0.5)
+            dx = -math.ceil(i * math.cos(math.radians(angle)) - 0.5)
+            rows = np.clip(np.arange(h) - dy, 0, h - 1)
+            cols = np.clip(np.arange(w) - dx, 0, w - 1)
+            want += wi * x[b].numpy()[:, rows][:, :, cols]
+        np.testing.assert_allclose(got[b].numpy(), want, atol=1e-5)

@@ -156,17 +156,17 @@ def _motion_kernels(radius: int, sigma: float, angles: torch.Tensor) -> torch.Te
     """(B, K, K) one-sided line kernels: imagecorruptions' `_motion_blur` (weights exp(-i²/2σ²), i < 2·radius+1,
     offsets −ceil(i·sin/cos(angle) − 0.5)) as one kernel per image."""
     width = radius * 2 + 1
-    weights = np.exp(-(np.arange(width) ** 2) / (2 * sigma ** 2))
-    weights /= weights.sum()
-    size = 2 * width + 1
-    centre = width
+    weights = torch.exp(-torch.arange(width, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+    weights = (weights / weights.sum()).float()
+    size, centre = 2 * width + 1, width
+    radians = torch.deg2rad(angles.double()).view(-1, 1)
+    steps = torch.arange(width, dtype=torch.float64).view(1, -1)
+    dy = -torch.ceil(steps * torch.sin(radians) - 0.5).long()
+    dx = -torch.ceil(steps * torch.cos(radians) - 0.5).long()
     kernels = torch.zeros(len(angles), size, size)
-    for b, angle in enumerate(angles.tolist()):
-        sy, sx = math.sin(math.radians(angle)), math.cos(math.radians(angle))
-        for i in range(width):
-            dy, dx = -math.ceil(i * sy - 0.5), -math.ceil(i * sx - 0.5)
-            kernels[b, centre - dy, centre - dx] += float(weights[i])   # out[p] += w_i · x[p − (dy, dx)]
-    return kernels
+    index = (torch.arange(len(angles)).view(-1, 1).expand(-1, width), centre - dy, centre - dx)
+    kernels.index_put_(index, weights.expand(len(angles), -1).contiguous(), accumulate=True)
+    return kernels     # out[p] += w_i · x[p − (dy_i, dx_i)]
 
 
 def _plasma(n: int, mapsize: int, decay: float, g: torch.Generator) -> torch.Tensor:
