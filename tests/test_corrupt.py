@@ -33,7 +33,12 @@ def test_every_corruption_is_deterministic_keeps_shape_and_grows_with_severity(k
         assert y.shape == x.shape and y.dtype == torch.uint8
         assert torch.equal(y, C.corrupt(x, kind, severity))              # the same pixels on every call
         change.append((y.float() - x.float()).abs().mean().item())
-    assert change[1] > change[0] > 0 or kind == "saturate" and change[1] > 0
+    if kind in ("saturate", "elastic_transform"):
+        # not monotone in pixel change in ImageNet-C either: saturate 1-2 desaturate, 3-5 oversaturate; elastic
+        # 1-2 are large smooth warps (affine ±24 px at 224), 3-5 small local jitter
+        assert min(change) > 0
+    else:
+        assert change[1] > change[0] > 0
 
 
 def test_gray_images_stay_gray_and_seeds_differ():
@@ -90,6 +95,27 @@ def test_noise_corruptions_have_their_scale():
     assert flipped.float().mean().item() == pytest.approx(0.17, abs=0.02)
 
 
+def test_pixelate_equals_pil_box():
+    from PIL import Image
+
+    x = smooth_images(n=2, size=37)
+    small = Image.fromarray(x[0].permute(1, 2, 0).numpy()).resize((14, 14), Image.Resampling.BOX)
+    want = np.asarray(small.resize((37, 37), Image.Resampling.BOX)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(C.corrupt(x, "pixelate", 3)[0].numpy(), want)        # int(37 * 0.4) = 14
+
+
+def test_kernels_wider_than_the_image_pad_as_scipy():
+    """ImageNet-C's kernels on small images are wider than the image; the padding repeats as scipy's does."""
+    x = smooth_images(n=2, size=9).float() / 255
+    want = ndimage.gaussian_filter(x.numpy(), sigma=(0, 0, 6, 6), mode="reflect", truncate=3.0)
+    np.testing.assert_allclose(C.gaussian_blur(x, 6, truncate=3.0, mode="symmetric").numpy(), want, atol=1e-5)
+    k = torch.rand(21, 21)
+    want = ndimage.correlate(x.numpy(), k.numpy()[None, None], mode="mirror")
+    np.testing.assert_allclose(C._filter(x, k, "reflect").numpy(), want, rtol=1e-5)
+    want = ndimage.correlate(x.numpy(), k.numpy()[None, None], mode="nearest")
+    np.testing.assert_allclose(C._filter(x, k, "replicate").numpy(), want, rtol=1e-5)
+
+
 def test_jpeg_equals_pil():
     import io
 
@@ -127,8 +153,8 @@ def test_bad_corrupt_specs_are_one_line_errors(spec, message):
 
 
 def test_motion_blur_is_the_sum_of_shifted_copies():
-    """imagecorruptions' _motion_blur: Σ_i w_i · x shifted by (dy_i, dx_i) = −ceil(i·(sin, cos)(angle) − 0.5), edges
-    replicated, w_i ∝ exp(−i²/2σ²) for i < 2·radius + 1; here one grouped kernel per image."""
+    """imagecorruptions' _motion_blur: Σ_i w_i · x shifted by (dy_i, dx_i) = −ceil(i·(sin, cos)(angle) − 0.5),
+    edges replicated, w_i ∝ exp(−i²/2σ²) for i < 2·radius + 1; here one grouped kernel per image."""
     import math
 
     x = smooth_images(n=3).float() / 255

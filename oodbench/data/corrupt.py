@@ -1,13 +1,14 @@
 """Offline corruptions for covariate-shifted ID sets: the spec `corrupt:TYPE:SEVERITY:D` (docs/data.md).
 
 The 15 ImageNet-C corruptions and its 4 extra ones (Hendrycks & Dietterich 2019) at severities 1-5, with the
-constants of the `imagecorruptions` package (its corruptions.py, the ImageNet-C code made size-agnostic), written
-here in torch/numpy so that no new dependency is needed (imagecorruptions pulls scikit-image, OpenCV and Wand, and
-its frost images): batched over a chunk of images (one conv/interpolate/grid_sample call per chunk, per-image random
-parameters as grouped kernels), deterministic by seed (a torch.Generator seeded by type, severity and split, so the
-same spec gives the same pixels on every call and on every machine's CPU).
+constants of ImageNet-C's own code (hendrycks/robustness, ImageNet-C/create_c/make_imagenet_c.py), written here in
+torch so that no new dependency is needed (that code, and the `imagecorruptions` package made from it, pull
+scikit-image, OpenCV and ImageMagick/Wand, and the frost photographs): batched over a chunk of images (one conv /
+interpolate / grid_sample call per chunk, per-image random parameters as grouped kernels and grids), deterministic
+by seed (a torch.Generator seeded by type, severity and split: the same spec gives the same pixels on every call).
+jpeg_compression and pixelate are PIL's own JPEG and BOX resize, one image at a time (PIL has no batch).
 
-Where this differs from imagecorruptions (said in docs/data.md too):
+Where this differs from ImageNet-C (said in docs/data.md too):
 - motion blur (motion_blur, snow) is a one-sided Gaussian-weighted line kernel, as imagecorruptions' numpy
   `_motion_blur`, not ImageMagick's;
 - glass_blur shuffles pixels by a random local gather (each pixel takes a neighbour within max_delta) instead of the
@@ -16,10 +17,9 @@ Where this differs from imagecorruptions (said in docs/data.md too):
   frost photographs shipped with ImageNet-C: numbers on frost are not comparable with ImageNet-C's;
 - spatter's water drops (severities 1-3) are the thresholded liquid layer, blurred and added in light cyan, without
   the original's Canny edges / distance transform / emboss (OpenCV); the mud of severities 4-5 is transcribed;
-- pixelate downsamples by area averaging (PIL's BOX) and upsamples by nearest neighbour;
-- jpeg_compression is PIL's JPEG at quality 25/18/15/10/7, as ImageNet-C (a loop over images: PIL has no batch).
+- elastic_transform's constants (244·k pixels for 224-pixel images) are scaled by side/224.
 On 1-channel images the colour corruptions (brightness, saturate, snow, frost, spatter) run on the replicated RGB
-image and return its luminance; saturate then changes only the gray levels' HSV-hue-0 rendering.
+image and return its luminance.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from oodbench.errors import OODBenchError
 
 CHUNK = 128   # images per batched call: bounds the float working memory
 
-# severity 1..5 constants (imagecorruptions / ImageNet-C)
+# severity 1..5 constants of ImageNet-C's make_imagenet_c.py
 PARAMS = {
     "gaussian_noise": [0.08, 0.12, 0.18, 0.26, 0.38],
     "shot_noise": [60, 25, 12, 5, 3],
@@ -51,7 +51,9 @@ PARAMS = {
     "fog": [(1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)],
     "brightness": [0.1, 0.2, 0.3, 0.4, 0.5],
     "contrast": [0.4, 0.3, 0.2, 0.1, 0.05],
-    "elastic_transform": [250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12],
+    "elastic_transform": [(244 * 2, 244 * 0.7, 244 * 0.1), (244 * 2, 244 * 0.08, 244 * 0.2),   # (alpha, sigma,
+                          (244 * 0.05, 244 * 0.01, 244 * 0.02), (244 * 0.07, 244 * 0.01, 244 * 0.02),  # affine)
+                          (244 * 0.12, 244 * 0.01, 244 * 0.02)],
     "pixelate": [0.6, 0.5, 0.4, 0.3, 0.25],
     "jpeg_compression": [25, 18, 15, 10, 7],
     # the four extra corruptions
@@ -83,15 +85,16 @@ def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0) -> to
     Deterministic: the same images, kind, severity and seed give the same pixels."""
     severity = check(kind, str(severity), f"corrupt:{kind}:{severity}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise OODBenchError(f"corrupt:{kind}: needs (N, C, H, W) images with 1 or 3 channels, got {tuple(images.shape)}")
+        raise OODBenchError(f"corrupt:{kind}: needs (N, C, H, W) images with 1 or 3 channels, "
+                            f"got {tuple(images.shape)}")
     g = torch.Generator().manual_seed(zlib.crc32(f"{kind}:{severity}:{seed}".encode()))
     param = PARAMS[kind][severity - 1]
-    fn = _FUNCTIONS[kind]
+    fn = _FUNCTIONS.get(kind)
     out = torch.empty_like(images, device="cpu")
     for i in range(0, images.shape[0], CHUNK):
         x = images[i:i + CHUNK].cpu()
-        if kind == "jpeg_compression":
-            out[i:i + CHUNK] = _jpeg(x, param)
+        if kind in _UINT8:   # PIL's own operations on the uint8 images
+            out[i:i + CHUNK] = _UINT8[kind](x, param)
             continue
         x = x.float() / 255.0
         if kind in _COLOUR and x.shape[1] == 1:
@@ -112,14 +115,31 @@ def _gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
 
 
 def _pad(x, pad: tuple, mode: str):
-    """F.pad with `mode`, falling back to replicate where reflect would need more pixels than the image has."""
-    if mode == "reflect" and (max(pad[0], pad[1]) >= x.shape[-1] or max(pad[2], pad[3]) >= x.shape[-2]):
-        mode = "replicate"
-    return F.pad(x, pad, mode=mode)
+    """Pad the last two dims by (left, right, top, bottom), any width: "replicate" (scipy nearest), "reflect"
+    (cv2 BORDER_REFLECT_101 / scipy mirror) or "symmetric" (scipy / scikit-image reflect), repeated as often as the
+    pad needs (a kernel wider than the image, as ImageNet-C's on small images)."""
+    if mode == "replicate":
+        return F.pad(x, pad, mode="replicate")
+    left, right, top, bottom = pad
+    rows = _reflect_index(x.shape[-2], top, bottom, mode)
+    cols = _reflect_index(x.shape[-1], left, right, mode)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _reflect_index(n: int, before: int, after: int, mode: str) -> torch.Tensor:
+    i = torch.arange(-before, n + after)
+    if n == 1:
+        return torch.zeros_like(i)
+    if mode == "symmetric":          # ... 1 0 | 0 1 ... n-1 | n-1 n-2 ...
+        m = i % (2 * n)
+        return torch.where(m < n, m, 2 * n - 1 - m)
+    m = i % (2 * n - 2)              # reflect_101: ... 2 1 | 0 1 ... n-1 | n-2 ...
+    return torch.where(m < n, m, 2 * n - 2 - m)
 
 
 def gaussian_blur(x: torch.Tensor, sigma, truncate: float = 4.0, mode: str = "replicate") -> torch.Tensor:
-    """scikit-image's `gaussian` (truncate 4, mode nearest = replicate) per channel; sigma a number or (sy, sx)."""
+    """scikit-image's `gaussian` per channel (truncate 4; its default mode "nearest" = replicate, or "symmetric" =
+    its "reflect"); sigma a number or (sy, sx)."""
     sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
     b, c, h, w = x.shape
     y = x.reshape(b * c, 1, h, w)
@@ -231,7 +251,7 @@ def _gaussian_blur(x, c, g):
 
 def _glass_blur(x, c, g):
     sigma, delta, iterations = c
-    x = gaussian_blur(x, sigma)
+    x = torch.floor(gaussian_blur(x, sigma) * 255) / 255          # the original shuffles np.uint8 pixels
     b, ch, h, w = x.shape
     rows = torch.arange(h).view(1, h, 1).expand(b, h, w)
     cols = torch.arange(w).view(1, 1, w).expand(b, h, w)
@@ -323,23 +343,49 @@ def _contrast(x, c, g):
 
 
 def _elastic_transform(x, c, g):
-    """imagecorruptions' elastic_transform: uniform displacements of ±0.5% of the height, Gaussian-smoothed
-    (σ = 1% of each side, truncate 3, reflect), scaled by alpha; bilinear resampling with reflection."""
-    b, _, h, w = x.shape
-    limit = h * 0.005
-    fields = (torch.rand((b, 2, h, w), generator=g) * 2 - 1) * limit
-    fields = gaussian_blur(fields, (h * 0.01, w * 0.01), truncate=3.0, mode="reflect") * c
-    dy, dx = fields[:, 0], fields[:, 1]
+    """ImageNet-C's elastic_transform: a random affine warp (three control points moved by up to c2 pixels, border
+    reflect_101), then displacement fields of uniform(−1, 1) noise smoothed by a Gaussian (σ = c1, truncate 3,
+    reflect) and scaled by c0, bilinear resampling with reflection. Its constants (244·k for 224-pixel images) are
+    scaled by side/224 here, so a 224-pixel image gets the original's."""
+    b, ch, h, w = x.shape
+    scale = min(h, w) / 224.0
+    alpha, sigma, affine = (v * scale for v in c)
+    centre = torch.tensor([h // 2, w // 2], dtype=torch.float64)   # (as the original: float32(shape) // 2)
+    side = min(h, w) // 3
+    pts1 = torch.stack([centre + side, torch.stack([centre[0] + side, centre[1] - side]), centre - side])  # (3, 2)
+    pts2 = pts1 + (torch.rand((b, 3, 2), generator=g, dtype=torch.float64) * 2 - 1) * affine
+    ones = torch.ones(3, 1, dtype=torch.float64)
+    src = torch.cat([pts1, ones], 1)                                # cv2.getAffineTransform: pts1 → pts2
+    forward = torch.linalg.solve(src, pts2).transpose(1, 2)         # (b, 2, 3) in cv2's (x, y) convention
+    full = torch.cat([forward, torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64).expand(b, -1, -1)], 1)
+    inverse = torch.linalg.inv(full)[:, :2]                         # warpAffine samples src at M⁻¹ · dst
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    dst = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)
+    sx, sy = (dst @ inverse.transpose(1, 2)).view(b, h, w, 2).unbind(-1)
+    grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1).float()
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)   # reflect_101
+    fields = torch.rand((b, 2, h, w), generator=g) * 2 - 1
+    fields = gaussian_blur(fields, sigma, truncate=3.0, mode="symmetric") * alpha
+    dx, dy = fields[:, 0], fields[:, 1]
     rows = torch.arange(h, dtype=torch.float32).view(1, h, 1) + dy
     cols = torch.arange(w, dtype=torch.float32).view(1, 1, w) + dx
-    grid = torch.stack([2 * cols / max(w - 1, 1) - 1, 2 * rows / max(h - 1, 1) - 1], -1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    # map_coordinates(order=1, mode="reflect"): reflection about the outer pixel edges = align_corners=False
+    grid = torch.stack([(2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1], -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _pixelate(x, c, g):
-    h, w = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, int(h * c)), max(1, int(w * c))), mode="area")
-    return F.interpolate(small, size=(h, w), mode="nearest")
+def _pixelate(images: torch.Tensor, c: float) -> torch.Tensor:
+    """PIL BOX down to int(side·c) and BOX back up, as ImageNet-C (one image at a time: PIL has no batch)."""
+    from PIL import Image
+
+    n, ch, h, w = images.shape
+    out = []
+    for image in images.permute(0, 2, 3, 1).numpy():
+        pil = Image.fromarray(image[..., 0] if ch == 1 else image)
+        pil = pil.resize((max(1, int(w * c)), max(1, int(h * c))), Image.Resampling.BOX)
+        out.append(np.asarray(pil.resize((w, h), Image.Resampling.BOX)).reshape(h, w, ch))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 def _spatter(x, c, g):
@@ -373,6 +419,6 @@ def _jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
-_FUNCTIONS = {name: globals()[f"_{name}"] for name in TYPES if name != "jpeg_compression"}
-_FUNCTIONS["jpeg_compression"] = None
+_UINT8 = {"jpeg_compression": _jpeg, "pixelate": _pixelate}
+_FUNCTIONS = {name: globals()[f"_{name}"] for name in TYPES if name not in _UINT8}
 _COLOUR = ("brightness", "saturate", "snow", "frost", "spatter")
