@@ -40,6 +40,7 @@ LAYERS = {
     "oodbench.models": 2,
     # L3: the detectors
     "oodbench.detectors.*": 3,
+    "oodbench.detectors.recipes": 3,   # the classifier's training recipes (imports base, errors only)
     # L4: the workflow (run folders, fitting, tuning, scoring, evaluation, training; oodbench.runs and
     # oodbench.tuning moved in here)
     "oodbench.workflow.*": 4,

@@ -50,8 +50,16 @@ def kind_classes(kind: str) -> list:
 
 
 def option_sections(kind: str) -> dict:
-    """{method: {option: default}} of the post-hoc methods of `kind` (their config sections)."""
-    return {c.name: c.defaults() for c in kind_classes(kind) if issubclass(c, PostHoc)}
+    """{method: {option: default}} of the post-hoc methods of `kind` (their config sections), and the sections its
+    trainers declare in code (`config_sections`: the classifier's training recipes)."""
+    sections = {c.name: c.defaults() for c in kind_classes(kind) if issubclass(c, PostHoc)}
+    for c in kind_classes(kind):
+        for name, options in getattr(c, "config_sections", dict)().items():
+            if name in sections:
+                raise OODBenchError(f"config section {name!r} of {kind} is declared twice (a method and a "
+                                    f"recipe of one name); rename one")
+            sections[name] = options
+    return sections
 
 
 def training_keys(kind: str) -> tuple:

@@ -15,7 +15,8 @@ from oodbench.data import transforms
 from oodbench.data.transforms import augment
 from oodbench.detectors.base import Detector, Option, register, register_trainer
 from oodbench.detectors.posthoc import LogitScore, PostHoc
-from oodbench.detectors.outlier_exposure import bce_onehot_loss, finetune_with_outliers
+from oodbench.detectors.outlier_exposure import OutlierFeed, bce_onehot_loss, finetune_with_outliers
+from oodbench.detectors.recipes import RecipeNet, recipe_dataset_keys, recipe_from_config, recipe_sections
 from oodbench.engine import TrainSpec, checkpoint
 from oodbench.errors import OODBenchError
 from oodbench.nets.classifiers import build_classifier
@@ -39,8 +40,19 @@ class ClassifierTrainer(Detector):
     """
 
     kind = "classifier"
-    training_keys = ("oe",)                          # outlier-exposure fine-tuning of the classifier
-    dataset_keys = ("oe.outliers", "tune.val_ood")
+    # outlier-exposure fine-tuning of the classifier; the training recipes' options (train.recipe picks one)
+    training_keys = ("oe", *recipe_sections())
+    dataset_keys = ("oe.outliers", "tune.val_ood", *recipe_dataset_keys())
+
+    @staticmethod
+    def config_sections() -> dict:
+        """The config sections this trainer declares in code: one per training recipe with options."""
+        return recipe_sections()
+
+    @staticmethod
+    def check_config(cfg: dict) -> None:
+        """The recipe and its options, checked before any data is loaded (one-line errors)."""
+        recipe_from_config(cfg)
 
     def train(self, train, val, engine) -> None:
         tc = self.cfg["train"]
@@ -51,6 +63,7 @@ class ClassifierTrainer(Detector):
         net = self.build()
         criterion = classification_loss(tc["loss"])
         prepare = self.normalize
+        recipe = recipe_from_config(self.cfg)
 
         def loss_fn(model, batch):
             x, y = batch
@@ -58,11 +71,25 @@ class ClassifierTrainer(Detector):
             loss = criterion(logits, y)
             return loss, {"acc": (logits.argmax(1) == y).float().mean()}
 
+        def recipe_loss(model, batch):   # ID images first, then the outliers when the recipe uses them
+            x, y = batch
+            return recipe.loss(model, prepare(augment(x, tc["augment"], tc["crop_padding"])), y)
+
         oe = self.cfg["oe"]
         if oe["outliers"] and oe["from_run"]:
             self.load_state_dict(checkpoint.load(Path(oe["from_run"]) / "detector.pt", self.device))
-        else:
+        elif recipe.name == "plain":
             self.net = engine.fit("classifier", net, loss_fn, train, TrainSpec.from_cfg(tc))
+        else:
+            feed = train
+            if recipe.uses_outliers:
+                outliers = data.load(recipe.options["outliers"], split="train", root=self.cfg["data"]["root"],
+                                     device=engine.device, like=train.shape)
+                feed = OutlierFeed(train.to(engine.device), outliers.to(engine.device), int(tc["batch_size"]),
+                                   int(recipe.options["outlier_batch"]), engine.seed, engine.rank, engine.world_size)
+            recipe.set_epoch_length(len(train) // int(tc["batch_size"]))
+            trained = engine.fit("classifier", RecipeNet(net, recipe), recipe_loss, feed, TrainSpec.from_cfg(tc))
+            self.net = trained.net
         if oe["outliers"]:
             outliers = data.load(oe["outliers"], split="train", root=self.cfg["data"]["root"], device=engine.device,
                                  like=train.shape)
@@ -78,8 +105,9 @@ class ClassifierTrainer(Detector):
 
     def build(self):
         mc = self.cfg["model"]
-        return build_classifier(mc["arch"], self.shape[0], self.num_classes, dropout=mc["dropout"],
-                                width=mc["width"]).to(self.device)
+        net = build_classifier(mc["arch"], self.shape[0], self.num_classes, dropout=mc["dropout"],
+                               width=mc["width"]).to(self.device)
+        return recipe_from_config(self.cfg).adapt(net)   # the recipe's changes hold for scoring too (T2FNorm)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch → the classifier's training input (the model layer does the same at scoring)."""

@@ -133,7 +133,8 @@ class Engine:
             model.load_state_dict(ckpt.load(final, self.device)["model"])
             return model.eval()
 
-        opt = spec.optimizer_for(model.parameters())
+        groups = getattr(model, "optimizer_groups", None)   # per-group settings (e.g. ISH's last-layer decay)
+        opt = spec.optimizer_for(groups(spec.weight_decay) if groups else model.parameters())
         ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
                if spec.ema > 0 else None)
         best = {"value": float("inf"), "step": -1}

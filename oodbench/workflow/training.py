@@ -13,6 +13,7 @@ import torch
 
 from oodbench import config as configs
 from oodbench import data, detectors as registry, locks
+from oodbench.detectors.recipes import RECIPES
 from oodbench.engine import Engine, TrainSpec, checkpoint, distributed
 from oodbench.errors import OODBenchError, check_seed
 from oodbench.workflow.evaluation import check_dataset_options
@@ -24,9 +25,20 @@ from oodbench.workflow.runs import Run
 def train(method: str, in_spec: Optional[str] = None, preset: Optional[str] = None, overrides: Iterable[str] = (),
           seed: Optional[int] = None, runs_dir=None, run_name: Optional[str] = None, data_root=None,
           device="auto", resume: bool = False) -> Run:
-    """Train (or finish training) the run that `method` scores; returns the Run. Never overwrites another config."""
-    cls = registry.get(method)
+    """Train (or finish training) the run that `method` scores; returns the Run. Never overwrites another config.
+
+    `method` may name a training recipe (logitnorm, outlier_exposure, ...): the classifier trained with it (as
+    `--set train.recipe=NAME`), in the run folder named after the recipe unless `run_name` is given."""
     overrides = list(overrides)
+    if method in RECIPES and method not in registry.REGISTRY:
+        for item in overrides:
+            keys, value = configs.parse_override(item)
+            if keys == ["train", "recipe"] and value != method:
+                raise OODBenchError(f"--method {method} trains recipe {method}, --set {item} another; give one")
+        overrides.insert(0, f"train.recipe={method}")
+        run_name = run_name or (None if method == "plain" else method)
+        method = "msp"
+    cls = registry.get(method)
     if in_spec:
         overrides.append(f"data.in={in_spec}")
     if seed is not None:
@@ -83,6 +95,9 @@ def check_training_config(kind: str, cfg: dict) -> None:
     if fraction is not None and not 0 <= fraction < 1:
         raise OODBenchError(f"data.val_fraction must be in [0, 1), got {fraction!r}")
     check_dataset_options(kind, cfg)
+    check = getattr(registry.TRAINERS.get(kind), "check_config", None)   # e.g. the classifier's train.recipe
+    if check is not None:
+        check(cfg)
 
 
 def finished(run_dir: Path) -> bool:

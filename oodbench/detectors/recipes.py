@@ -1,0 +1,503 @@
+"""Training recipes of the classifier (kind "classifier"): how the run's one classifier is trained, chosen by
+`train.recipe` (`oodbench train --method logitnorm ...` is the same as `--set train.recipe=logitnorm`).
+
+A recipe is a plain object: its options are declared once (`OPTIONS`, with OpenOOD v1.5's defaults; each becomes a
+config section named after the recipe, e.g. `logitnorm.temperature`), and it says
+- `adapt(net)`: what it changes in the classifier itself, in place (T2FNorm's feature scaling, ISH's head). It is
+  applied when the run's classifier is built, for training and for scoring, so the scored network is the one OpenOOD
+  scores;
+- `modules(net)`: the extra trainable modules it trains next to the classifier (RotPred's rotation head, VOS's
+  energy weights); they are dropped after training;
+- `loss(model, x, labels)`: the training loss of one batch: `x` is the network's input (augmented, normalised) of
+  the in-distribution images, followed by the auxiliary outlier images when the recipe uses outliers.
+
+Training goes through the one engine (`Engine.fit`: checkpoints, bit-exact resume, DDP, autocast); a recipe owns
+no loop. The recipes and their references are listed in docs/recipes.md.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from oodbench.detectors.base import Option
+from oodbench.errors import OODBenchError
+
+RECIPES: Dict[str, type] = {}
+
+
+def register_recipe(name: str):
+    def wrap(cls: type) -> type:
+        if name in RECIPES:
+            raise ValueError(f"recipe {name!r} registered twice")
+        cls.name = name
+        RECIPES[name] = cls
+        return cls
+
+    return wrap
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(1) == labels).float().mean()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (the engine wraps the trained module under torchrun)."""
+    return getattr(model, "module", model)
+
+
+class Recipe:
+    """Base: plain cross-entropy on the classifier's logits (subclasses override what they change)."""
+
+    name = ""
+    summary = ""
+    paper = ""
+    reference = ""          # OpenOOD v1.5 file(s) the recipe follows
+    OPTIONS: Dict[str, Option] = {}
+    uses_outliers = False    # batches carry auxiliary outlier images after the in-distribution ones
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], self.OPTIONS, n=1)
+            hint = f" Did you mean {self.name}.{close[0]}?" if close else ""
+            raise OODBenchError(f"recipe {self.name} has no option {unknown[0]!r}.{hint} Its options: "
+                                f"{', '.join(self.OPTIONS) or 'none'}")
+        self.options = {k: options.get(k, o.default) for k, o in self.OPTIONS.items()}
+        self.check()
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {k: o.default for k, o in cls.OPTIONS.items()}
+
+    def check(self) -> None:
+        """One-line errors for bad option values (before any data is loaded)."""
+
+    def _positive(self, *keys) -> None:
+        for k in keys:
+            v = self.options[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise OODBenchError(f"{self.name}.{k} must be a number > 0, got {v!r}")
+
+    def adapt(self, net: nn.Module) -> nn.Module:
+        return net
+
+    def modules(self, net: nn.Module) -> Dict[str, nn.Module]:
+        return {}
+
+    def set_epoch_length(self, steps: int) -> None:
+        """Told the steps per pass over the training set before training (recipes with epoch options)."""
+
+    def optimizer_groups(self, model: nn.Module, weight_decay: float):
+        """The optimiser's parameter groups (default: one, all of `model`'s parameters)."""
+        return model.parameters()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
+        """(loss, {statistic: value} for the log) of one batch; `model` is the engine's trained module (a
+        RecipeNet, maybe inside DDP), called once on `x`."""
+        _, logits = model(x)
+        return F.cross_entropy(logits.float(), labels), {"acc": accuracy(logits, labels)}
+
+
+@register_recipe("plain")
+class Plain(Recipe):
+    summary = "the classifier's own loss (train.loss: cross-entropy, or BCE on one-hot targets)"
+    paper = "-"
+    reference = "openood/trainers/base_trainer.py"
+
+
+# -- LogitNorm ------------------------------------------------------------------------------------------------------
+def logitnorm_loss(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of the logits divided by `temperature` times their L2 norm (+1e-7): Wei et al. 2022, eq. 6."""
+    logits = logits.float()
+    norms = logits.norm(p=2, dim=1, keepdim=True) + 1e-7
+    return F.cross_entropy(logits / (norms * temperature), labels)
+
+
+@register_recipe("logitnorm")
+class LogitNorm(Recipe):
+    summary = "cross-entropy on L2-normalised logits / tau (Wei et al., ICML 2022)"
+    paper = "Mitigating Neural Network Overconfidence with Logit Normalization (Wei et al., ICML 2022)"
+    reference = "openood/trainers/logitnorm_trainer.py, configs/pipelines/train/train_logitnorm.yml"
+    OPTIONS = {"temperature": Option(0.04, "tau: the logits enter the softmax with L2 norm 1/tau (train_logitnorm.yml)")}
+
+    def check(self):
+        self._positive("temperature")
+
+    def loss(self, model, x, labels):
+        _, logits = model(x)
+        return logitnorm_loss(logits, labels, float(self.options["temperature"])), {"acc": accuracy(logits, labels)}
+
+
+# -- Outlier exposure (classic) ---------------------------------------------------------------------------------------
+def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy from the uniform distribution to softmax(logits): logsumexp(z) - mean_c z_c per row."""
+    logits = logits.float()
+    return (torch.logsumexp(logits, dim=1) - logits.mean(1)).mean()
+
+
+def outlier_exposure_loss(logits: torch.Tensor, labels: torch.Tensor, weight: float):
+    """CE on the first len(labels) rows + weight * uniform CE on the rows after them (the outliers):
+    Hendrycks et al. 2019, the loss of their code and of OpenOOD's oe_trainer. Returns (loss, {ce, oe})."""
+    n = len(labels)
+    ce, oe = F.cross_entropy(logits[:n].float(), labels), uniform_ce(logits[n:])
+    return ce + weight * oe, {"ce": ce.detach(), "oe": oe.detach()}
+
+
+@register_recipe("outlier_exposure")
+class OutlierExposure(Recipe):
+    summary = "cross-entropy + lambda * CE to the uniform distribution on auxiliary outliers (Hendrycks et al. 2019)"
+    paper = "Deep Anomaly Detection with Outlier Exposure (Hendrycks, Mazeika & Dietterich, ICLR 2019)"
+    reference = ("openood/trainers/oe_trainer.py, configs/pipelines/train/train_oe.yml, "
+                 "configs/datasets/cifar10/cifar10_oe.yml")
+    OPTIONS = {
+        "outliers": Option(None, "auxiliary outlier dataset spec (any: glyphs, noise:..., folder:PATH; its train "
+                                 "split, converted to the in-distribution shape)", dataset=True, any_type=True),
+        "weight": Option(0.5, "lambda, the weight of the uniform-CE term (train_oe.yml lambda_oe)"),
+        "outlier_batch": Option(256, "outlier images per step, next to train.batch_size ID images (cifar10_oe.yml)"),
+    }
+    uses_outliers = True
+
+    def check(self):
+        if not self.options["outliers"]:
+            raise OODBenchError("train.recipe=outlier_exposure needs auxiliary outliers: set "
+                                "outlier_exposure.outliers=SPEC (e.g. glyphs, noise:uniform or folder:PATH)")
+        w = self.options["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise OODBenchError(f"outlier_exposure.weight must be a number >= 0, got {w!r}")
+        b = self.options["outlier_batch"]
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise OODBenchError(f"outlier_exposure.outlier_batch must be an integer >= 1, got {b!r}")
+
+    def loss(self, model, x, labels):
+        _, logits = model(x)
+        loss, stats = outlier_exposure_loss(logits, labels, float(self.options["weight"]))
+        return loss, {**stats, "acc": accuracy(logits[:len(labels)], labels)}
+
+
+# -- T2FNorm ----------------------------------------------------------------------------------------------------------
+class T2FNormFeatures:
+    """Forward hook on the classifier's feature extractor: features -> normalize(features) / tau while training,
+    features / tau in eval mode (OpenOOD's T2FNormNet.forward and forward_ood_inference, CIFAR-scale models)."""
+
+    def __init__(self, tau: float):
+        self.tau = float(tau)
+
+    def __call__(self, module, inputs, features):
+        if module.training:
+            features = F.normalize(features, dim=1)
+        return features / self.tau
+
+
+@register_recipe("t2fnorm")
+class T2FNorm(Recipe):
+    summary = "cross-entropy on L2-normalised penultimate features / tau; features / tau at inference (Regmi 2023)"
+    paper = "T2FNorm: Train-time Feature Normalization for OOD Detection in Image Classification (Regmi et al. 2023)"
+    reference = ("openood/networks/t2fnorm_net.py, openood/trainers/t2fnorm_trainer.py, "
+                 "configs/pipelines/train/train_t2fnorm.yml")
+    OPTIONS = {"temperature": Option(0.1, "tau: trained on unit-norm features / tau (train_t2fnorm.yml)")}
+
+    def check(self):
+        self._positive("temperature")
+
+    def adapt(self, net):
+        net.body.register_forward_hook(T2FNormFeatures(float(self.options["temperature"])))
+        return net
+
+
+# -- ISH --------------------------------------------------------------------------------------------------------------
+def ish_kept(width: int, param: float) -> int:
+    """Activations kept per sample: OpenOOD's int(width * (1 - param))."""
+    return int(width * (1 - param))
+
+
+def ish_shape(x: torch.Tensor, param: float) -> torch.Tensor:
+    """ISH's `minksample_expscale`: keep the top (1 - param) |activations| of each row, zero the rest and multiply
+    the kept ones by exp(sum of the row / sum of the kept ones) (SCALE's factor; the ASH-S shaping)."""
+    flat = x.reshape(len(x), -1)
+    k = ish_kept(flat.shape[1], param)
+    values, index = flat.abs().topk(k, dim=1, sorted=False)
+    s1, s2 = flat.sum(1), values.sum(1)
+    # an all-zero row (s2 = 0) keeps factor 1: its shaped row is zero anyway (OpenOOD would give NaN)
+    scale = torch.where(s2 > 0, s1 / s2.clamp_min(torch.finfo(s2.dtype).tiny), torch.zeros_like(s1))
+    return torch.zeros_like(flat).scatter_(1, index, values * torch.exp(scale)[:, None]).reshape(x.shape)
+
+
+class _ISHLinearFunction(torch.autograd.Function):
+    """y = x W^T + b; the weight gradient uses the shaped input: dW = g^T ish_shape(x) (dx and db as usual)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, weight, bias, param):
+        ctx.save_for_backward(ish_shape(x.detach(), param), weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        shaped, weight = ctx.saved_tensors
+        grad_bias = grad.sum(0) if ctx.has_bias else None
+        return grad @ weight, grad.t() @ shaped, grad_bias, None
+
+
+class ISHLinear(nn.Linear):
+    """The classifier's head under ISH: in training mode its weight gradient sees the shaped features; in eval mode
+    (scoring) it is a plain linear layer. Same parameters and state_dict keys as nn.Linear."""
+
+    param = 0.85
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            return _ISHLinearFunction.apply(x, self.weight, self.bias, self.param)
+        return F.linear(x, self.weight, self.bias)
+
+
+@register_recipe("ish")
+class ISH(Recipe):
+    summary = "cross-entropy; the last layer's weight gradient sees ASH-S-shaped features (Xu et al., ICLR 2024)"
+    paper = "Scaling for Training Time and Post-hoc Out-of-distribution Detection Enhancement (Xu et al., ICLR 2024)"
+    reference = "openood/trainers/ish_trainer.py, configs/pipelines/train/train_ish.yml"
+    OPTIONS = {
+        "param": Option(0.85, "fraction of the penultimate activations dropped from the weight gradient; the rest "
+                              "scaled by exp(total/kept sum) (train_ish.yml, mode minksample_expscale, layer r1)"),
+        "head_weight_decay": Option(0.00005, "weight decay of the last layer (train_ish.yml weight_decay_fc); the "
+                                             "rest of the network uses train.weight_decay"),
+    }
+
+    def check(self):
+        p = self.options["param"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise OODBenchError(f"ish.param must be in [0, 1), got {p!r}")
+        wd = self.options["head_weight_decay"]
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd < 0:
+            raise OODBenchError(f"ish.head_weight_decay must be a number >= 0, got {wd!r}")
+
+    def adapt(self, net):
+        param = float(self.options["param"])
+        if ish_kept(net.head.in_features, param) < 1:
+            raise OODBenchError(f"ish.param={param} keeps no activation of the {net.head.in_features} features; "
+                                f"lower it")
+        # the head becomes an ISHLinear in place: same parameters, no new initialisation (no random draws)
+        net.head.__class__ = ISHLinear
+        net.head.param = param
+        return net
+
+    def optimizer_groups(self, model: nn.Module, weight_decay: float) -> list:
+        head = {id(p) for p in unwrap(model).net.head.parameters()}
+        rest = [p for p in model.parameters() if id(p) not in head]
+        return [{"params": rest, "weight_decay": weight_decay},
+                {"params": [p for p in model.parameters() if id(p) in head],
+                 "weight_decay": float(self.options["head_weight_decay"])}]
+
+
+# -- RotPred ----------------------------------------------------------------------------------------------------------
+def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch rotated by 0, 90, 180 and 270 degrees, stacked in that order; the rotation labels 0..3)."""
+    stacked = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+    return stacked, torch.arange(4, device=x.device).repeat_interleave(len(x))
+
+
+@register_recipe("rotpred")
+class RotPred(Recipe):
+    summary = "cross-entropy + a 4-way rotation-prediction head on the same features (Hendrycks et al. 2019)"
+    paper = ("Using Self-Supervised Learning Can Improve Model Robustness and Uncertainty (Hendrycks, Mazeika, "
+             "Kadavath & Song, NeurIPS 2019)")
+    reference = "openood/trainers/rotpred_trainer.py, openood/networks/rot_net.py"
+    OPTIONS = {"weight": Option(1.0, "weight of the rotation cross-entropy (rotpred_trainer.py adds it with 1)")}
+
+    def check(self):
+        w = self.options["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise OODBenchError(f"rotpred.weight must be a number >= 0, got {w!r}")
+
+    def modules(self, net):
+        return {"rot_head": nn.Linear(net.head.in_features, 4)}
+
+    def loss(self, model, x, labels):
+        if x.shape[2] != x.shape[3]:
+            raise OODBenchError(f"rotpred rotates images by 90 degrees; they must be square, not "
+                                f"{x.shape[2]}x{x.shape[3]} (resize the in-distribution set)")
+        n = len(labels)
+        stacked, rot_labels = rotations(x)
+        features, logits = model(stacked)
+        rot_logits = unwrap(model).extra["rot_head"](features)
+        ce, rot = F.cross_entropy(logits[:n].float(), labels), F.cross_entropy(rot_logits.float(), rot_labels)
+        return ce + float(self.options["weight"]) * rot, {"ce": ce.detach(), "rot": rot.detach(),
+                                                          "acc": accuracy(logits[:n], labels)}
+
+
+# -- VOS --------------------------------------------------------------------------------------------------------------
+def weighted_logsumexp(logits: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """log sum_c relu(w_c) exp(z_c), computed stably: VOS's learned energy (the negative of it)."""
+    logits = logits.float()
+    m = logits.amax(1, keepdim=True)
+    return m.squeeze(1) + torch.log((F.relu(class_weights.float()) * torch.exp(logits - m)).sum(1))
+
+
+def vos_regularizer(id_logits, outlier_logits, class_weights, logistic: nn.Module) -> torch.Tensor:
+    """VOS's uncertainty loss: a logistic regression on the weighted logsumexp separates ID (label 1) from virtual
+    outliers (label 0), cross-entropy of its two logits (Du et al. 2022, eq. 5, as in the authors' code)."""
+    scores = torch.cat([weighted_logsumexp(id_logits, class_weights),
+                        weighted_logsumexp(outlier_logits, class_weights)])
+    target = torch.cat([torch.ones(len(id_logits)), torch.zeros(len(outlier_logits))]).long().to(scores.device)
+    return F.cross_entropy(logistic(scores[:, None]), target)
+
+
+def virtual_outliers(queue: torch.Tensor, sample_from: int, select: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the `select` lowest-likelihood of `sample_from` draws from each class's Gaussian, (C * select, D), class by
+    class; their log-densities). The Gaussians have the per-class means of `queue` (C, S, D) and one shared
+    covariance of the class-centred features + 1e-4 I (VOS's class-conditional Gaussians)."""
+    queue = queue.float()
+    means = queue.mean(1)
+    centred = (queue - means[:, None]).reshape(-1, queue.shape[-1])
+    cov = centred.t() @ centred / len(centred) + 1e-4 * torch.eye(queue.shape[-1], device=queue.device)
+    gauss = torch.distributions.MultivariateNormal(means, covariance_matrix=cov)
+    draws = gauss.rsample((sample_from,))                  # (F, C, D)
+    log_density = gauss.log_prob(draws)                    # (F, C)
+    low, index = (-log_density).topk(select, dim=0)        # (select, C): the least likely draws of each class
+    picked = draws.gather(0, index[:, :, None].expand(-1, -1, draws.shape[-1]))
+    return picked.transpose(0, 1).reshape(-1, draws.shape[-1]), -low.t().reshape(-1)
+
+
+class VOSState(nn.Module):
+    """VOS's trained extras and state: the energy's class weights, the logistic regression, and a queue of the
+    last `sample_number` penultimate features of each class (buffers: they travel in the checkpoints)."""
+
+    def __init__(self, num_classes: int, dim: int, sample_number: int):
+        super().__init__()
+        self.class_weights = nn.Linear(num_classes, 1)
+        nn.init.uniform_(self.class_weights.weight)
+        self.logistic = nn.Linear(1, 2)
+        self.register_buffer("queue", torch.zeros(num_classes, sample_number, dim))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def full(self) -> bool:
+        return bool((self.count == self.queue.shape[1]).all())
+
+    @torch.no_grad()
+    def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch's features, in batch order: filling the queues (a full class skips its samples) until all
+        are full, then as a first-in-first-out window (the authors' per-sample loop, vectorised per class)."""
+        features, size, full = features.float(), self.queue.shape[1], self.full()
+        for c in labels.unique().tolist():
+            rows = features[labels == c]
+            if full:
+                self.queue[c] = torch.cat([self.queue[c], rows])[-size:]
+            else:
+                n = int(self.count[c])
+                take = rows[:size - n]
+                self.queue[c, n:n + len(take)] = take
+                self.count[c] += len(take)
+
+
+@register_recipe("vos")
+class VOS(Recipe):
+    summary = ("cross-entropy + an uncertainty loss separating ID energies from virtual outliers sampled in the "
+               "low-density region of class-conditional Gaussians of the features (Du et al., ICLR 2022)")
+    paper = "VOS: Learning What You Don't Know by Virtual Outlier Synthesis (Du, Wang, Cai & Li, ICLR 2022)"
+    reference = "openood/trainers/vos_trainer.py, configs/pipelines/train/train_vos.yml"
+    OPTIONS = {
+        "weight": Option(0.1, "weight of the uncertainty loss (train_vos.yml loss_weight)"),
+        "sample_number": Option(1000, "penultimate features kept per class (train_vos.yml sample_number)"),
+        "sample_from": Option(10000, "draws from each class Gaussian per step (train_vos.yml sample_from)"),
+        "select": Option(1, "lowest-likelihood draws per class kept as virtual outliers (train_vos.yml select)"),
+        "start_epoch": Option(0, "epoch from which virtual outliers are used (train_vos.yml: 0; the paper's "
+                                 "CIFAR code: 40 of 100)"),
+    }
+
+    steps_per_epoch = 1
+
+    def check(self):
+        self._positive("sample_number", "sample_from", "select")
+        for k in ("sample_number", "sample_from", "select", "start_epoch"):
+            v = self.options[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise OODBenchError(f"vos.{k} must be a whole number >= 0, got {v!r}")
+        if self.options["select"] > self.options["sample_from"]:
+            raise OODBenchError(f"vos.select ({self.options['select']}) must be at most vos.sample_from "
+                                f"({self.options['sample_from']})")
+        w = self.options["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise OODBenchError(f"vos.weight must be a number >= 0, got {w!r}")
+
+    def set_epoch_length(self, steps: int) -> None:
+        self.steps_per_epoch = max(1, int(steps))
+
+    def modules(self, net):
+        return {"vos": VOSState(net.head.out_features, net.head.in_features, int(self.options["sample_number"]))}
+
+    def loss(self, model, x, labels):
+        features, logits = model(x)
+        inner = unwrap(model)
+        state = inner.extra["vos"]
+        ce = F.cross_entropy(logits.float(), labels)
+        ready = state.full()
+        state.push(features.detach(), labels)
+        start = int(self.options["start_epoch"]) * self.steps_per_epoch
+        if ready and int(state.steps) >= start:
+            outliers, _ = virtual_outliers(state.queue, int(self.options["sample_from"]), int(self.options["select"]))
+            reg = vos_regularizer(logits, inner.net.head(outliers.to(features.dtype)), state.class_weights.weight,
+                                  state.logistic)
+        else:   # every parameter takes part in each step's graph (DDP expects gradients for all of them)
+            reg = sum(p.sum() for p in state.parameters()) * 0.0
+        state.steps += 1
+        return ce + float(self.options["weight"]) * reg, {"ce": ce.detach(), "vos_reg": reg.detach(),
+                                                          "acc": accuracy(logits, labels)}
+
+
+class RecipeNet(nn.Module):
+    """What the engine trains under a recipe: the classifier `net` and the recipe's `extra` modules (and buffers,
+    e.g. VOS's feature queues), so that checkpoints and resume hold all of them. `forward(x)` gives
+    (penultimate features, logits) from one pass; `optimizer_groups` is the recipe's (the engine asks for it)."""
+
+    def __init__(self, net: nn.Module, recipe: Recipe):
+        super().__init__()
+        self.net = net
+        self.extra = nn.ModuleDict(recipe.modules(net))
+        self._recipe = recipe
+
+    def optimizer_groups(self, weight_decay: float):
+        return self._recipe.optimizer_groups(self, weight_decay)
+
+    def forward(self, x):
+        features = self.net.features(x)
+        return features, self.net.head(features)
+
+
+def recipe_sections() -> dict:
+    """{recipe: {option: default}}: the config sections of the recipes that have options."""
+    return {name: cls.defaults() for name, cls in RECIPES.items() if cls.OPTIONS}
+
+
+def recipe_dataset_keys() -> tuple:
+    return tuple(f"{name}.{k}" for name, cls in RECIPES.items() for k, o in cls.OPTIONS.items() if o.dataset)
+
+
+def get_recipe(name) -> type:
+    if name not in RECIPES:
+        close = difflib.get_close_matches(str(name), RECIPES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise OODBenchError(f"unknown train.recipe {name!r}.{hint} Recipes: {', '.join(RECIPES)} "
+                            f"(docs/recipes.md)")
+    return RECIPES[name]
+
+
+def recipe_from_config(cfg: dict) -> Recipe:
+    """The run's recipe with its options (`cfg[<recipe>]`), checked; incompatible settings are one-line errors."""
+    train = cfg.get("train") or {}
+    name = train.get("recipe", "plain")
+    cls = get_recipe(name)
+    recipe = cls(**(cfg.get(name) or {}))
+    if name != "plain":
+        if train.get("loss", "ce") != "ce":
+            raise OODBenchError(f"train.recipe={name} replaces the classification loss; it needs train.loss=ce, "
+                                f"not {train.get('loss')!r}")
+        if (cfg.get("oe") or {}).get("outliers"):
+            raise OODBenchError(f"train.recipe={name} and oe.outliers (energy outlier-exposure fine-tuning) cannot "
+                                f"be combined; unset one of them")
+    return recipe
