@@ -1,13 +1,15 @@
 """oodbench: train and benchmark out-of-distribution detectors for images.
 
 Python API (docs/python.md): `oodbench.method("knn", k=50)` is a method you `fit(model, data)` and `score(x)`;
-`oodbench.load_model(spec)` and `oodbench.wrap(net, mean=..., std=...)` give a ClassifierModel (oodbench/models.py);
+`oodbench.load_model(spec)` and `oodbench.wrap(net, mean=..., std=...)` give a ClassifierModel (oodbench/models.py;
+`oodbench.load_clip` / `oodbench.wrap_clip` a zero-shot CLIP one, docs/clip.md);
 `oodbench.Evaluator(model, methods=[...], fit=..., in_dataset=...).evaluate(...)` gives the rows of
 `oodbench eval --format json`; `oodbench.as_imageset(...)` turns tensors, arrays, Datasets and DataLoaders into sets.
 """
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "wrap", "ClassifierModel", "Evaluator", "method", "PostHoc", "Option", "as_imageset"]
+__all__ = ["load_model", "wrap", "load_clip", "wrap_clip", "ClassifierModel", "Evaluator", "method", "PostHoc", "Option",
+           "as_imageset"]
 
 
 def __getattr__(name):  # the model layer imports torch; keep `import oodbench` (and the CLI's start) light

@@ -39,7 +39,7 @@ class Evaluator:
         label = None
         if isinstance(model, str):
             options, overrides = workflow.split_model_overrides(overrides)
-            model, label = load_model(model, **options), model
+            model, label = load_model(model, in_dataset=in_dataset, data_root=data_root, **options), model
         elif isinstance(model, nn.Module):
             model = wrap(model, mean=[0.0], std=[1.0])
         elif not isinstance(model, ClassifierModel):

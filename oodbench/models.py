@@ -6,6 +6,8 @@
     openood:resnet18_32x32:PATH          OpenOOD v1.5's CIFAR ResNet-18 checkpoints
     python:MODULE:CALLABLE[:STATE_DICT]  your own factory (called with no arguments), plus an optional weights file
     torchscript:PATH                     a scripted/traced network (logits only: no features/head split)
+    open_clip:ARCH:WEIGHTS               zero-shot CLIP (open_clip; WEIGHTS a file, a pretrained tag, or none)
+    hf-clip:DIR                          zero-shot CLIP from a saved transformers CLIPModel (docs/clip.md)
 
 `load_model(spec, mean=, std=, size=, head=, layers=)` overrides the preprocessing, names the head layer or the
 intermediate layers. State dicts load with `weights_only=True`. The features are the input of the head `nn.Linear`,
@@ -36,7 +38,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # OpenOOD v1.5's normalisation of its CIFAR sets (openood/preprocessors/transform.py, normalization_dict).
 OPENOOD_STATS = {10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                  100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-SOURCES = ("run", "torchvision", "timm", "openood", "python", "torchscript")
+SOURCES = ("run", "torchvision", "timm", "openood", "python", "torchscript", "open_clip", "hf-clip")
+CLIP_SOURCES = ("open_clip", "hf-clip")   # zero-shot heads from class names (load_clip)
 
 
 class ClassifierModel:
@@ -326,13 +329,23 @@ def _pair(size, what: str):
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = None, device="cpu",
-               seed: int = 0, layers=None) -> ClassifierModel:
+               seed: int = 0, layers=None, clip: Optional[dict] = None, in_dataset: Optional[str] = None,
+               data_root=None) -> ClassifierModel:
     """A ClassifierModel from a spec (see the module docstring); mean/std/size/head override what the source says;
-    `layers` names the intermediate modules of `feature_maps`."""
+    `layers` names the intermediate modules of `feature_maps`. For open_clip:/hf-clip: specs, `clip` holds
+    load_clip's names/templates/logit_scale and `in_dataset` names the set whose class names make the head."""
     if not isinstance(spec, str) or not spec.strip():
         raise OODBenchError(f"model spec must be a non-empty string such as torchvision:resnet18:none, got {spec!r}")
     spec = spec.strip()
     source, _, rest = spec.partition(":")
+    if source in CLIP_SOURCES:
+        if head is not None or layers is not None:
+            raise OODBenchError(f"{spec}: model.head / model.layers do not apply to a zero-shot CLIP model (its head "
+                                f"is the class text embeddings)")
+        return load_clip(spec, in_dataset=in_dataset, data_root=data_root, mean=mean, std=std, size=size,
+                         device=device, seed=seed, **(clip or {}))
+    if clip:
+        raise OODBenchError(f"clip.{next(iter(clip))} applies to open_clip:/hf-clip: models, not {spec}")
     if source not in SOURCES:
         if Path(spec).is_dir():
             source, rest = "run", spec
@@ -353,7 +366,79 @@ def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = 
 
 EXAMPLES = {"run": "run:runs/classifier-cifar10-s0", "torchvision": "torchvision:resnet50:IMAGENET1K_V2",
             "timm": "timm:resnet50:pretrained", "openood": "openood:resnet18_32x32:PATH/best.ckpt",
-            "python": "python:mypackage.nets:build:weights.pt", "torchscript": "torchscript:model.pt"}
+            "python": "python:mypackage.nets:build:weights.pt", "torchscript": "torchscript:model.pt",
+            "open_clip": "open_clip:ViT-B-16:PATH/open_clip_pytorch_model.bin", "hf-clip": "hf-clip:DIR"}
+CLIP_OPTIONS = ("names", "templates", "logit_scale")   # --set clip.KEY=VALUE
+
+
+# ---------------------------------------------------------------------------------------------------- zero-shot CLIP
+def load_clip(spec: str, names=None, templates=None, in_dataset: Optional[str] = None, data_root=None,
+              logit_scale: Optional[float] = None, mean=None, std=None, size=None, device="cpu",
+              seed: int = 0) -> ClassifierModel:
+    """A zero-shot CLIP `ClassifierModel` from `open_clip:ARCH:WEIGHTS` or `hf-clip:DIR` (docs/clip.md): its head
+    holds the class prompts' text embeddings. `names`: a list, a names file, or None (the names of `in_dataset`,
+    oodbench.data.classnames); `templates`: see nets.clip.resolve_templates (default MCM's "a photo of a {}.");
+    `logit_scale`: the head's scale (default the model's own, 100 for OpenAI's CLIP)."""
+    from oodbench.nets import clip as nets_clip
+
+    source, _, rest = spec.partition(":")
+    if source == "open_clip":
+        arch, _, weights = rest.partition(":")
+        if not arch or not weights:
+            raise OODBenchError(f"{spec}: write open_clip:ARCH:WEIGHTS (a weights file, an open_clip pretrained tag, "
+                                f"or none), e.g. {EXAMPLES['open_clip']}")
+        encoder, prep = nets_clip.build_open_clip(arch, weights, spec, seed)
+    elif source == "hf-clip":
+        if not rest:
+            raise OODBenchError(f"{spec}: write hf-clip:DIR (a folder saved with CLIPModel.save_pretrained)")
+        encoder, prep = nets_clip.build_hf_clip(rest, spec)
+    else:
+        raise OODBenchError(f"load_clip takes open_clip:ARCH:WEIGHTS or hf-clip:DIR, got {spec!r}")
+    names = clip_names(names, in_dataset, data_root)
+    net = nets_clip.ZeroShotCLIP(encoder, names, nets_clip.resolve_templates(templates), logit_scale)
+    if size is not None:
+        prep = {**prep, "size": size, "resize": None}
+    model = ClassifierModel(net, prep["mean"] if mean is None else mean, prep["std"] if std is None else std,
+                            prep["size"], prep["resize"], 3, net.head, name=spec)
+    return model.to(device)
+
+
+def wrap_clip(image_encoder, text_encoder, tokenizer, names, templates=None, logit_scale: float = 100.0,
+              patch_encoder=None, mean=None, std=None, size=224, resize=None, name: str = "clip") -> ClassifierModel:
+    """Your own CLIP-like model as a zero-shot `ClassifierModel`: `image_encoder(x) -> (B, D)` on normalised float
+    images, `text_encoder(tokenizer(prompts)) -> (N, D)`, optional `patch_encoder(x) -> (B, P, D)` (GL-MCM);
+    `names` a list of class names or a names file. mean/std default to CLIP's."""
+    from oodbench.nets import clip as nets_clip
+
+    encoder = nets_clip.CallableEncoder(image_encoder, text_encoder, tokenizer, logit_scale, patch_encoder)
+    net = nets_clip.ZeroShotCLIP(encoder, clip_names(names, None, None), nets_clip.resolve_templates(templates))
+    return ClassifierModel(net, nets_clip.CLIP_MEAN if mean is None else mean,
+                           nets_clip.CLIP_STD if std is None else std, size, resize, 3, net.head, name=name)
+
+
+def clip_names(names, in_dataset: Optional[str], data_root=None) -> list:
+    """The class names of a zero-shot head: a list, a file (checked against `in_dataset`'s class count when its
+    names are known), or those of `in_dataset`."""
+    from oodbench.data import classnames
+
+    if isinstance(names, (list, tuple)):
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise OODBenchError(f"clip.names: a list of non-empty class names, got {names!r}")
+        return [n.strip() for n in names]
+    if names is not None:
+        count = None
+        if in_dataset:
+            try:
+                count = len(classnames.class_names(in_dataset, data_root))
+            except OODBenchError:   # no names known for the set: count its labels
+                from oodbench import data
+
+                count = data.load(in_dataset, split="train", root=data_root).num_classes
+        return classnames.read_names(names, count)
+    if not in_dataset:
+        raise OODBenchError("a zero-shot CLIP model needs class names: give the in-distribution set (--in) or "
+                            "clip.names=FILE (one name per line)")
+    return classnames.class_names(in_dataset, data_root)
 
 
 CLASSIFIER_STATE = ("shape", "num_classes", "mean", "std", "net")   # ClassifierTrainer.state_dict's keys

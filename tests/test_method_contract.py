@@ -20,21 +20,48 @@ OPTIONS = {"knn": {"k": 5}, "nnguide": {"k": 5}, "gradlayer": {"val_size": 30},
            "mcdropout": {"where": "features"}}   # resnet20 has no dropout layer
 
 
+ZERO_SHOT = {"glmcm", "neglabel"}   # score only a zero-shot CLIP model (detectors/zeroshot.py)
+
+
 @pytest.fixture(scope="module")
-def data():
+def data(tmp_path_factory):
     torch.manual_seed(0)
     net = build_classifier("resnet20", 3, 4).eval()
     model = wrap(net, mean=[0.5] * 3, std=[0.25] * 3)
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (120,), generator=g)
-    return dict(model=model, train=ImageSet(images(120, 1), labels, "train"),
+    words = tmp_path_factory.mktemp("words") / "words.txt"
+    words.write_text("\n".join(f"word{i}" for i in range(30)))
+    OPTIONS["neglabel"] = {"words": str(words), "count": 20, "groups": 4}
+    return dict(model=model, clip=zero_shot_model(), train=ImageSet(images(120, 1), labels, "train"),
                 val=ImageSet(images(40, 2), torch.randint(0, 4, (40,), generator=g), "val"),
                 ood=ImageSet(255 - images(40, 4), None, "ood"), x=images(16, 3))
 
 
+def zero_shot_model():
+    """A small CLIP-like model of the user's own functions (oodbench.wrap_clip), with patch tokens."""
+    from oodbench.models import wrap_clip
+
+    patches = torch.nn.Conv2d(3, 8, 8, stride=8)
+    table = torch.nn.Embedding(50, 8)
+
+    def tokenize(prompts):
+        return torch.tensor([sum(map(ord, p)) % 50 for p in prompts])
+
+    def patch_encoder(x):
+        return patches(x).flatten(2).transpose(1, 2)
+
+    return wrap_clip(lambda x: patch_encoder(x).mean(1), table, tokenize, ["a", "b", "c", "d"], size=None,
+                     patch_encoder=patch_encoder)
+
+
+def model_for(name, data):
+    return data["clip"] if name in ZERO_SHOT else data["model"]
+
+
 def fit(name, data, **extra):
     det = method(name, **{**OPTIONS.get(name, {}), **extra})
-    return det.fit(data["model"], data["train"], val=data["val"], val_ood=data["ood"])
+    return det.fit(model_for(name, data), data["train"], val=data["val"], val_ood=data["ood"])
 
 
 def test_every_post_hoc_method_is_a_registered_plain_object():
@@ -55,7 +82,7 @@ def test_fit_returns_self_and_a_fitted_state_reloads_without_refitting(name, dat
     state = torch.load(buffer, weights_only=True)                  # plain tensors, numbers, strings
     fresh = detectors.get(name)().load_state_dict(state)
     assert fresh.get_params() == det.get_params()
-    fresh.use_model(data["model"])                                 # the model travels separately
+    fresh.use_model(model_for(name, data))                         # the model travels separately
     torch.testing.assert_close(fresh.score(data["x"]), scores)
 
 

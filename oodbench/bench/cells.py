@@ -112,8 +112,8 @@ def model_run(entry: Entry, in_spec: str, seed: int, runs_dir, data_root):
 
     try:
         options, _ = workflow.split_model_overrides(entry.model_overrides)
-        return workflow.ModelRun(load_model(entry.model, seed=seed, **options), in_spec, entry.model, entry.fit_limit, runs_dir,
-                                 data_root, seed)
+        model = load_model(entry.model, seed=seed, in_dataset=in_spec, data_root=data_root, **options)
+        return workflow.ModelRun(model, in_spec, entry.model, entry.fit_limit, runs_dir, data_root, seed)
     except Exception as e:  # noqa: BLE001 - a model that cannot be loaded is a failed cell, reported in the table
         return f"model {entry.model} failed: {describe_error(e)}"
 

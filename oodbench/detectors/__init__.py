@@ -22,6 +22,7 @@ from oodbench.detectors import msma  # noqa: F401,E402  msma (gmm, knn, flow row
 from oodbench.detectors import llr  # noqa: F401,E402  llr, likelihood
 from oodbench.detectors import amp  # noqa: F401,E402  amp (xent, energy, entropy, msp rows)
 from oodbench.detectors import ddpm  # noqa: F401,E402  ddpm (mse, mse+lpips/ssim rows)
+from oodbench.detectors import zeroshot  # noqa: F401,E402  mcm, glmcm, neglabel (zero-shot CLIP)
 
 
 def get(name: str) -> type:

@@ -18,11 +18,16 @@ def default_run_dir(kind: str, in_spec: str, seed: int, runs_dir=None, name: Opt
 
 
 def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
-    """(`model.mean/std/size/head/layers` values for load_model, the other overrides)."""
+    """(`model.mean/std/size/head/layers` values and the `clip.*` options for load_model, the other overrides)."""
     model, rest = {}, []
     for item in overrides:
         keys, value = configs.parse_override(item)
-        if keys[0] != "model":
+        if keys[0] == "clip":   # a zero-shot CLIP head's class names / templates / scale (docs/clip.md)
+            if len(keys) != 2 or keys[1] not in ("names", "templates", "logit_scale"):
+                raise OODBenchError(f"--set {item}: the clip options are clip.names, clip.templates and "
+                                    f"clip.logit_scale")
+            model.setdefault("clip", {})[keys[1]] = value
+        elif keys[0] != "model":
             rest.append(item)
         elif len(keys) == 2 and keys[1] in ("mean", "std", "size", "head", "layers"):
             model[keys[1]] = value
@@ -50,8 +55,8 @@ def find_run(method: str, in_spec: Optional[str], seed: int = 0, runs_dir=None, 
         from oodbench.models import load_model
 
         options, overrides = split_model_overrides(overrides)
-        return ModelRun(load_model(model, **options), in_spec, model, fit_limit, runs_dir, data_root,
-                        fit_spec=fit_data), overrides
+        return ModelRun(load_model(model, in_dataset=in_spec, data_root=data_root, **options), in_spec, model,
+                        fit_limit, runs_dir, data_root, fit_spec=fit_data), overrides
     if fit_limit is not None or fit_data is not None:
         raise OODBenchError("--fit-limit and --fit-data apply to --model; a trained run fits on its own training "
                             "split")
