@@ -46,6 +46,7 @@ def test_gray_images_stay_gray_and_seeds_differ():
     for kind in C.TYPES:
         assert C.corrupt(x, kind, 3).shape == x.shape
     assert not torch.equal(C.corrupt(x, "gaussian_noise", 3, seed=0), C.corrupt(x, "gaussian_noise", 3, seed=1))
+    assert torch.equal(C.corrupt(x, "saturate", 1), x)     # no saturation to scale: gray pixels are kept exactly
 
 
 def test_contrast_equals_its_formula():

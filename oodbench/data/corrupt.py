@@ -102,7 +102,8 @@ def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0) -> to
             y = sum(w * y[:, c:c + 1] for c, w in enumerate(LUMA))
         else:
             y = fn(x, param, g)
-        out[i:i + CHUNK] = (y.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        # truncated as np.uint8(img) in ImageNet-C (+1e-3: float32 k/255·255 may fall just below k)
+        out[i:i + CHUNK] = (y.clamp(0, 1) * 255.0 + 1e-3).clamp(max=255).to(torch.uint8)
     return out
 
 
@@ -295,7 +296,7 @@ def _snow(x, c, g):
     layer = torch.randn((b, 1, h, w), generator=g) * scale + loc
     layer = _clipped_zoom(layer, zoom)
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
-    layer = (layer.clamp(0, 1) * 255).round() / 255          # the original blurs an 8-bit image
+    layer = torch.floor(layer.clamp(0, 1) * 255) / 255       # the original blurs an 8-bit image (astype uint8)
     angles = torch.rand(b, generator=g) * 90 - 135
     layer = _filter(layer, _motion_kernels(radius, sigma, angles), "replicate")
     x = blend * x + (1 - blend) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
