@@ -295,6 +295,8 @@ def test_recipe_options_are_config_sections_and_training_options():
     (["--method", "vos", "--set", "vos.select=20", "--set", "vos.sample_from=10"], "vos.select (20) must be at most"),
     (["--method", "logitnorm", "--set", "train.recipe=ish"], "--method logitnorm trains recipe logitnorm"),
     (["--method", "logitnorm", "--set", "logitnorm.tau=1"], "unknown config key 'logitnorm.tau'"),
+    (["--method", "cider", "--set", "cider.head=deep"], "cider.head 'deep': use mlp or linear"),
+    (["--method", "cider", "--set", "cider.proto_m=1"], "cider.proto_m must be in [0, 1)"),
 ])
 def test_bad_recipe_input_is_one_line_and_writes_nothing(extra, message, tmp_path, capsys):
     runs = tmp_path / "runs"
@@ -408,3 +410,93 @@ def test_cli_resume_of_a_recipe_run_is_bit_exact(tmp_path):
     (_, a), (_, b) = load_net(whole), load_net(part)
     for k, v in a.net.state_dict().items():
         assert torch.equal(v, b.net.state_dict()[k]), k
+
+
+# -- CIDER ------------------------------------------------------------------------------------------------------------
+def openood_cider_losses(features, labels, prototypes, proto_m, temp, w):
+    """cider_trainer.py: DisLoss.forward (per-sample EMA of the prototypes, then the dispersion of all of them)
+    and CompLoss.forward on the updated prototypes; loss = w * comp + dis."""
+    n_cls = len(prototypes)
+    prototypes = prototypes.clone()
+    for j in range(len(features)):
+        prototypes[labels[j].item()] = F.normalize(prototypes[labels[j].item()] * proto_m + features[j] * (1 - proto_m),
+                                                   dim=0)
+    updated = prototypes.detach()
+    lab = torch.arange(0, n_cls).contiguous().view(-1, 1)
+    mask = 1 - torch.eq(lab, lab.T).float()
+    logits = torch.div(torch.matmul(prototypes, prototypes.T), temp)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(n_cls).view(-1, 1), 0)
+    mask = mask * logits_mask
+    mean_prob_neg = torch.log((mask * torch.exp(logits)).sum(1) / mask.sum(1))
+    mean_prob_neg = mean_prob_neg[~torch.isnan(mean_prob_neg)]
+    dis = temp / 0.1 * mean_prob_neg.mean()
+    protos = F.normalize(updated, dim=1)
+    mask = torch.eq(labels.view(-1, 1), torch.arange(0, n_cls)).float()   # OpenOOD: proxy_labels.T of a 1-D range
+    feat_dot = torch.div(torch.matmul(features, protos.T), temp)
+    lg = feat_dot - torch.max(feat_dot, dim=1, keepdim=True)[0].detach()
+    log_prob = lg - torch.log(torch.exp(lg).sum(1, keepdim=True))
+    comp = -(temp / 0.07) * (mask * log_prob).sum(1).mean()
+    return w * comp + dis, updated
+
+
+def test_cider_losses_and_gradients_equal_openood():
+    torch.manual_seed(0)
+    raw = torch.randn(14, 6, requires_grad=True)
+    labels = torch.randint(0, 4, (14,))
+    protos = F.normalize(torch.randn(4, 6), dim=1)
+    for temp in (0.1, 0.5):
+        z = F.normalize(raw, dim=1)
+        ref, ref_protos = openood_cider_losses(z, labels, protos, 0.95, temp, 2.0)
+        ours_protos = recipes.ema_prototypes(protos, z, labels, 0.95)
+        ours = (2.0 * recipes.cider_compactness(z, ours_protos.detach(), labels, temp)
+                + recipes.cider_dispersion(ours_protos, temp))
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours_protos.detach(), ref_protos)
+        (g_ours,) = torch.autograd.grad(ours, raw, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref, raw)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_cider_embeddings_and_prototypes_are_unit_norm():
+    torch.manual_seed(0)
+    net = build_classifier("small_cnn", 1, 3, width=4)
+    recipe = recipes.CIDER(embed_dim=16)
+    model = recipes.RecipeNet(net, recipe)
+    images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(30) % 3
+    prepare = lambda x: x.float() / 255   # noqa: E731
+    recipe.initialise(model, images, labels, prepare, batch_size=7)
+    state = model.extra["cider"]
+    model.eval()
+    with torch.no_grad():
+        z = state(model(prepare(images))[0])
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(30))
+    means = torch.stack([z[labels == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(state.prototypes, F.normalize(means, dim=1), rtol=1e-5, atol=1e-6)  # class means
+    model.train()
+    x = prepare(images[:12])
+    loss, stats = recipe.loss(model, torch.cat([x, x]), labels[:12])   # two views
+    torch.testing.assert_close(state.prototypes.norm(dim=1), torch.ones(3))
+    assert loss.requires_grad and set(stats) == {"comp", "dis"}
+
+
+def test_cli_cider_run_logs_its_loss_and_is_scored_with_knn(tmp_path):
+    runs = tmp_path / "runs"
+    initial = train_cli(runs, "cider", 0, "init", "--set", "cider.embed_dim=16")
+    run = train_cli(runs, "cider", 2, "cider", "--set", "cider.embed_dim=16")
+    assert configs.read_yaml(run / "config.yaml")["train"]["recipe"] == "cider"
+    cfg, trainer = load_net(initial)
+    recipe = recipes.recipe_from_config(cfg)
+    model = recipes.RecipeNet(trainer.build(), recipe)
+    model.load_state_dict(checkpoint.load(initial / "checkpoints" / "classifier" / "final.pt")["model"])
+    _, x, y = first_batch(cfg)
+    inp = trainer.normalize(x)
+    model.train()
+    z = model.extra["cider"](model(torch.cat([inp, inp]))[0])   # augment none: two equal views
+    expected, _ = openood_cider_losses(z, y.repeat(2), model.extra["cider"].prototypes, 0.95, 0.1, 2.0)
+    expected = expected.detach()
+    logged = first_logged(run)
+    assert logged["loss"] == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+    assert logged["loss"] == pytest.approx(2.0 * logged["comp"] + logged["dis"], rel=1e-5)
+    assert main(["eval", "--method", "knn", "--in", "digits", "--runs-dir", str(runs), "--run-name", "cider",
+                 "--out", "noise:gaussian", "--limit", "60", "--device", "cpu", "--set", "knn.k=5"]) == 0

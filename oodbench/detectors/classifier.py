@@ -73,7 +73,8 @@ class ClassifierTrainer(Detector):
 
         def recipe_loss(model, batch):   # ID images first, then the outliers when the recipe uses them
             x, y = batch
-            return recipe.loss(model, prepare(augment(x, tc["augment"], tc["crop_padding"])), y)
+            views = [prepare(augment(x, tc["augment"], tc["crop_padding"])) for _ in range(recipe.views)]
+            return recipe.loss(model, views[0] if len(views) == 1 else torch.cat(views), y)
 
         oe = self.cfg["oe"]
         if oe["outliers"] and oe["from_run"]:
@@ -88,7 +89,13 @@ class ClassifierTrainer(Detector):
                 feed = OutlierFeed(train.to(engine.device), outliers.to(engine.device), int(tc["batch_size"]),
                                    int(recipe.options["outlier_batch"]), engine.seed, engine.rank, engine.world_size)
             recipe.set_epoch_length(len(train) // int(tc["batch_size"]))
-            trained = engine.fit("classifier", RecipeNet(net, recipe), recipe_loss, feed, TrainSpec.from_cfg(tc))
+            model = RecipeNet(net, recipe).to(engine.device)
+            # OpenOOD sets CIDER's prototypes from the ID validation split; the training split when that lacks a class
+            if recipe.initialised_from_data:
+                source = val if val.labels is not None and len(val.labels.unique()) == self.num_classes else train
+                source = source.to(engine.device)
+                recipe.initialise(model, source.images, source.labels, prepare)
+            trained = engine.fit("classifier", model, recipe_loss, feed, TrainSpec.from_cfg(tc))
             self.net = trained.net
         if oe["outliers"]:
             outliers = data.load(oe["outliers"], split="train", root=self.cfg["data"]["root"], device=engine.device,

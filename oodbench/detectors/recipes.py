@@ -58,6 +58,8 @@ class Recipe:
     reference = ""          # OpenOOD v1.5 file(s) the recipe follows
     OPTIONS: Dict[str, Option] = {}
     uses_outliers = False    # batches carry auxiliary outlier images after the in-distribution ones
+    views = 1                # independently augmented views of each batch, stacked (CIDER: 2)
+    initialised_from_data = False   # `initialise` sets state from labelled images before training (CIDER)
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.OPTIONS))
@@ -90,6 +92,10 @@ class Recipe:
 
     def set_epoch_length(self, steps: int) -> None:
         """Told the steps per pass over the training set before training (recipes with epoch options)."""
+
+    def initialise(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prepare) -> None:
+        """Set the trained module's state from labelled uint8 images (`prepare` makes the network's input) before
+        the first step (CIDER's prototypes); a resumed run then restores its own from the checkpoint."""
 
     def optimizer_groups(self, model: nn.Module, weight_decay: float):
         """The optimiser's parameter groups (default: one, all of `model`'s parameters)."""
@@ -448,6 +454,111 @@ class VOS(Recipe):
         state.steps += 1
         return ce + float(self.options["weight"]) * reg, {"ce": ce.detach(), "vos_reg": reg.detach(),
                                                           "acc": accuracy(logits, labels)}
+
+
+# -- CIDER ------------------------------------------------------------------------------------------------------------
+def cider_dispersion(prototypes: torch.Tensor, temperature: float, base_temperature: float = 0.1) -> torch.Tensor:
+    """CIDER's dispersion loss: (T / T_base) * mean over classes of log(mean_{j != i} exp(p_i . p_j / T)) (Ming et
+    al. 2023, eq. 5; OpenOOD's DisLoss, base temperature 0.1)."""
+    n = len(prototypes)
+    logits = prototypes @ prototypes.t() / temperature
+    off = 1 - torch.eye(n, device=prototypes.device)
+    per_class = torch.log((off * torch.exp(logits)).sum(1) / off.sum(1))
+    return (temperature / base_temperature) * per_class[~torch.isnan(per_class)].mean()
+
+
+def cider_compactness(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, base_temperature: float = 0.07) -> torch.Tensor:
+    """CIDER's compactness loss: -(T / T_base) * mean log softmax_y(z . normalize(P)^T / T) (eq. 4; OpenOOD's
+    CompLoss keeps SupCon's base temperature 0.07)."""
+    logits = embeddings @ F.normalize(prototypes, dim=1).t() / temperature
+    log_prob = logits.log_softmax(1).gather(1, labels[:, None]).squeeze(1)
+    return -(temperature / base_temperature) * log_prob.mean()
+
+
+def ema_prototypes(prototypes: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
+                   momentum: float) -> torch.Tensor:
+    """The prototypes after each embedding in turn: p_y <- normalize(m p_y + (1 - m) z), sample by sample (the
+    authors' loop; the result keeps the embeddings' gradient, as there)."""
+    protos = prototypes.clone()
+    for j in range(len(embeddings)):
+        c = int(labels[j])
+        protos[c] = F.normalize(protos[c] * momentum + embeddings[j] * (1 - momentum), dim=0)
+    return protos
+
+
+class CIDERState(nn.Module):
+    """CIDER's projection head (penultimate features -> unit-norm embeddings) and class prototypes (a buffer)."""
+
+    def __init__(self, dim: int, num_classes: int, embed_dim: int, head: str):
+        super().__init__()
+        self.head = (nn.Linear(dim, embed_dim) if head == "linear" else
+                     nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, embed_dim)))
+        self.register_buffer("prototypes", torch.zeros(num_classes, embed_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(features), dim=1)
+
+
+@register_recipe("cider")
+class CIDER(Recipe):
+    summary = ("compactness + dispersion losses on unit-norm embeddings of a projection head, with EMA class "
+               "prototypes, on two augmented views (Ming et al., ICLR 2023); scored with knn")
+    paper = ("How to Exploit Hyperspherical Embeddings for Out-of-Distribution Detection? (Ming, Sun, Dia & Li, "
+             "ICLR 2023)")
+    reference = ("openood/trainers/cider_trainer.py, openood/networks/cider_net.py, "
+                 "configs/pipelines/train/train_cider.yml, configs/networks/cider_net.yml")
+    OPTIONS = {
+        "temperature": Option(0.1, "T of both losses (train_cider.yml temp)"),
+        "proto_m": Option(0.95, "prototype EMA momentum (train_cider.yml proto_m)"),
+        "weight": Option(2.0, "w: loss = w * compactness + dispersion (train_cider.yml w)"),
+        "embed_dim": Option(128, "embedding dimension (cider_net.yml feat_dim)"),
+        "head": Option("mlp", "projection head: mlp (Linear-ReLU-Linear) | linear (cider_net.yml head)"),
+    }
+    views = 2
+    initialised_from_data = True
+
+    def check(self):
+        self._positive("temperature", "embed_dim")
+        m = self.options["proto_m"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+            raise OODBenchError(f"cider.proto_m must be in [0, 1), got {m!r}")
+        w = self.options["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise OODBenchError(f"cider.weight must be a number >= 0, got {w!r}")
+        if self.options["head"] not in ("mlp", "linear"):
+            raise OODBenchError(f"cider.head {self.options['head']!r}: use mlp or linear")
+
+    def modules(self, net):
+        return {"cider": CIDERState(net.head.in_features, net.head.out_features, int(self.options["embed_dim"]),
+                                    self.options["head"])}
+
+    @torch.no_grad()
+    def initialise(self, model, images, labels, prepare, batch_size: int = 256):
+        """Prototypes = the normalised mean embedding of each class (network in eval mode), as OpenOOD's
+        init_class_prototypes."""
+        state, was = model.extra["cider"], model.training
+        model.eval()
+        sums = torch.zeros_like(state.prototypes)
+        for i in range(0, len(images), batch_size):
+            features, _ = model(prepare(images[i:i + batch_size]))
+            sums.index_add_(0, labels[i:i + batch_size], state(features).float())
+        counts = torch.bincount(labels, minlength=len(sums)).clamp_min(1)
+        state.prototypes.copy_(F.normalize(sums / counts[:, None], dim=1))
+        model.train(was)
+
+    def loss(self, model, x, labels):
+        features, _ = model(x)                       # x: the views, one after the other
+        state = unwrap(model).extra["cider"]
+        embeddings = state(features).float()
+        labels = labels.repeat(len(x) // len(labels))
+        t = float(self.options["temperature"])
+        protos = ema_prototypes(state.prototypes, embeddings, labels, float(self.options["proto_m"]))
+        with torch.no_grad():
+            state.prototypes.copy_(protos)
+        dis = cider_dispersion(protos, t)
+        comp = cider_compactness(embeddings, protos.detach(), labels, t)
+        return float(self.options["weight"]) * comp + dis, {"comp": comp.detach(), "dis": dis.detach()}
 
 
 class RecipeNet(nn.Module):
