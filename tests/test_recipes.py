@@ -277,6 +277,7 @@ def test_recipe_options_are_config_sections_and_training_options():
     assert cfg["train"]["recipe"] == "plain"
     assert cfg["logitnorm"] == {"temperature": 0.04} and cfg["outlier_exposure"]["weight"] == 0.5
     assert cfg["t2fnorm"]["temperature"] == 0.1 and cfg["ish"]["param"] == 0.85 and cfg["vos"]["weight"] == 0.1
+    assert cfg["cider"]["proto_m"] == 0.95 and cfg["regmixup"]["alpha"] == 20.0
     for key in ("train.recipe", "logitnorm.temperature", "outlier_exposure.outliers", "vos.sample_number"):
         assert registry.is_training("classifier", key), key
     assert "outlier_exposure.outliers" in registry.dataset_keys("classifier")
@@ -297,6 +298,7 @@ def test_recipe_options_are_config_sections_and_training_options():
     (["--method", "logitnorm", "--set", "logitnorm.tau=1"], "unknown config key 'logitnorm.tau'"),
     (["--method", "cider", "--set", "cider.head=deep"], "cider.head 'deep': use mlp or linear"),
     (["--method", "cider", "--set", "cider.proto_m=1"], "cider.proto_m must be in [0, 1)"),
+    (["--method", "regmixup", "--set", "regmixup.alpha=-1"], "regmixup.alpha must be a number >= 0"),
 ])
 def test_bad_recipe_input_is_one_line_and_writes_nothing(extra, message, tmp_path, capsys):
     runs = tmp_path / "runs"
@@ -500,3 +502,44 @@ def test_cli_cider_run_logs_its_loss_and_is_scored_with_knn(tmp_path):
     assert logged["loss"] == pytest.approx(2.0 * logged["comp"] + logged["dis"], rel=1e-5)
     assert main(["eval", "--method", "knn", "--in", "digits", "--runs-dir", str(runs), "--run-name", "cider",
                  "--out", "noise:gaussian", "--limit", "60", "--device", "cpu", "--set", "knn.k=5"]) == 0
+
+
+# -- RegMixup ---------------------------------------------------------------------------------------------------------
+def openood_regmixup(net, x, y, lam, index):
+    """regmixup_trainer.py train_epoch with mixup_data's lam and index given."""
+    mixup_x = lam * x + (1 - lam) * x[index]
+    targets_a, targets_b = torch.cat([y, y]), torch.cat([y, y[index]])
+    logits = net(torch.cat([x, mixup_x], dim=0))
+    return lam * F.cross_entropy(logits, targets_a) + (1 - lam) * F.cross_entropy(logits, targets_b)
+
+
+def test_regmixup_equals_openood_and_is_plain_ce_without_mixing():
+    torch.manual_seed(0)
+    net = build_classifier("small_cnn", 1, 4, width=4).eval()
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    index = torch.randperm(6)
+    batch, ta, tb = recipes.regmixup_batch(x, y, 0.3, index)
+    torch.testing.assert_close(recipes.regmixup_loss(net(batch), ta, tb, 0.3), openood_regmixup(net, x, y, 0.3, index))
+    torch.testing.assert_close(batch[6:], 0.3 * x + 0.7 * x[index])        # mixed rows: convex combinations
+    # alpha = 0 (lam = 1): the mixed half is the batch itself and the loss is plain cross-entropy
+    loss, stats = recipes.RegMixup(alpha=0).loss(recipes.RecipeNet(net, recipes.RegMixup()), x, y)
+    assert stats["lam"] == 1.0
+    torch.testing.assert_close(loss, F.cross_entropy(net(x), y))
+
+
+def test_cli_regmixup_run_logs_the_recipes_loss(tmp_path):
+    runs = tmp_path / "runs"
+    initial = train_cli(runs, "regmixup", 0, "init")
+    run = train_cli(runs, "regmixup", 2, "regmixup")
+    cfg, trainer = load_net(initial)
+    _, x, y = first_batch(cfg)
+    logged = first_logged(run)
+    torch.manual_seed(cfg["seed"])          # the engine seeds before its first step; the recipe draws lam, then index
+    lam = float(torch.distributions.Beta(20.0, 20.0).sample())
+    index = torch.randperm(len(y))
+    assert logged["lam"] == pytest.approx(lam, rel=1e-6)
+    net = trainer.net.train()
+    with torch.no_grad():
+        expected = openood_regmixup(net, trainer.normalize(x), y, lam, index)
+    assert logged["loss"] == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+    assert configs.read_yaml(run / "config.yaml")["train"]["recipe"] == "regmixup"

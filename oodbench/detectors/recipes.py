@@ -561,6 +561,44 @@ class CIDER(Recipe):
         return float(self.options["weight"]) * comp + dis, {"comp": comp.detach(), "dis": dis.detach()}
 
 
+# -- RegMixup ---------------------------------------------------------------------------------------------------------
+def regmixup_batch(x: torch.Tensor, labels: torch.Tensor, lam: float, index: torch.Tensor):
+    """(the batch followed by its mixup lam * x + (1 - lam) * x[index]; the targets of the two mixup terms)."""
+    mixed = lam * x + (1 - lam) * x[index]
+    return torch.cat([x, mixed]), torch.cat([labels, labels]), torch.cat([labels, labels[index]])
+
+
+def regmixup_loss(logits: torch.Tensor, targets_a: torch.Tensor, targets_b: torch.Tensor, lam: float):
+    """lam * CE(logits, targets_a) + (1 - lam) * CE(logits, targets_b), over the clean and the mixed rows together
+    (Pinto et al. 2022: cross-entropy on the clean batch plus mixup as a regulariser)."""
+    logits = logits.float()
+    return lam * F.cross_entropy(logits, targets_a) + (1 - lam) * F.cross_entropy(logits, targets_b)
+
+
+@register_recipe("regmixup")
+class RegMixup(Recipe):
+    summary = "cross-entropy on the batch and on its mixup with lam ~ Beta(alpha, alpha) (Pinto et al. 2022)"
+    paper = ("Using Mixup as a Regularizer Can Surprisingly Improve Accuracy and Out-of-Distribution Robustness "
+             "(Pinto, Yang, Lim, Torr & Dokania, NeurIPS 2022)")
+    reference = "openood/trainers/regmixup_trainer.py, configs/pipelines/train/train_regmixup.yml"
+    OPTIONS = {"alpha": Option(20.0, "lam ~ Beta(alpha, alpha); alpha 0: lam = 1 (train_regmixup.yml alpha)")}
+
+    def check(self):
+        a = self.options["alpha"]
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or a < 0:
+            raise OODBenchError(f"regmixup.alpha must be a number >= 0, got {a!r}")
+
+    def loss(self, model, x, labels):
+        alpha = float(self.options["alpha"])
+        # drawn from torch's CPU generator, whose state the checkpoints hold (a resumed run draws the same)
+        lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+        index = torch.randperm(len(x)).to(x.device)
+        batch, targets_a, targets_b = regmixup_batch(x, labels, lam, index)
+        _, logits = model(batch)
+        return regmixup_loss(logits, targets_a, targets_b, lam), {"lam": lam,
+                                                                  "acc": accuracy(logits[:len(x)], labels)}
+
+
 class RecipeNet(nn.Module):
     """What the engine trains under a recipe: the classifier `net` and the recipe's `extra` modules (and buffers,
     e.g. VOS's feature queues), so that checkpoints and resume hold all of them. `forward(x)` gives
