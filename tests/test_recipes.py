@@ -210,15 +210,18 @@ def test_vos_regularizer_equals_pytorch_ood_and_the_authors_energy():
     z_in, _ = logits_and_labels(n=10, c=4, seed=2)
     z_out, _ = logits_and_labels(n=6, c=4, seed=3)
     state = recipes.VOSState(4, 8, 5)
-    torch.testing.assert_close(recipes.weighted_logsumexp(z_in, state.class_weights.weight),
-                               vos_paper_energy(z_in, state.class_weights.weight))
-    ours = recipes.vos_regularizer(z_in, z_out, state.class_weights.weight, state.logistic)
+    torch.testing.assert_close(recipes.weighted_logsumexp(z_in, state.class_weights),
+                               vos_paper_energy(z_in, state.class_weights))
+    ours = recipes.vos_regularizer(z_in, z_out, state.class_weights, state.logistic)
+    weights_energy = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        weights_energy.weight.copy_(state.class_weights)
     # pytorch-ood feeds E = -logsumexp to phi: the same logistic regression with its weight negated
     phi = torch.nn.Linear(1, 2)
     with torch.no_grad():
         phi.weight.copy_(-state.logistic.weight)
         phi.bias.copy_(state.logistic.bias)
-    reference = VOSRegLoss(phi, state.class_weights)._regularization(torch.cat([z_in, z_out]),
+    reference = VOSRegLoss(phi, weights_energy)._regularization(torch.cat([z_in, z_out]),
                                                                      torch.cat([torch.zeros(10), -torch.ones(6)]).long())
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
 
@@ -543,3 +546,27 @@ def test_cli_regmixup_run_logs_the_recipes_loss(tmp_path):
         expected = openood_regmixup(net, trainer.normalize(x), y, lam, index)
     assert logged["loss"] == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
     assert configs.read_yaml(run / "config.yaml")["train"]["recipe"] == "regmixup"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vos", "cider", "rotpred"])
+def test_recipes_with_extra_modules_train_under_ddp(method, tmp_path):
+    """torchrun, 2 gloo processes: every trained parameter gets a gradient each step (DDP's requirement), with
+    VOS's energy weights, CIDER's unused linear head and RotPred's rotation head."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OODBENCH_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29547", "-m", "oodbench", "train", "--method", method, "--runs-dir", str(tmp_path),
+                          *TINY, "--set", "data.limit=256", "--set", "train.batch_size=32", "--set", "train.steps=6",
+                          "--set", "vos.sample_number=2", "--set", "vos.sample_from=40"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / f"classifier-digits-s0-{method}"
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"step"' in line]
+    assert len(lines) == 6 and all(math.isfinite(r["loss"]) for r in lines)
+    if method == "vos":
+        assert any(r["vos_reg"] > 0 for r in lines)
+    load_net(run)

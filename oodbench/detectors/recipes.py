@@ -375,8 +375,8 @@ class VOSState(nn.Module):
 
     def __init__(self, num_classes: int, dim: int, sample_number: int):
         super().__init__()
-        self.class_weights = nn.Linear(num_classes, 1)
-        nn.init.uniform_(self.class_weights.weight)
+        # the energy's class weights: the weight of the authors' Linear(num_classes, 1) (its bias is never used)
+        self.class_weights = nn.Parameter(torch.empty(1, num_classes).uniform_())
         self.logistic = nn.Linear(1, 2)
         self.register_buffer("queue", torch.zeros(num_classes, sample_number, dim))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
@@ -447,7 +447,7 @@ class VOS(Recipe):
         start = int(self.options["start_epoch"]) * self.steps_per_epoch
         if ready and int(state.steps) >= start:
             outliers, _ = virtual_outliers(state.queue, int(self.options["sample_from"]), int(self.options["select"]))
-            reg = vos_regularizer(logits, inner.net.head(outliers.to(features.dtype)), state.class_weights.weight,
+            reg = vos_regularizer(logits, inner.net.head(outliers.to(features.dtype)), state.class_weights,
                                   state.logistic)
         else:   # every parameter takes part in each step's graph (DDP expects gradients for all of them)
             reg = sum(p.sum() for p in state.parameters()) * 0.0
@@ -548,7 +548,7 @@ class CIDER(Recipe):
         model.train(was)
 
     def loss(self, model, x, labels):
-        features, _ = model(x)                       # x: the views, one after the other
+        features, logits = model(x)                  # x: the views, one after the other
         state = unwrap(model).extra["cider"]
         embeddings = state(features).float()
         labels = labels.repeat(len(x) // len(labels))
@@ -558,7 +558,8 @@ class CIDER(Recipe):
             state.prototypes.copy_(protos)
         dis = cider_dispersion(protos, t)
         comp = cider_compactness(embeddings, protos.detach(), labels, t)
-        return float(self.options["weight"]) * comp + dis, {"comp": comp.detach(), "dis": dis.detach()}
+        unused = logits.float().sum() * 0.0   # the linear head takes no part (DDP expects a gradient for it)
+        return float(self.options["weight"]) * comp + dis + unused, {"comp": comp.detach(), "dis": dis.detach()}
 
 
 # -- RegMixup ---------------------------------------------------------------------------------------------------------
