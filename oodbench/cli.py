@@ -244,8 +244,9 @@ def cmd_eval(a) -> None:
 
 def cmd_methods(a) -> None:
     from oodbench.detectors import REGISTRY, PostHoc
+    from oodbench.detectors.recipes import RECIPES   # how the classifier is trained: oodbench train --method NAME
 
-    width = max(map(len, REGISTRY))
+    width = max(map(len, [*REGISTRY, *RECIPES]))
     for name in sorted(REGISTRY, key=lambda n: (REGISTRY[n].kind, n)):
         cls = REGISTRY[name]
         print(f"{name:<{width}}  [{cls.kind}]  {cls.summary}")
@@ -253,6 +254,10 @@ def cmd_methods(a) -> None:
             for key, option in cls.OPTIONS.items():
                 grid = f"  (--tune: {list(option.grid)})" if option.grid else ""
                 print(f"{'':<{width}}    {name}.{key} = {option.default!r}: {option.help}{grid}")
+    for name, cls in RECIPES.items():
+        print(f"{name:<{width}}  [recipe]  {cls.summary}")
+        for key, option in cls.OPTIONS.items() if a.options else ():
+            print(f"{'':<{width}}    {name}.{key} = {option.default!r}: {option.help}")
 
 
 def cmd_data(a) -> None:

@@ -570,3 +570,11 @@ def test_recipes_with_extra_modules_train_under_ddp(method, tmp_path):
     if method == "vos":
         assert any(r["vos_reg"] > 0 for r in lines)
     load_net(run)
+
+
+def test_methods_lists_the_recipes_and_their_options(capsys):
+    assert main(["methods", "--options"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in recipes.RECIPES.items():
+        assert any(line.split()[:2] == [name, "[recipe]"] for line in out.splitlines()), name
+    assert "logitnorm.temperature = 0.04" in out and "outlier_exposure.weight = 0.5" in out
