@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directory (spell it --run-dir under torchrun, whose own options swallow --run)")
     s.add_argument("--model", default=None, help="score this classifier instead of a run (needs --in): "
                    "torchvision:NAME[:WEIGHTS], timm:NAME[:pretrained], openood:resnet18_32x32:PATH, "
-                   "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH")
+                   "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH; A,B,C: a deep ensemble "
+                   "(mean logits; --set model.ensemble=softmax for the mean softmax)")
     s.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset of --model")
     s.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on a seeded, "
                    "class-balanced sample of N training images (default: the whole training split)")
@@ -108,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directory instead of --in/--seed/--run-name (--run-dir under torchrun)")
     e.add_argument("--model", default=None, help="evaluate this classifier instead of a run (needs --in): "
                    "torchvision:NAME[:WEIGHTS], timm:NAME[:pretrained], openood:resnet18_32x32:PATH, "
-                   "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH")
+                   "python:MODULE:CALLABLE[:WEIGHTS], torchscript:PATH or run:PATH; A,B,C: a deep ensemble "
+                   "(mean logits; --set model.ensemble=softmax for the mean softmax)")
     e.add_argument("--fit-limit", type=int, default=None, help="with --model: fit statistics on a seeded, "
                    "class-balanced sample of N training images (default: the whole training split)")
     e.add_argument("--fit-data", default=None, metavar="SPEC", help="with --model: fit statistics on this set's "
@@ -131,10 +133,13 @@ def _parser() -> argparse.ArgumentParser:
                    "--tune grids")
 
     d = command("data", "datasets: where they are found, checks, derived benchmarks")
-    d.add_argument("action", choices=("list", "check", "make-resize-benchmark"),
+    d.add_argument("action", choices=("list", "check", "make-resize-benchmark", "fetch", "verify"),
                    help="list: every named set, found or how to get it; check SPEC: load its splits (exit 2 when "
-                   "one is missing); make-resize-benchmark: write resized PNG folders")
+                   "one is missing); make-resize-benchmark: write resized PNG folders; fetch NAME...: download and "
+                   "install sets, protocols' sets or OpenOOD checkpoints (resumable, verified); verify [NAME...]: "
+                   "check installed sets against their manifests")
     d.add_argument("spec", nargs="?", help="dataset spec (for check), e.g. vflip:fashion_mnist")
+    d.add_argument("more", nargs="*", help=argparse.SUPPRESS)   # fetch / verify take several names
     d.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     d.add_argument("--src", help="source dataset spec (make-resize-benchmark)")
     d.add_argument("--size", type=int, default=32, help="target size (make-resize-benchmark)")
@@ -263,6 +268,9 @@ def cmd_methods(a) -> None:
 def cmd_data(a) -> None:
     from oodbench import data
 
+    if a.action in ("fetch", "verify"):
+        names = [n for n in [a.spec, *a.more] if n]
+        return (data_fetch if a.action == "fetch" else data_verify)(names, data.data_root(a.data_root))
     if a.action == "list":
         print(f"data root: {data.data_root(a.data_root)} (--data-root, else $OODBENCH_DATA, else the default)")
         for row in data.dataset_status(a.data_root):
@@ -290,6 +298,41 @@ def cmd_data(a) -> None:
         written = data.write_resize_benchmark(a.src, a.size, a.out, root=a.data_root)
         for method, folder in written.items():
             print(f"{method:<9} {folder}   (use as folder:{folder})")
+
+
+def data_fetch(names: list, root) -> None:
+    from oodbench.data import catalog
+
+    if not names:
+        raise OODBenchError("oodbench data fetch needs names: sets, shipped protocols or OpenOOD checkpoint archives, "
+                            "e.g. oodbench data fetch ninco (all: see docs/data.md)")
+    wanted, manual = catalog.expand(names, root)
+    for name in wanted:
+        catalog.fetch_set(name, root)
+    if manual:
+        for name, how in manual:
+            print(f"{name}: cannot be fetched; to get it: {how}")
+        raise OODBenchError(f"not fetched (place by hand, see above): {', '.join(n for n, _ in manual)}")
+
+
+def data_verify(names: list, root) -> None:
+    from oodbench.data import fetch
+
+    names = names or fetch.manifest_names(root)
+    if not names:
+        raise OODBenchError(f"no set under {root} has a manifest yet; install sets with `oodbench data fetch NAME`")
+    bad = []
+    for name in names:
+        problems = fetch.verify(root, name)
+        man = fetch.load_manifest(root, name)
+        for problem in problems:
+            print(f"{name}: {problem}")
+        state = f"{len(problems)} problem(s)" if problems else "ok"
+        print(f"{name}: {state}: {len(man['files'])} files, {man['images']} images ({fetch.trust_note(man)})")
+        bad += [name] if problems else []
+    if bad:
+        raise OODBenchError(f"{', '.join(bad)} did not verify; `oodbench data fetch {' '.join(bad)}` deletes and "
+                            f"fetches {'them' if len(bad) > 1 else 'it'} again")
 
 
 def cmd_bench(a) -> None:

@@ -33,6 +33,8 @@ LAYERS = {
     "oodbench.aux_models": 0,    # imports errors only
     # L1: data, networks, the training engine, and what needs them
     "oodbench.data.*": 1,
+    "oodbench.data.fetch": 1,    # downloads, safe extraction, manifests (errors, progress)
+    "oodbench.data.catalog": 1,  # what `data fetch` installs (data.fetch/folders/imglists/sources, protocols, config)
     "oodbench.nets.*": 1,
     "oodbench.engine.*": 1,
     "oodbench.plots": 1,         # imports metrics, engine.checkpoint
