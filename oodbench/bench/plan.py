@@ -17,7 +17,8 @@ from oodbench.errors import OODBenchError, check_seed
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
               "plots", "methods", "tune", "joint", "csid", "executor")
 ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit", "tune")
-MODEL_KEYS = ("model.mean", "model.std", "model.size", "model.head", "model.layers")   # of an entry with `model:`
+MODEL_KEYS = ("model.mean", "model.std", "model.size", "model.head", "model.layers",   # of an entry with `model:`
+              "clip.names", "clip.templates", "clip.logit_scale")                    # (clip.*: docs/clip.md)
 EXECUTORS = ("sequential", "local", "slurm")
 EXECUTOR_KEYS = ("name", "jobs", "partition", "gpus", "cpus", "time", "sbatch", "folder")
 
@@ -252,7 +253,7 @@ def _entry(item, bench: Bench, where: str) -> Entry:
     overrides = _overrides(item.get("overrides"), f"{where}: method {item['method']} overrides")
     model_overrides = []
     if item.get("model") is not None:   # model.mean=... etc. set how the `model:` spec is loaded (as eval's --set)
-        model_overrides = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] == "model"]
+        model_overrides = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in ("model", "clip")]
         overrides = [o for o in overrides if o not in model_overrides]
         bad = [o for o in model_overrides if o.split("=", 1)[0].strip() not in MODEL_KEYS]
         if bad:

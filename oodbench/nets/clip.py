@@ -106,13 +106,7 @@ class OpenCLIPEncoder(nn.Module):
         self.has_patch_tokens = bool(blocks) and getattr(visual, "proj", None) is not None and \
             getattr(visual, "attn_pool", None) is None and isinstance(getattr(blocks[-1], "attn", None),
                                                                    nn.MultiheadAttention)
-        self._last_input = None
         self.last_pooled = None
-        if self.has_patch_tokens:
-            blocks[-1].register_forward_pre_hook(self._keep_input)
-
-    def _keep_input(self, _module, args):
-        self._last_input = args[0]
 
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
@@ -128,9 +122,14 @@ class OpenCLIPEncoder(nn.Module):
         if not self.has_patch_tokens:
             return None
         visual = self.model.visual
-        self.last_pooled = self.model.encode_image(x)
-        h, self._last_input = self._last_input, None
         block = visual.transformer.resblocks[-1]
+        kept = []   # the last block's input, captured during this forward only
+        handle = block.register_forward_pre_hook(lambda _module, args: kept.append(args[0]))
+        try:
+            self.last_pooled = self.model.encode_image(x)
+        finally:
+            handle.remove()
+        h = kept[-1]
         if not getattr(visual.transformer, "batch_first", True):
             h = h.transpose(0, 1)
         attn, width = block.attn, h.shape[-1]

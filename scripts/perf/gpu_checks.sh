@@ -9,6 +9,8 @@
 # - msma (bf16 and fp32 scoring), ddpm (bf16 reconstruction), amp (anchored scoring): throughput vs bare forwards.
 # - streamed folders: data.decode=gpu (nvJPEG) vs PIL in CPU workers, and vs ImageFolder + DataLoader.
 # - end to end: `oodbench train` + `eval` of a classifier on scikit-learn digits with bf16 autocast (no download).
+# - zero-shot CLIP (docs/clip.md), only when CLIP_WEIGHTS=PATH names open_clip ViT-B-16 weights: mcm, glmcm, msp on
+#   digits; with CLIP_DATA=ROOT (OpenOOD's ImageNet layout) also ImageNet-1K vs iNaturalist and Textures.
 #
 # Uses .venv/bin/python when there is one, else python3 (a machine with torch, torchvision, scikit-learn, scipy,
 # pyyaml, tqdm and matplotlib installed); the repository is put on PYTHONPATH. Each check is cut at
@@ -47,6 +49,14 @@ check() {
     --set train.steps=600 --set data.val_fraction=0.1
   check -m oodbench eval --method msp,energy,gradnorm,mahalanobis --in digits --runs-dir "$RUNS" --device "$DEVICE" \
     --out noise:gaussian,vflip:digits
+  if [ -n "${CLIP_WEIGHTS:-}" ]; then
+    check -m oodbench eval --model "open_clip:ViT-B-16:$CLIP_WEIGHTS" --in digits --out noise:gaussian,vflip:digits \
+      --method mcm,glmcm,msp --runs-dir "$RUNS" --device "$DEVICE"
+    if [ -n "${CLIP_DATA:-}" ]; then
+      check -m oodbench eval --model "open_clip:ViT-B-16:$CLIP_WEIGHTS" --in imagenet --data-root "$CLIP_DATA" \
+        --out inaturalist,imagenet_textures --method mcm,glmcm,msp,energy --runs-dir "$RUNS" --device "$DEVICE"
+    fi
+  fi
   date -u
 } 2>&1 | tee "$LOG_DIR/gpu_checks.log"
 rm -rf "$RUNS"
