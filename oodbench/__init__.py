@@ -8,7 +8,7 @@ Python API (docs/python.md): `oodbench.method("knn", k=50)` is a method you `fit
 """
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "wrap", "load_clip", "wrap_clip", "ClassifierModel", "Evaluator", "method", "PostHoc", "Option",
+__all__ = ["load_model", "wrap", "ensemble", "load_clip", "wrap_clip", "ClassifierModel", "Evaluator", "method", "PostHoc", "Option",
            "as_imageset"]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -330,10 +331,12 @@ def _pair(size, what: str):
 # ---------------------------------------------------------------------------------------------------- loading
 def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = None, device="cpu",
                seed: int = 0, layers=None, clip: Optional[dict] = None, in_dataset: Optional[str] = None,
-               data_root=None) -> ClassifierModel:
+               data_root=None, ensemble_mode: Optional[str] = None) -> ClassifierModel:
     """A ClassifierModel from a spec (see the module docstring); mean/std/size/head override what the source says;
     `layers` names the intermediate modules of `feature_maps`. For open_clip:/hf-clip: specs, `clip` holds
-    load_clip's names/templates/logit_scale and `in_dataset` names the set whose class names make the head."""
+    load_clip's names/templates/logit_scale and `in_dataset` names the set whose class names make the head.
+    Comma-separated specs `A,B,C` make a deep ensemble (`ensemble`; member i loaded with seed + i, each with the
+    mean/std/size/head given here); `ensemble_mode` is its `combine` (logits, the default, or softmax)."""
     if not isinstance(spec, str) or not spec.strip():
         raise OODBenchError(f"model spec must be a non-empty string such as torchvision:resnet18:none, got {spec!r}")
     spec = spec.strip()
@@ -346,6 +349,13 @@ def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = 
                          device=device, seed=seed, **(clip or {}))
     if clip:
         raise OODBenchError(f"clip.{next(iter(clip))} applies to open_clip:/hf-clip: models, not {spec}")
+    if "," in spec:   # A,B,C: a deep ensemble of the members (each loaded as its own spec, seed + i)
+        members = [load_model(part, mean=mean, std=std, size=size, head=head, device=device, seed=seed + i,
+                              clip=clip, in_dataset=in_dataset, data_root=data_root)
+                   for i, part in enumerate(_ensemble_parts(spec))]
+        return ensemble(members, combine=ensemble_mode or "logits", name=spec, layers=layers).to(device)
+    if ensemble_mode is not None:
+        raise OODBenchError(f"model.ensemble applies to an ensemble of models (--model A,B,C), not {spec}")
     if source not in SOURCES:
         if Path(spec).is_dir():
             source, rest = "run", spec
@@ -369,6 +379,100 @@ EXAMPLES = {"run": "run:runs/classifier-cifar10-s0", "torchvision": "torchvision
             "python": "python:mypackage.nets:build:weights.pt", "torchscript": "torchscript:model.pt",
             "open_clip": "open_clip:ViT-B-16:PATH/open_clip_pytorch_model.bin", "hf-clip": "hf-clip:DIR"}
 CLIP_OPTIONS = ("names", "templates", "logit_scale")   # --set clip.KEY=VALUE
+
+
+# ---------------------------------------------------------------------------------------------------- deep ensembles
+ENSEMBLE_MODES = ("logits", "softmax")
+
+
+class EnsembleNet(nn.Module):
+    """The members' networks as one: images in [0, 1] (the shared channels and size) in, each member's own
+    normalisation applied inside (buffers `mean_i` / `std_i`), and
+
+    - `combine="logits"`: the mean of the members' logits (OpenOOD's `ensemble` postprocessor). When every member
+      has a linear head, this is one linear layer `head` over the members' concatenated penultimate features
+      (weight [W_1 ... W_M] / M, bias the mean of the b_m), so feature methods see the concatenated features;
+    - `combine="softmax"`: log of the mean of the members' softmax probabilities (the predictive distribution of
+      Lakshminarayanan et al. 2017): softmax of these logits is the mean softmax. Logits only (no head).
+    """
+
+    def __init__(self, members: Sequence, combine: str = "logits"):
+        super().__init__()
+        self.members_ = list(members)           # the ClassifierModels (their forward_split checks each head)
+        self.nets = nn.ModuleList(m.net for m in members)
+        self.combine = combine
+        for i, m in enumerate(members):
+            self.register_buffer(f"mean_{i}", torch.tensor(m.mean).view(1, -1, 1, 1))
+            self.register_buffer(f"std_{i}", torch.tensor(m.std).view(1, -1, 1, 1))
+        self.head = None
+        if combine == "logits" and all(isinstance(m.head, nn.Linear) for m in members):
+            heads = [m.head for m in members]
+            self.head = nn.Linear(sum(h.in_features for h in heads), heads[0].out_features)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.cat([h.weight.detach().float() for h in heads], 1) / len(heads))
+                self.head.bias.copy_(torch.stack([h.bias.detach().float() if h.bias is not None else
+                                                  torch.zeros(h.out_features) for h in heads]).mean(0))
+            self.head.requires_grad_(False)
+
+    def member_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return (x - getattr(self, f"mean_{i}")) / getattr(self, f"std_{i}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            features = [m.forward_split(self.member_input(i, x))[0] for i, m in enumerate(self.members_)]
+            self._check_shapes([f.shape[:1] for f in features])
+            return self.head(torch.cat([f.to(self.head.weight.dtype) for f in features], 1))
+        logits = [m._output(m.net(self.member_input(i, x))).float() for i, m in enumerate(self.members_)]
+        for m in self.members_:
+            m._captured.clear()
+        self._check_shapes([z.shape for z in logits])
+        stacked = torch.stack(logits)
+        if self.combine == "logits":
+            return stacked.mean(0)
+        return torch.logsumexp(stacked.log_softmax(2), 0) - math.log(len(logits))
+
+    def _check_shapes(self, shapes) -> None:
+        if len({tuple(s) for s in shapes}) > 1:
+            raise OODBenchError(f"the ensemble's members give outputs of different shapes "
+                                f"({', '.join(str(tuple(s)) for s in shapes)}); every member must classify the "
+                                f"same classes")
+
+
+def ensemble(models: Sequence, combine: str = "logits", name: Optional[str] = None, layers=None) -> ClassifierModel:
+    """A deep ensemble of ClassifierModels (or nn.Modules, wrapped with `wrap`) as one ClassifierModel that every
+    classifier method scores: `combine="logits"` the mean logits (OpenOOD's `ensemble`; with the concatenated
+    features and one linear head when every member has one), `"softmax"` the log of the mean softmax. The members
+    must take the same channels and input size and give the same number of classes (checked here when their heads
+    say it, else by the first forward); each keeps its own mean/std."""
+    if combine not in ENSEMBLE_MODES:
+        raise OODBenchError(f"model.ensemble (the ensemble's combination) is logits or softmax, got {combine!r}")
+    if isinstance(models, (str, nn.Module, ClassifierModel)) or not isinstance(models, (list, tuple)):
+        raise OODBenchError("ensemble takes a list of models (ClassifierModels or nn.Modules)")
+    members = [wrap(m) if isinstance(m, nn.Module) else m for m in models]
+    if len(members) < 2 or not all(isinstance(m, ClassifierModel) for m in members):
+        raise OODBenchError(f"an ensemble needs at least two models (ClassifierModels or nn.Modules), got "
+                            f"{', '.join(type(m).__name__ for m in members) or 'none'}")
+    for what in ("size", "resize", "channels", "num_classes"):
+        values = [getattr(m, what) for m in members]
+        if what == "num_classes" and None in values:
+            continue   # logits only: the first forward compares the members' outputs
+        if len(set(values)) > 1:
+            listed = ", ".join(f"{m.name}: {v}" for m, v in zip(members, values))
+            raise OODBenchError(f"the ensemble's members differ in {what.replace('num_classes', 'class count')} "
+                                f"({listed}); ensemble models of one input size and one set of classes")
+    first = members[0]
+    net = EnsembleNet(members, combine)
+    channels = first.channels or len(first.mean)
+    return ClassifierModel(net, [0.0] * channels, [1.0] * channels, first.size, first.resize, first.channels,
+                           net.head, name=name or "ensemble(" + ",".join(m.name for m in members) + ")",
+                           layers=layers)
+
+
+def _ensemble_parts(spec: str) -> list:
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) < 2 or not all(parts):
+        raise OODBenchError(f"model spec {spec!r}: an ensemble is comma-separated model specs A,B,C with none empty")
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------------- zero-shot CLIP

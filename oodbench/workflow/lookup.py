@@ -31,9 +31,11 @@ def split_model_overrides(overrides: Iterable[str]) -> tuple[dict, list]:
             rest.append(item)
         elif len(keys) == 2 and keys[1] in ("mean", "std", "size", "head", "layers"):
             model[keys[1]] = value
+        elif keys[1:] == ["ensemble"]:   # --model A,B,C: mean logits (default) or mean softmax
+            model["ensemble_mode"] = value
         else:
             raise OODBenchError(f"--set {item}: with --model, the model options are model.mean, model.std, "
-                                f"model.size, model.head and model.layers")
+                                f"model.size, model.head, model.layers and model.ensemble (for --model A,B,C)")
     return model, rest
 
 
