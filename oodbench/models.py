@@ -4,6 +4,7 @@
     torchvision:NAME[:WEIGHTS]           e.g. torchvision:resnet50:IMAGENET1K_V2; WEIGHTS `none` = random (seeded)
     timm:NAME[:pretrained]               needs the optional extra oodbench[timm]
     openood:resnet18_32x32:PATH          OpenOOD v1.5's CIFAR ResNet-18 checkpoints
+    openood:NAME                         a published one by name (`oodbench models list`; model_registry.py)
     python:MODULE:CALLABLE[:STATE_DICT]  your own factory (called with no arguments), plus an optional weights file
     torchscript:PATH                     a scripted/traced network (logits only: no features/head split)
     open_clip:ARCH:WEIGHTS               zero-shot CLIP (open_clip; WEIGHTS a file, a pretrained tag, or none)
@@ -499,6 +500,7 @@ def load_clip(spec: str, names=None, templates=None, in_dataset: Optional[str] =
     else:
         raise OODBenchError(f"load_clip takes open_clip:ARCH:WEIGHTS or hf-clip:DIR, got {spec!r}")
     names = clip_names(names, in_dataset, data_root)
+    encoder.to(device)   # the class prompts are encoded once, here, on the device asked for
     net = nets_clip.ZeroShotCLIP(encoder, names, nets_clip.resolve_templates(templates), logit_scale)
     if size is not None:
         prep = {**prep, "size": size, "resize": None}
@@ -646,6 +648,11 @@ def _from_timm(rest: str, spec: str, seed: int):
 
 
 def _from_openood(rest: str, spec: str, seed: int):
+    from oodbench import model_registry
+
+    if ":" not in rest:   # a published checkpoint by name (`oodbench models list`), its digest checked first
+        arch, path = model_registry.resolve(rest)
+        rest = f"{arch}:{path}"
     arch, _, path = rest.partition(":")
     if arch not in ("resnet18_32x32", "resnet18_224x224"):
         raise OODBenchError(f"{spec}: OpenOOD's resnet18_32x32 (CIFAR) and resnet18_224x224 (ImageNet-200) are "

@@ -316,8 +316,8 @@ def open_clip_to_hf(net, hf):
                   "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
                   "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
                   "text_projection.weight": sd["text_projection"].T, "logit_scale": sd["logit_scale"]})
-    for ours, theirs in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
-                         ("ln_final", "text_model.final_layer_norm")):
+    for ours, theirs in (("visual.ln_pre", "vision_model.pre_layrnorm"),
+                         ("visual.ln_post", "vision_model.post_layernorm"), ("ln_final", "text_model.final_layer_norm")):
         for kind in ("weight", "bias"):
             state[f"{theirs}.{kind}"] = sd[f"{ours}.{kind}"]
     own = hf.state_dict()
@@ -336,7 +336,8 @@ def test_an_hf_clip_folder_gives_the_embeddings_of_the_equal_open_clip_build(mod
                          vocab_size=text["vocab_size"], max_position_embeddings=text["context_length"],
                          hidden_act="gelu", eos_token_id=49407, bos_token_id=49406, pad_token_id=1),
         vision_config=dict(hidden_size=vision["width"], intermediate_size=4 * vision["width"],
-                           num_hidden_layers=vision["layers"], num_attention_heads=vision["width"] // vision["head_width"],
+                           num_hidden_layers=vision["layers"],
+                           num_attention_heads=vision["width"] // vision["head_width"],
                            image_size=vision["image_size"], patch_size=vision["patch_size"], hidden_act="gelu"),
         projection_dim=TINY_CONFIG["embed_dim"])
     hf = transformers.CLIPModel(config).eval()
@@ -407,3 +408,37 @@ def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, capsys):
                  "--set", f"clip.names={three}", "--runs-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "3 names" in err
+
+
+def test_class_names_follow_the_dataset_spec(tmp_path):
+    from oodbench.data.classnames import class_names
+
+    for split in ("train", "test"):
+        for name in ("red_fox", "cat"):
+            (tmp_path / "set" / split / name).mkdir(parents=True)
+    assert class_names(f"folder:{tmp_path / 'set'}") == ["cat", "red fox"]   # sorted sub-folders, as the labels
+    assert class_names("classes:8,0:fashion_mnist") == ["Bag", "T-shirt/top"]
+    assert class_names("corrupt:gaussian_noise:3:cifar10") == class_names("cifar10")
+    assert class_names("mnist")[:2] == ["zero", "one"] and class_names("digits") == [str(i) for i in range(10)]
+    names = class_names("imagenet")
+    assert len(names) == 1000 and names[:2] == ["tench", "goldfish"]
+    with pytest.raises(OODBenchError, match="not among"):
+        class_names("classes:0,12:cifar10")
+
+
+def test_clip_options_reach_the_model_from_the_cli_and_the_bench(tmp_path):
+    from oodbench import workflow
+    from oodbench.bench import plan
+
+    options, rest = workflow.split_model_overrides(["clip.templates=x {}", "knn.k=3", "model.size=32"])
+    assert options == {"clip": {"templates": "x {}"}, "size": 32} and rest == ["knn.k=3"]
+    with pytest.raises(OODBenchError, match="clip options are"):
+        workflow.split_model_overrides(["clip.prompt=x {}"])
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"name: g\nin: [fashion_mnist]\nout: [noise:gaussian]\nmethods:\n"
+                    f"  - {{method: mcm, model: '{SPEC}',\n"
+                    f"     overrides: ['clip.templates=x {{}}', 'mcm.temperature=0.5']}}\n")
+    entry = plan.load_bench(path).entries[0]
+    assert entry.model_overrides == ["clip.templates=x {}"]
+    imagenet = [e for e in plan.load_bench("imagenet").entries if (e.model or "").startswith("open_clip:")]
+    assert {e.method for e in imagenet} >= {"mcm", "glmcm", "msp", "knn"}

@@ -10,6 +10,8 @@ classifier method reads. Encoders adapt a CLIP implementation to three calls:
     patch_tokens(x)        (B, P, D) projected local (patch) features as GL-MCM's code computes them, or None
 
 `OpenCLIPEncoder` (open_clip), `HFCLIPEncoder` (transformers' CLIPModel) and `CallableEncoder` (your functions).
+`build_open_clip` / `build_hf_clip` make the first two from a spec's parts (with CLIP's preprocessing), and
+`resolve_templates` reads `clip.templates`. The ClassifierModel around them is `oodbench.models.load_clip`.
 """
 from __future__ import annotations
 
