@@ -132,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--options", action="store_true", help="also list each post-hoc method's options, defaults and "
                    "--tune grids")
 
+    ml = command("models", "published checkpoints by name (openood:NAME): source, architecture, local status")
+    ml.add_argument("action", choices=("list",), help="list: every entry, its source, architecture, preprocessing and "
+                    "whether it is installed and matches its recorded SHA-256")
+    ml.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
+    ml.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     d = command("data", "datasets: where they are found, checks, derived benchmarks")
     d.add_argument("action", choices=("list", "check", "make-resize-benchmark", "fetch", "verify"),
                    help="list: every named set, found or how to get it; check SPEC: load its splits (exit 2 when "
@@ -300,6 +306,15 @@ def cmd_data(a) -> None:
             print(f"{method:<9} {folder}   (use as folder:{folder})")
 
 
+def cmd_models(a) -> None:
+    from oodbench import model_registry
+
+    for row in model_registry.rows(a.data_root):
+        print(f"{row['name']:<28} {row['status']:<9} {row['arch']:<17} in={row['dataset']:<12} {row['preprocessing']}")
+        print(f"{'':<28} {row['path']}  (oodbench data fetch {row['fetch']}; {row['source']})")
+    print("torchvision:NAME[:WEIGHTS] and timm:NAME[:pretrained] load through torchvision's / timm's own registries")
+
+
 def data_fetch(names: list, root) -> None:
     from oodbench.data import catalog
 
@@ -366,6 +381,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     handler = {"train": cmd_train, "score": cmd_score, "eval": cmd_eval, "methods": cmd_methods,
+               "models": cmd_models,
                "data": cmd_data, "bench": cmd_bench}[a.command]
     try:
         with warnings.catch_warnings():

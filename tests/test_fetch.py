@@ -366,3 +366,52 @@ def test_catalogue_ids_are_openood_download_script_ids():
             key = e.filename.removesuffix(".zip")
             assert fetch.OPENOOD_GDRIVE[key][0] == e.url.removeprefix("gdrive:")
             assert not os.path.isabs(e.folder) and ".." not in e.folder
+
+
+# ------------------------------------------------------------------------------------------- the model registry
+
+def test_openood_checkpoint_by_name_is_fetched_verified_and_loaded(server, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from oodbench import model_registry
+    from oodbench.cli import main
+    from oodbench.models import load_model, openood_resnet18_32x32
+
+    torch.manual_seed(0)
+    net = openood_resnet18_32x32(10).eval()
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    folder = catalog.CHECKPOINT_FOLDERS["cifar10_res18_v1.5"]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:                 # the layout OpenOOD's scripts read: <run>/s0/best.ckpt
+        z.writestr(f"{folder}/s0/best.ckpt", buf.getvalue())
+    server.routes["/ckpt.zip"] = archive.getvalue()
+    monkeypatch.setitem(catalog.ENTRIES, "cifar10_res18_v1.5",
+                        catalog.ENTRIES["cifar10_res18_v1.5"]._replace(url=f"{server.base}/ckpt.zip"))
+    root = tmp_path / "data"
+    monkeypatch.setenv("OODBENCH_DATA", str(root))
+
+    assert "is not installed" in fails(capsys, ["eval", "--model", "openood:cifar10_res18_s0", "--in", "digits",
+                                                "--out", "noise:gaussian", "--method", "msp"])
+    assert main(["data", "fetch", "cifar10_res18_v1.5"]) == 0
+    assert main(["models", "list"]) == 0
+    listing = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("openood:")}
+    assert set(listing) == {f"openood:{n}" for n in model_registry.REGISTRY}
+    assert listing["openood:cifar10_res18_s0"] == "verified" and listing["openood:cifar10_res18_s1"] == "missing"
+
+    model = load_model("openood:cifar10_res18_s0")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model.logits(x), net(model.prepare(x)))
+    assert model.mean == [0.4914, 0.4822, 0.4465]             # OpenOOD's CIFAR-10 normalisation
+
+    path = model_registry.local_path("cifar10_res18_s0")
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0xFF                                          # one flipped byte: refused before torch.load
+    path.write_bytes(bytes(raw))
+    with pytest.raises(OODBenchError, match="does not match the SHA-256"):
+        load_model("openood:cifar10_res18_s0")
+    assert model_registry.status("cifar10_res18_s0") == "corrupt"
+    assert "no such published checkpoint" in fails(capsys, ["eval", "--model", "openood:cifar10_res18_s9", "--in",
+                                                            "digits", "--out", "noise:gaussian", "--method", "msp"])

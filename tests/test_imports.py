@@ -40,6 +40,7 @@ LAYERS = {
     "oodbench.plots": 1,         # imports metrics, engine.checkpoint
     # L2: the model layer
     "oodbench.models": 2,
+    "oodbench.model_registry": 2,  # openood:NAME checkpoints (data.catalog, data.fetch, data.sources)
     # L3: the detectors
     "oodbench.detectors.*": 3,
     "oodbench.detectors.recipes": 3,   # the classifier's training recipes (imports base, errors only)
