@@ -361,10 +361,13 @@ def test_an_hf_clip_folder_gives_the_embeddings_of_the_equal_open_clip_build(mod
 def test_the_pipeline_end_to_end_on_fashion_mnist(tmp_path, capsys):
     from oodbench.cli import main
 
-    methods = "mcm,glmcm,msp,knn"
+    words = tmp_path / "words.txt"
+    words.write_text("ocean\nmountain\nviolin\ncarrot\nbridge\ntiger\ncloud\nengine\n")
+    methods = "mcm,glmcm,neglabel,msp,knn"
     assert main(["eval", "--model", SPEC, "--method", methods, "--in", "fashion_mnist", "--out", "noise:gaussian",
                  "--fit-limit", "60", "--limit", "40", "--format", "json", "--runs-dir", str(tmp_path),
-                 "--set", "knn.k=5", "--set", "clip.templates=a photo of a {}, a type of clothing."]) == 0
+                 "--set", "knn.k=5", "--set", "clip.templates=a photo of a {}, a type of clothing.",
+                 "--set", f"neglabel.words={words}", "--set", "neglabel.count=6", "--set", "neglabel.groups=2"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == methods.split(",")
     assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
