@@ -342,13 +342,13 @@ def load_model(spec: str, mean=None, std=None, size=None, head: Optional[str] = 
         raise OODBenchError(f"model spec must be a non-empty string such as torchvision:resnet18:none, got {spec!r}")
     spec = spec.strip()
     source, _, rest = spec.partition(":")
-    if source in CLIP_SOURCES:
+    if source in CLIP_SOURCES and "," not in spec:   # (an ensemble's CLIP members come through here one by one)
         if head is not None or layers is not None:
             raise OODBenchError(f"{spec}: model.head / model.layers do not apply to a zero-shot CLIP model (its head "
                                 f"is the class text embeddings)")
         return load_clip(spec, in_dataset=in_dataset, data_root=data_root, mean=mean, std=std, size=size,
                          device=device, seed=seed, **(clip or {}))
-    if clip:
+    if clip and "," not in spec:
         raise OODBenchError(f"clip.{next(iter(clip))} applies to open_clip:/hf-clip: models, not {spec}")
     if "," in spec:   # A,B,C: a deep ensemble of the members (each loaded as its own spec, seed + i)
         members = [load_model(part, mean=mean, std=std, size=size, head=head, device=device, seed=seed + i,
