@@ -126,3 +126,139 @@ def test_cli_ensemble_of_models_equals_the_api(capsys, tmp_path):
     line = fails(capsys, ["eval", "--model", spec, "--in", "digits", "--out", "noise:gaussian", "--method", "msp",
                           "--set", "model.ensemble=mean", "--runs-dir", str(tmp_path / "runs")])
     assert "logits or softmax" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Score ensembles across methods: combo:A+B+C
+def reference_p_values(test_statistic, sample):
+    """edadaltocg/detectors src/detectors/ensemble.py p_value_fn, transcribed (ID-score convention, (n, m), (N, m))."""
+    n = len(sample)
+    lower = sample.min(0) * np.where(sample.min(0) > 0, 1 / n, n)
+    upper = sample.max(0) * np.where(sample.max(0) > 0, n, 1 / n)
+    padded = np.sort(np.concatenate([lower[None], sample, upper[None]]), axis=0)
+    ecdf = np.arange(1, n + 3) / (n + 2)
+    p = np.stack([np.interp(test_statistic[:, j], padded[:, j], ecdf) for j in range(sample.shape[1])], 1)
+    return np.maximum(p, 1e-8)
+
+
+# detectors' *_tau_method combinations, each negated where its small values mean OOD (ours: higher = more OOD)
+REFERENCE_TAU = {
+    "fisher": lambda p: -2 * np.log(p).sum(1),
+    "stouffer": lambda p: -(__import__("scipy.stats").stats.norm.ppf(p).sum(1) / np.sqrt(p.shape[1])),
+    "tippett": lambda p: -p.min(1),
+    "wilkinson": lambda p: -p.max(1),
+    "edgington": lambda p: -p.sum(1),
+    "pearson": lambda p: 2 * np.log(1 - p + 1e-6).sum(1),
+    "simes": lambda p: -np.min(np.sort(p, 1) / np.arange(1, p.shape[1] + 1) * p.shape[1], 1),
+    "geometric_mean": lambda p: -np.prod(p, 1) ** (1 / p.shape[1]),
+}
+
+
+@pytest.fixture(scope="module")
+def combo_data():
+    from conftest import tiny_image_batch
+
+    labels = torch.arange(120) % 4
+    return oodbench.wrap(tiny_net(5)), tiny_image_batch(120, 11), labels, tiny_image_batch(60, 12), \
+        tiny_image_batch(25, 13)
+
+
+@pytest.mark.parametrize("rule", list(REFERENCE_TAU))
+def test_combo_equals_a_transcription_of_the_detectors_package(combo_data, rule):
+    model, fit, labels, val, x = combo_data
+    names = ["knn", "energy", "vim", "mahalanobis"]
+    alone = [oodbench.method(n, k=10) if n == "knn" else oodbench.method(n) for n in names]
+    combo = oodbench.method("combo:" + "+".join(names), combine=rule)
+    combo.members[0].set_params(k=10)
+    combo.fit(model, fit, val, labels)
+    val_scores = np.stack([m.fit(model, fit, labels=labels).score(val).numpy() for m in alone], 1)
+    test_scores = np.stack([m.score(x).numpy() for m in alone], 1)
+    p = reference_p_values(-test_scores.astype(np.float64), -val_scores.astype(np.float64))
+    expected = REFERENCE_TAU[rule](p)
+    np.testing.assert_allclose(combo.score(x).numpy(), expected, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(combo.score_set(oodbench.as_imageset(x))[combo.name].numpy(), expected, rtol=2e-5,
+                               atol=1e-6)
+
+
+def test_fisher_of_one_method_is_monotone_in_its_score_and_p_values_are_the_validation_ecdf(combo_data):
+    model, fit, labels, val, x = combo_data
+    combo = oodbench.method("combo:energy").fit(model, fit, val)
+    wide = torch.cat([x, val, oodbench.as_imageset(torch.randint(0, 256, (30, 3, 8, 8),
+                                                    generator=torch.Generator().manual_seed(2),
+                                                    dtype=torch.uint8)).images])
+    energy = oodbench.method("energy").fit(model).score(wide)
+    fisher = combo.score(wide)
+    order = energy.argsort()
+    assert (fisher[order].diff() >= 0).all() and fisher[order].diff().sum() > 0
+    # on the validation images themselves, p is the ECDF: the i-th most OOD of N has p = (i + 1) / (N + 2)
+    p_val = torch.exp(-combo.score(val).double() / 2)
+    rank = (-oodbench.method("energy").fit(model).score(val)).argsort().argsort().double()
+    torch.testing.assert_close(p_val, (rank + 2) / (len(val) + 2), rtol=1e-5, atol=1e-7)
+
+
+def test_combo_state_round_trips_and_its_options_reach_the_members(combo_data, tmp_path):
+    model, fit, labels, val, x = combo_data
+    combo = oodbench.method("combo:knn+msp", combine="stouffer")
+    combo.members[0].set_params(k=5)
+    combo.fit(model, fit, val)
+    torch.save(combo.state_dict(), tmp_path / "combo.pt")
+    again = oodbench.method("combo:knn+msp").load_state_dict(torch.load(tmp_path / "combo.pt", weights_only=True))
+    again.use_model(model)
+    assert again.options["combine"] == "stouffer" and again.members[0].options["k"] == 5
+    torch.testing.assert_close(again.score(x), combo.score(x))
+
+
+def test_bad_combos_are_one_line_errors(combo_data, capsys, tmp_path):
+    model, fit, labels, val, x = combo_data
+    for name, message in [("combo:knn+enrgy", "Did you mean 'energy'"), ("combo:", "write combo:METHOD"),
+                          ("combo:msp+", "write combo:METHOD"), ("combo:msp+msp", "names a method twice"),
+                          ("combo:msp+combo:knn", "not combos"), ("combo:msma+msp", "trains its own 'msma'")]:
+        with pytest.raises(OODBenchError, match=message):
+            oodbench.method(name)
+    with pytest.raises(OODBenchError, match="combo.combine is one of"):
+        oodbench.method("combo:msp", combine="max")
+    with pytest.raises(OODBenchError, match="validation split"):
+        oodbench.method("combo:msp+energy").fit(model, fit)
+    with pytest.raises(OODBenchError, match="mahalanobis needs class labels"):
+        oodbench.method("combo:mahalanobis+msp").fit(model, fit, val)
+    logits_only = oodbench.ensemble([model, oodbench.wrap(tiny_net(6))], combine="softmax")
+    with pytest.raises(OODBenchError, match="no features/head split"):
+        oodbench.method("combo:msp+knn").fit(logits_only, fit, val)
+    line = fails(capsys, ["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "noise:gaussian",
+                          "--method", "msp,combo:knn+enrgy", "--runs-dir", str(tmp_path / "runs")])
+    assert "combo:knn+enrgy" in line and "energy" in line and not (tmp_path / "runs").exists()
+
+
+def test_cli_combo_uses_the_members_options(capsys, tmp_path):
+    from oodbench.cli import main
+
+    base = ["eval", "--model", "torchvision:resnet18:none", "--in", "digits", "--out", "noise:gaussian", "--limit",
+            "30", "--fit-limit", "150", "--runs-dir", str(tmp_path / "runs"), "--format", "json"]
+    assert main(base + ["--method", "combo:knn+energy", "--set", "knn.k=5", "--set", "combo.combine=stouffer"]) == 0
+    row, = json.loads(capsys.readouterr().out)
+    assert row["method"] == "combo:knn+energy"
+    run = next((tmp_path / "runs").iterdir())
+    api = oodbench.Evaluator("torchvision:resnet18:none", ["combo:knn+energy"], in_dataset="digits", fit_limit=150,
+                             overrides=["knn.k=5", "combo.combine=stouffer"]).evaluate(["noise:gaussian"], limit=30)
+    assert math.isclose(api[0]["auroc"], row["auroc"], rel_tol=1e-12)
+    assert main(base + ["--method", "combo:knn+energy", "--set", "knn.k=20"]) == 0
+    other, = json.loads(capsys.readouterr().out)
+    assert other["auroc"] != row["auroc"] or other["fpr95"] != row["fpr95"]
+    assert (run / "scores").is_dir()
+
+
+def test_combo_keeps_the_method_contract(combo_data):
+    from oodbench.errors import NotFittedError
+
+    model, fit, labels, val, x = combo_data
+    combo = oodbench.method("combo:knn+energy+vim")
+    combo.members[0].set_params(k=5)
+    with pytest.raises(NotFittedError, match="is not fitted"):
+        combo.use_model(model).score(x)
+    assert combo.fit(model, fit, val) is combo and combo.name == "combo:knn+energy+vim" and combo.array_level
+    features, logits = model.features_and_logits(x)
+    torch.testing.assert_close(combo.score_features(features, logits), combo.score(x))
+    assert combo.get_params() == {"combine": "fisher", "members": {"knn": {"k": 5, "backend": "auto"},
+                                                                   "energy": {"temperature": 1.0},
+                                                                   "vim": {"dim": 256}}}
+    assert not oodbench.method("combo:odin+msp").array_level

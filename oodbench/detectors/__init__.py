@@ -12,6 +12,7 @@ from oodbench.detectors import logit_scores  # noqa: F401,E402  entropy, gen, te
 from oodbench.detectors import feature_space  # noqa: F401,E402  vim, residual, she, nnguide, fdbd, nci
 from oodbench.detectors import shaping  # noqa: F401,E402  react, ash_p, ash_b, ash_s, scale, dice
 from oodbench.detectors import adascale  # noqa: F401,E402  adascale_a, adascale_l
+from oodbench.detectors import nac  # noqa: F401,E402  nac
 from oodbench.detectors import multilayer  # noqa: F401,E402  gram, mds_ensemble, rankfeat
 from oodbench.detectors import openmax  # noqa: F401,E402  openmax
 from oodbench.detectors import gradients  # noqa: F401,E402  gradnorm, gradlayer
@@ -23,10 +24,14 @@ from oodbench.detectors import llr  # noqa: F401,E402  llr, likelihood
 from oodbench.detectors import amp  # noqa: F401,E402  amp (xent, energy, entropy, msp rows)
 from oodbench.detectors import ddpm  # noqa: F401,E402  ddpm (mse, mse+lpips/ssim rows)
 from oodbench.detectors import zeroshot  # noqa: F401,E402  mcm, glmcm, neglabel (zero-shot CLIP)
+from oodbench.detectors import combo  # noqa: F401,E402  combo:A+B+C (score ensembles across methods)
 
 
 def get(name: str) -> type:
     """The detector class registered as `name`, or an error naming the nearest known method."""
+    if isinstance(name, str) and name.startswith(combo.PREFIX):
+        combo_members(name)
+        return REGISTRY["combo"]
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -35,9 +40,40 @@ def get(name: str) -> type:
     return REGISTRY[name]
 
 
+def combo_members(name: str) -> list:
+    """The member names of `combo:A+B+C`, each a known post-hoc method named once (one-line errors otherwise)."""
+    names = name[len(combo.PREFIX):].split("+")
+    if not all(n.strip() for n in names):
+        raise OODBenchError(f"{name}: write combo:METHOD+METHOD+..., e.g. combo:knn+energy+vim")
+    for n in names:
+        if n.startswith(combo.PREFIX) or n == "combo":
+            raise OODBenchError(f"{name}: a combo's members are single methods, not combos")
+        try:
+            cls = get(n)
+        except OODBenchError as e:
+            raise OODBenchError(f"{name}: {e}") from None
+        if not issubclass(cls, PostHoc):
+            raise OODBenchError(f"{name}: {n} trains its own {cls.kind!r} networks; a combo combines post-hoc "
+                                f"classifier methods (msp, energy, knn, vim, ...)")
+    if len(set(names)) < len(names):
+        raise OODBenchError(f"{name} names a method twice")
+    return names
+
+
+def build(name: str, cfg: dict) -> PostHoc:
+    """The post-hoc method `name` with its options from the scoring config `cfg` (its section; a combo's members
+    each from their own section, the combo's from `combo`)."""
+    if name.startswith(combo.PREFIX):
+        members = [get(n)(**(cfg.get(n) or {})) for n in combo_members(name)]
+        return combo.Combo(members=members, **(cfg.get("combo") or {}))
+    return get(name)(**(cfg.get(name) or {}))
+
+
 def method(name: str, **options) -> PostHoc:
     """A post-hoc method as a plain object, e.g. `method("knn", k=50)`; options are checked (unknown names get the
     nearest valid one)."""
+    if name.startswith(combo.PREFIX):
+        return combo.Combo(members=[method(n) for n in combo_members(name)], **options)
     cls = get(name)
     if not issubclass(cls, PostHoc):
         raise OODBenchError(f"{name} trains its own {cls.kind!r} networks: train it with `oodbench train --method "

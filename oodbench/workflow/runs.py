@@ -131,7 +131,7 @@ class Run:
             cls = registry.get(method)
             self.check_kind(cls, method)
             if issubclass(cls, PostHoc):
-                det = cls(**cfg.get(method, {}))
+                det = registry.build(method, cfg)   # a combo:A+B's members from their own sections
             else:
                 return Scoring(self.trainer(cls, cfg, device), cfg, self.tag, method)
         elif isinstance(method, PostHoc):
