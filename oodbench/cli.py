@@ -159,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     b.add_argument("--device", default="auto", help=DEVICE_HELP)
     b.add_argument("--out", default=None, help="report folder (default: the config's)")
+    b.add_argument("--export", choices=("openood-csv",), default=None, help="openood-csv: also print the report's "
+                   "openood.csv, OpenOOD v1.5's leaderboard CSV schema (protocols with near/far groups)")
     b.add_argument("--report-only", action="store_true", help="train and score nothing: write the report of the "
                    "cells finished so far (the others are listed as not computed)")
     x = b.add_argument_group("executor (default: the YAML's `executor:` section, else sequential; docs/bench.md)")
@@ -363,6 +365,12 @@ def cmd_bench(a) -> None:
         print(f"oodbench: not available, skipped: {skipped['dataset']}: {skipped['reason']}", file=sys.stderr)
     print(bench.auroc_tables(results))
     print(f"full report (all metrics, confidence intervals, plots): {folder / 'report.md'}")
+    if a.export == "openood-csv":
+        if not (folder / "openood.csv").is_file():
+            raise OODBenchError("--export openood-csv needs a protocol with near and far groups (OpenOOD's), e.g. "
+                                "oodbench bench cifar10")
+        print(f"OpenOOD leaderboard CSV: {folder / 'openood.csv'}")
+        print((folder / "openood.csv").read_text(), end="")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

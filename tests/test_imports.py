@@ -29,6 +29,7 @@ LAYERS = {
     "oodbench.metrics": 0,       # imports errors only
     "oodbench.joint_metrics": 0, # imports metrics, errors
     "oodbench.report": 0,        # imports metrics, tables
+    "oodbench.leaderboard": 0,   # OpenOOD v1.5 leaderboard numbers, diff, CSV (numpy only)
     "oodbench.diffusion": 0,     # imports errors only
     "oodbench.aux_models": 0,    # imports errors only
     # L1: data, networks, the training engine, and what needs them

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodbench import plots, progress, report, workflow
+from oodbench import leaderboard, plots, progress, report, workflow
 from oodbench.bench.aggregate import BELOW_CHANCE, collapse, describe_timing, failures, report_notes
 from oodbench.bench.cells import MARKER, load_plot_scores, mark_report_folder, plot_scores_path
 from oodbench.bench.plan import Bench, renamer
@@ -47,6 +47,8 @@ def write_report(bench, folder, recorder, summary, missing, plot_note, took: dic
     workflow.write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
     workflow.write_atomic(folder / "results.csv", report.csv_rows(csv_ready(public, failed)))
     workflow.write_atomic(folder / "results_per_seed.csv", report.csv_rows(csv_ready(per_seed, [])))
+    if {"near", "far"} & set(bench.groups):   # OpenOOD's near/far groups: its leaderboard's CSV schema too
+        workflow.write_atomic(folder / "openood.csv", leaderboard.openood_csv(openood_rows(bench, summary["per_seed"])))
     if recorder.errors:
         workflow.write_atomic(folder / "errors.log", "\n\n".join(recorder.errors) + "\n")
     elif (folder / "errors.log").is_file():
@@ -190,6 +192,33 @@ def auroc_tables(results: dict) -> str:
     return "\n".join(lines).strip()
 
 
+def openood_rows(bench, per_seed: list) -> list:
+    """{method, in, model, near, far, acc}: per-seed near/far group AUROCs and ID accuracies of each entry."""
+    models = {e.label: e.model for e in bench.entries}
+    rows: dict = {}
+    for r in per_seed:
+        if r["group"] and r["out"] in ("near", "far"):
+            key = (r["entry"], r["method"], r["in"])
+            row = rows.setdefault(key, {"method": r["method"], "in": r["in"], "model": models.get(r["entry"]),
+                                        "near": [], "far": [], "acc": {}})
+            row[r["out"]].append(r.get("auroc"))
+    for r in per_seed:   # one ID accuracy per seed (every set row of a seed repeats it)
+        key = (r["entry"], r["method"], r["in"])
+        if not r["group"] and "id_accuracy" in r and key in rows:
+            rows[key]["acc"][r["seed"]] = r["id_accuracy"]
+    return [{**r, "acc": list(r["acc"].values())} for r in rows.values()]
+
+
+def leaderboard_lines(bench, in_spec, summary) -> list:
+    """The leaderboard table of one ID set: each entry whose model is the leaderboard's (leaderboard.py)."""
+    models = {e.label: e.model for e in bench.entries}
+    index = {(r["entry"], r["method"], r["out"]): r.get("auroc") for r in summary if r["in"] == in_spec}
+    pairs = dict.fromkeys((label, method) for label, method, out in index if out in ("near", "far"))
+    return leaderboard.markdown(in_spec, [(label if label == method else f"{label} ({method})", method,
+                                           models.get(label), index.get((label, method, "near")),
+                                           index.get((label, method, "far"))) for label, method in pairs])
+
+
 def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: dict) -> list:
     """The tables of one ID set; a `note` column holds the caveats of the rows that have one."""
     if in_spec in {s["dataset"] for s in skipped}:
@@ -200,6 +229,7 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: di
     lines = [f"## {in_spec} (in-distribution)", ""]
     for metric in ("auroc", "fpr95"):
         lines += metric_table(metric, labels, summary, in_spec, columns, bench.groups, foot, n_seeds, notes)
+    lines += leaderboard_lines(bench, in_spec, summary)
     lines += ["### All metrics (%)", "",
               "| method | out | " + " | ".join(METRIC_TITLES[m] for m in TABLE_METRICS)
               + (" | AUROC 95% CI" if bench.bootstrap else "") + " |",
