@@ -28,9 +28,9 @@ OPENOOD_NAMES = {"openmax": "OpenMax", "msp": "MSP", "tempscale": "TempScale", "
                  "adascale_a": "AdaSCALE-A", "adascale_l": "AdaSCALE-L", "nci": "NCI"}
 # protocol (ID set) -> (which model specs are the leaderboard's network, its Arch column, its description)
 LEADERBOARD_MODELS = {
-    "cifar10": (("openood:cifar10_res18_s", "openood:resnet18_32x32:"), "ResNet18", "100 epochs"),
-    "cifar100": (("openood:cifar100_res18_s", "openood:resnet18_32x32:"), "ResNet18", "100 epochs"),
-    "imagenet200": (("openood:imagenet200_res18_s", "openood:resnet18_224x224:"), "ResNet18", "90 epochs"),
+    "cifar10": (("openood:cifar10_res18", "openood:resnet18_32x32:"), "ResNet18", "100 epochs"),
+    "cifar100": (("openood:cifar100_res18", "openood:resnet18_32x32:"), "ResNet18", "100 epochs"),
+    "imagenet200": (("openood:imagenet200_res18", "openood:resnet18_224x224:"), "ResNet18", "90 epochs"),
     "imagenet": (("torchvision:resnet50:IMAGENET1K_V1",), "ResNet50", "torchvision ckpt"),
 }
 

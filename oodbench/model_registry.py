@@ -1,5 +1,8 @@
 """Named published checkpoints: `openood:NAME` resolves OpenOOD v1.5's ResNet-18s (three training runs each).
 
+`openood:cifar10_res18_s1` names one run; `openood:cifar10_res18` the run of the seed it is loaded with (s0, s1,
+s2 for seeds 0, 1, 2), so a bench over seeds [0, 1, 2] averages the three published checkpoints.
+
 Each entry names the `oodbench data fetch` archive that holds it (data/catalog.py), the file inside it, the
 architecture and the preprocessing. OpenOOD publishes no digest of its checkpoints, so the digest checked at load is
 the SHA-256 that the archive's manifest recorded when it was fetched (trust on first use): a checkpoint changed or
@@ -32,6 +35,15 @@ _BENCH = {"cifar10": ("cifar10_res18_v1.5", "resnet18_32x32"), "cifar100": ("cif
           "imagenet200": ("imagenet200_res18_v1.5", "resnet18_224x224")}
 REGISTRY = {f"{bench}_res18_s{seed}": ModelEntry(archive, f"s{seed}/best.ckpt", arch, bench, _PREP[arch])
             for bench, (archive, arch) in _BENCH.items() for seed in range(3)}
+
+
+def seeded(name: str, seed: int) -> str:
+    """`name`, or for a name without its run (`cifar10_res18`) the run of this seed (`cifar10_res18_s1`): a bench
+    with seeds [0, 1, 2] and model openood:cifar10_res18 averages OpenOOD's three checkpoints, as its leaderboard
+    does."""
+    if name not in REGISTRY and f"{name}_s{seed}" in REGISTRY:
+        return f"{name}_s{seed}"
+    return name
 
 
 def source_url(entry: ModelEntry) -> str:

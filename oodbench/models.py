@@ -651,7 +651,7 @@ def _from_openood(rest: str, spec: str, seed: int):
     from oodbench import model_registry
 
     if ":" not in rest:   # a published checkpoint by name (`oodbench models list`), its digest checked first
-        arch, path = model_registry.resolve(rest)
+        arch, path = model_registry.resolve(model_registry.seeded(rest, seed))
         rest = f"{arch}:{path}"
     arch, _, path = rest.partition(":")
     if arch not in ("resnet18_32x32", "resnet18_224x224"):

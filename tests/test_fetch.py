@@ -353,7 +353,7 @@ def test_protocols_expand_to_their_sets_and_name_what_must_be_placed_by_hand(tmp
     wanted, manual = catalog.expand(["imagenet200"], tmp_path)
     assert wanted[0] == "benchmark_imglist"
     assert {"ssb_hard", "ninco", "inaturalist", "openimage_o", "imagenet_textures"} <= set(wanted)
-    assert "imagenet200_res18_v1.5" in wanted           # the protocol's OpenOOD checkpoint
+    assert "imagenet200_res18_v1.5" in wanted           # the protocol's OpenOOD checkpoint (openood:imagenet200_res18)
     assert [name for name, _ in manual] == ["imagenet200"]   # ImageNet itself needs registration
     wanted, manual = catalog.expand(["cifar10"], tmp_path)
     assert {"cifar10", "cifar100", "mnist", "svhn", "textures", "places365", "tinyimagenet"} == set(wanted)
@@ -405,6 +405,11 @@ def test_openood_checkpoint_by_name_is_fetched_verified_and_loaded(server, tmp_p
     with torch.no_grad():
         assert torch.equal(model.logits(x), net(model.prepare(x)))
     assert model.mean == [0.4914, 0.4822, 0.4465]             # OpenOOD's CIFAR-10 normalisation
+    seeded = load_model("openood:cifar10_res18", seed=0)      # the run of the seed: s0
+    with torch.no_grad():
+        assert torch.equal(seeded.logits(x), net(model.prepare(x)))
+    with pytest.raises(OODBenchError, match="openood:cifar10_res18_s1 is not installed"):
+        load_model("openood:cifar10_res18", seed=1)
 
     path = model_registry.local_path("cifar10_res18_s0")
     raw = bytearray(path.read_bytes())

@@ -74,6 +74,8 @@ def test_leaderboard_table_gives_differences_and_flags_gaps_above_one_point():
     assert cells[7] == "⚠"
     c = leaderboard.compare("cifar10", "msp", "openood:cifar10_res18_s1", lb_near / 100 + 0.009, lb_far / 100)
     assert not c["flagged"] and c["diff_near"] == pytest.approx(0.9)
+    assert leaderboard.matches("cifar10", "openood:cifar10_res18")            # the seeded name (s0, s1, s2)
+    assert not leaderboard.matches("cifar10", "openood:cifar100_res18")
     assert leaderboard.compare("cifar100", "msp", "openood:cifar10_res18_s1", 0.8, 0.8) is None   # other protocol
     other, _, summary = recorded(near, far, "torchvision:resnet18:none")
     assert leaderboard_lines(other, "cifar10", summary) == []

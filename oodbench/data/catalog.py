@@ -110,7 +110,9 @@ def expand(names, root: Path) -> tuple[list, list]:
             sets = list(cfg.get("in") or []) + [s for group in (out.values() if isinstance(out, dict) else [out])
                                                 for s in group]
             models = {m.get("model") for m in cfg.get("methods") or [] if isinstance(m, dict)}
-            sets += [n for n, folder in CHECKPOINT_FOLDERS.items() if any(folder in str(m) for m in models)]
+            sets += [n for n, folder in CHECKPOINT_FOLDERS.items()   # a path into it, or openood:NAME (registry)
+                     if any(folder in str(m) or str(m).startswith(f"openood:{n.removesuffix('_v1.5')}")
+                            for m in models)]
         else:
             sets = [name]
         for s in sets:
