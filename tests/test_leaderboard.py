@@ -95,3 +95,42 @@ def test_openood_csv_has_the_leaderboard_schema_and_mean_std_over_seeds():
     assert (msp["Arch"], msp["Additional_Description"]) == ("ResNet18", "100 epochs")
     ebo = next(r for r in rows if r["Postprocessor"] == "EBO")
     assert ebo["Arch"] == "torchvision:resnet18:none"           # not the leaderboard's network: named as it is
+
+
+def test_bench_export_openood_csv_end_to_end(tmp_path, capsys):
+    """A tiny bench with near/far groups writes openood.csv and --export openood-csv prints it."""
+    from oodbench.cli import main
+
+    from conftest import fails
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""name: tiny
+report: {tmp_path / 'report'}
+seeds: [0]
+in: [digits]
+out:
+  near: [vflip:digits]
+  far: ["noise:gaussian:64"]
+limit: 64
+bootstrap: 0
+plots: false
+methods:
+  - {{method: msp, model: "torchvision:resnet18:none", fit_limit: 64}}
+""")
+    assert main(["bench", str(config), "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--export",
+                 "openood-csv"]) == 0
+    out = capsys.readouterr().out
+    assert "Training,Postprocessor,Near-OOD_AUROC,Far-OOD_AUROC,ID_Accuracy,Outlier_Data,Arch" in out
+    row = next(r for r in csv.DictReader(io.StringIO((tmp_path / "report" / "openood.csv").read_text())))
+    results = __import__("json").loads((tmp_path / "report" / "results.json").read_text())
+    near = next(r for r in results["summary"] if r["out"] == "near")["auroc"]
+    assert row["Postprocessor"] == "MSP" and row["Near-OOD_AUROC"] == f"{100 * near:.2f} ± 0.00"
+    assert row["Arch"] == "torchvision:resnet18:none"
+    assert "Leaderboard" not in (tmp_path / "report" / "report.md").read_text()    # digits: no leaderboard row
+    quick = tmp_path / "q.yaml"
+    quick.write_text(config.read_text().replace("near: [vflip:digits]", "average: [vflip:digits]")
+                     .replace('  far: ["noise:gaussian:64"]\n', "").replace("report'", "report2'")
+                     .replace(str(tmp_path / "report"), str(tmp_path / "report2")))
+    assert "needs a protocol with near and far groups" in fails(capsys, ["bench", str(quick), "--device", "cpu",
+                                                                          "--runs-dir", str(tmp_path / "runs"),
+                                                                          "--export", "openood-csv"])
