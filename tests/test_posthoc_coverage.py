@@ -1,5 +1,6 @@
 """NAC (equal to pytorch-ood 0.4.0's NACUE), VRA, Relation and iODIN on a tiny model and images, each against its
 reference, plus each method's defining property."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -99,3 +100,78 @@ def test_nac_options_and_state(conv):
     m.stats_, m.fitted_ = counts, True
     with pytest.raises(OODBenchError, match="fit again"):
         m.score(conv["x"])
+
+
+# -- VRA -------------------------------------------------------------------------------------------------------------
+def openood_features(net, data):
+    """(logits, feature) of an OpenOOD backbone's forward(x, return_feature=True)."""
+    feature = net.pool(net.act2(net.conv2(net.act1(net.conv1(data)))))
+    return net.fc(feature), feature
+
+
+def openood_vra(net, inp_val, inp, percentile_high=90, percentile_low=10):
+    """vra_postprocessor.py: one pair of thresholds over every validation activation; clip; energy (its conf)."""
+    with torch.no_grad():
+        log = openood_features(net, inp_val)[1].numpy()
+        high, low = np.percentile(log.flatten(), percentile_high), np.percentile(log.flatten(), percentile_low)
+        feature = openood_features(net, inp)[1].clip(min=low, max=high)
+        return torch.logsumexp(net.fc(feature.view(len(feature), -1)), dim=1)
+
+
+@pytest.mark.parametrize("high,low", [(90, 10), (99, 1), (85, 15)])
+def test_vra_equals_openood(conv, high, low):
+    net = conv["net"]
+    m = method("vra", percentile_high=high, percentile_low=low).fit(conv["model"], val=conv["train"])
+    close(m.score(conv["x"]), -openood_vra(net, normalise(conv["x_train"]), normalise(conv["x"]), high, low))
+
+
+@pytest.mark.parametrize("high,low", [(90, 10), (99, 1)])
+def test_vra_per_feature_equals_pytorch_ood(conv, high, low):
+    from pytorch_ood.detector import VRA
+
+    net = conv["net"]
+    ref = VRA(backbone=lambda x: openood_features(net, x)[1], head=net.fc, lower_percentile=low / 100,
+              upper_percentile=high / 100)
+    data = torch.utils.data.TensorDataset(normalise(conv["x_train"]), torch.zeros(len(conv["x_train"])).long())
+    with torch.no_grad():
+        ref.fit(torch.utils.data.DataLoader(data, batch_size=32))
+        expected = ref.predict(normalise(conv["x"]))
+    m = method("vra", percentile_high=high, percentile_low=low, thresholds="per_feature", fit_split="train")
+    close(m.fit(conv["model"], conv["train"]).score(conv["x"]), expected)
+
+
+def test_vra_clips_between_its_percentiles_and_is_energy_when_nothing_is_clipped(conv):
+    model, train = conv["model"], conv["train"]
+    features, logits = model.features_and_logits(conv["x_train"])
+    m = method("vra", percentile_high=80, percentile_low=20).fit(model, val=train)
+    shaped = m.shaped(features)
+    low, high = m.stats_["low"], m.stats_["high"]
+    assert shaped.min() >= low and shaped.max() <= high and low < high
+    n = features.numel()   # a linearly interpolated percentile lies between two neighbouring order statistics
+
+    def below(t, strict):
+        return int(((features < t) if strict else (features <= t)).sum())
+
+    for t, q in ((low, 0.2), (high, 0.8)):
+        assert below(t, True) <= q * (n - 1) + 1 and below(t, False) >= q * (n - 1)
+    # thresholds at the extremes of the fit set clip none of its activations: the energy score
+    full = method("vra", percentile_high=100, percentile_low=0).fit(model, val=train)
+    close(full.score(conv["x_train"]), -torch.logsumexp(logits, 1))
+    for t in ("global", "per_feature"):
+        f = method("vra", percentile_high=100, percentile_low=0, thresholds=t).fit(model, val=train)
+        close(f.score_features(features, logits), -torch.logsumexp(logits, 1))
+
+
+def test_vra_options_grid_and_state(conv):
+    from oodbench.detectors import get
+
+    assert get("vra").sweep() == {"percentile_high": [85, 90, 95, 99], "percentile_low": [1, 5, 10, 15]}
+    m = method("vra").fit(conv["model"], val=conv["train"])
+    m2 = method("vra").load_state_dict(m.state_dict()).use_model(conv["model"])
+    close(m2.score(conv["x"]), m.score(conv["x"]))
+    with pytest.raises(OODBenchError, match="percentile_low <= percentile_high"):
+        method("vra", percentile_high=10, percentile_low=20).fit(conv["model"], val=conv["train"])
+    with pytest.raises(OODBenchError, match="vra.thresholds"):
+        method("vra", thresholds="channel").fit(conv["model"], val=conv["train"])
+    with pytest.raises(OODBenchError, match="vra.fit_split"):
+        method("vra", fit_split="test").fit(conv["model"], conv["train"])
