@@ -29,7 +29,10 @@ EPILOGS = {
     "data": """examples:
   oodbench data list
   oodbench data check vflip:fashion_mnist
-  oodbench data make-resize-benchmark --src lsun --size 32 --out ~/resize_lsun""",
+  oodbench data make-resize-benchmark --src lsun --size 32 --out ~/resize_lsun
+  oodbench data fetch ninco textures         # sets, resumable and verified (docs/data.md lists what is fetchable)
+  oodbench data fetch imagenet200            # every set of a shipped protocol, and its OpenOOD checkpoint
+  oodbench data verify                       # every fetched set against its manifest""",
     "bench": """examples:
   oodbench bench                              # = oodbench bench quick: the offline quick benchmark
   oodbench bench cifar10 --device cuda        # a shipped protocol, by name

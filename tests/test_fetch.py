@@ -354,9 +354,11 @@ def test_protocols_expand_to_their_sets_and_name_what_must_be_placed_by_hand(tmp
     assert wanted[0] == "benchmark_imglist"
     assert {"ssb_hard", "ninco", "inaturalist", "openimage_o", "imagenet_textures"} <= set(wanted)
     assert "imagenet200_res18_v1.5" in wanted           # the protocol's OpenOOD checkpoint (openood:imagenet200_res18)
+    assert {"imagenet_v2", "imagenet_c", "imagenet_r"} <= set(wanted)   # its csID sets' images (imagenet200_v2, ...)
     assert [name for name, _ in manual] == ["imagenet200"]   # ImageNet itself needs registration
     wanted, manual = catalog.expand(["cifar10"], tmp_path)
-    assert {"cifar10", "cifar100", "mnist", "svhn", "textures", "places365", "tinyimagenet"} == set(wanted)
+    assert {"cifar10", "cifar100", "mnist", "svhn", "textures", "places365", "tinyimagenet", "benchmark_imglist",
+            "cifar10c"} == set(wanted) and manual == []
 
 
 def test_catalogue_ids_are_openood_download_script_ids():
@@ -420,3 +422,18 @@ def test_openood_checkpoint_by_name_is_fetched_verified_and_loaded(server, tmp_p
     assert model_registry.status("cifar10_res18_s0") == "corrupt"
     assert "no such published checkpoint" in fails(capsys, ["eval", "--model", "openood:cifar10_res18_s9", "--in",
                                                             "digits", "--out", "noise:gaussian", "--method", "msp"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/work/.mirror/Jingkang50+OpenOOD/repo"),
+                    reason="needs a local clone of Jingkang50/OpenOOD")
+def test_drive_ids_are_those_of_openoods_download_script_at_the_cited_commit():
+    import re
+    import subprocess
+
+    text = subprocess.run(["git", "-C", "/work/.mirror/Jingkang50+OpenOOD/repo", "show",
+                           f"{fetch.OPENOOD_COMMIT}:scripts/download/download.py"], capture_output=True, text=True,
+                          check=True).stdout
+    ids = dict(re.findall(r"'([\w.\-]+)': '([\w\-]+)'", text))
+    assert {k: v[0] for k, v in fetch.OPENOOD_GDRIVE.items()} == {k: ids[k] for k in fetch.OPENOOD_GDRIVE}
+    for name, (_, group) in fetch.OPENOOD_GDRIVE.items():   # unpacked where its dir_dict puts it
+        assert not group.startswith("images") or re.search(rf"'{group}/': \[[^\]]*'{name}'", text), name

@@ -71,12 +71,18 @@ ENTRIES = {
                           "Imagenet_resize"),
     # OpenOOD's script unpacks benchmark_imglist.zip into the data folder and then finds benchmark_imglist/ there
     "benchmark_imglist": _openood("benchmark_imglist", "", "benchmark_imglist")._replace(folder="benchmark_imglist"),
-    **{name: _openood(name, "images_largescale") for name in ("ssb_hard", "ninco", "inaturalist", "openimage_o")},
+    **{name: _openood(name, "images_largescale") for name in ("ssb_hard", "ninco", "inaturalist", "openimage_o",
+                                                              "imagenet_v2", "imagenet_c", "imagenet_r")},
     "imagenet_textures": _openood("texture", "images_classic"),
+    "cifar10c": _openood("cifar10c", "images_classic"),
     # checkpoints: unpacked into results/ by OpenOOD's script; its scripts/ood/*.sh read
     # results/<folder>/s{0,1,2}/best.ckpt
     **{name: _openood(name, "checkpoints", folder) for name, folder in CHECKPOINT_FOLDERS.items()},
 }
+
+
+# sets read through another list of the same images (data/imglists.py): fetched as that archive
+ALIASES = {"imagenet200_v2": "imagenet_v2", "imagenet200_c": "imagenet_c", "imagenet200_r": "imagenet_r"}
 
 
 def entry(name: str) -> Entry:
@@ -108,7 +114,7 @@ def expand(names, root: Path) -> tuple[list, list]:
             cfg = read_yaml(protocols.bench_path(name))
             out = cfg.get("out") or {}
             sets = list(cfg.get("in") or []) + [s for group in (out.values() if isinstance(out, dict) else [out])
-                                                for s in group]
+                                                for s in group] + list(cfg.get("csid") or [])
             models = {m.get("model") for m in cfg.get("methods") or [] if isinstance(m, dict)}
             sets += [n for n, folder in CHECKPOINT_FOLDERS.items()   # a path into it, or openood:NAME (registry)
                      if any(folder in str(m) or str(m).startswith(f"openood:{n.removesuffix('_v1.5')}")
@@ -116,6 +122,7 @@ def expand(names, root: Path) -> tuple[list, list]:
         else:
             sets = [name]
         for s in sets:
+            s = ALIASES.get(s, s)
             if s in ENTRIES:
                 wanted += [*ENTRIES[s].needs, s]
             elif name in protocols.names():

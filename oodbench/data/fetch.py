@@ -57,19 +57,13 @@ sleep: Callable[[float], None] = time.sleep     # tests replace it (no real back
 
 # OpenOOD v1.5's Google Drive file ids, from the `download_id_dict` of scripts/download/download.py in
 # Jingkang50/OpenOOD (commit 2a9d492558c05590ec8f5225b2ee181058be8a08), and the folder each archive is unpacked
-# into (its `dir_dict`). Each archive is `<name>.zip` holding the set's images.
+# into (its `dir_dict`; checkpoints go to its results/ folder). Each archive is `<name>.zip`. Only the archives that
+# data/catalog.py installs are listed (the CIFAR/MNIST/SVHN copies are not: torchvision fetches the originals).
 OPENOOD_COMMIT = "2a9d492558c05590ec8f5225b2ee181058be8a08"
 OPENOOD_GDRIVE = {
     "benchmark_imglist": ("1lI1j0_fDDvjIt9JlWAw09X8ks-yrR_H1", ""),
-    "cifar10": ("1Co32RiiWe16lTaiOU6JMMnyUYS41IlO1", "images_classic"),
-    "cifar100": ("1PGKheHUsf29leJPPGuXqzLBMwl8qMF8_", "images_classic"),
-    "tin": ("1PZ-ixyx52U989IKsMA2OT-24fToTrelC", "images_classic"),
-    "tin597": ("1R0d8zBcUxWNXz6CPXanobniiIfQbpKzn", "images_classic"),
-    "mnist": ("1CCHAGWqA1KJTFFswuF9cbhmB-j98Y1Sb", "images_classic"),
-    "svhn": ("1DQfc11HOtB1nEwqS4pWUFp8vtQ3DczvI", "images_classic"),
+    "cifar10c": ("170DU_ficWWmbh6O2wqELxK9jxRiGhlJH", "images_classic"),
     "texture": ("1OSz1m3hHfVWbRdmMwKbUzoU8Hg9UKcam", "images_classic"),
-    "places365": ("1Ec-LRSTf6u5vEctKX9vRp9OA6tqnJ0Ay", "images_classic"),
-    "imagenet_1k": ("1i1ipLDFARR-JZ9argXd2-0a6DXwVhXEj", "images_largescale"),
     "ssb_hard": ("1PzkA-WGG8Z18h0ooL_pDdz9cO-DCIouE", "images_largescale"),
     "ninco": ("1Z82cmvIB0eghTehxOGP5VTdLt7OD3nk6", "images_largescale"),
     "inaturalist": ("1zfLfMvoUD0CUlKNnkk7LgxZZBnTBipdj", "images_largescale"),
