@@ -175,3 +175,130 @@ def test_vra_options_grid_and_state(conv):
         method("vra", thresholds="channel").fit(conv["model"], val=conv["train"])
     with pytest.raises(OODBenchError, match="vra.fit_split"):
         method("vra", fit_split="test").fit(conv["model"], conv["train"])
+
+
+# -- Relation --------------------------------------------------------------------------------------------------------
+def openood_relation(net, inp_train, inp, pow=1, chunk=7, thres=0.03):
+    """relation_postprocessor.py: normalise, kernel = clamp(f·f_t, 0) · (p·p_t), cut at thres, Σ sign·|r|^pow."""
+    with torch.no_grad():
+        logit_t, feat_t = openood_features(net, inp_train)
+        logit, feat = openood_features(net, inp)
+        feat_t = feat_t / torch.sqrt((feat_t ** 2).sum(-1) + 1e-10).reshape(-1, 1)
+        feat = feat / torch.sqrt((feat ** 2).sum(-1) + 1e-10).reshape(-1, 1)
+        prob_t, prob = torch.softmax(logit_t, 1), torch.softmax(logit, 1)
+        score = []
+        for i in range(0, len(feat), chunk):
+            halves = []
+            size = -(-len(feat_t) // 2)
+            for j in range(2):
+                dot = torch.clamp(feat[i:i + chunk] @ feat_t[j * size:(j + 1) * size].T, min=0.0)
+                halves.append(dot * (prob[i:i + chunk] @ prob_t[j * size:(j + 1) * size].T))
+            rel = torch.cat(halves, -1)
+            rel_mask = (rel.abs() > thres) * rel
+            score.append((rel_mask.sign() * rel_mask.abs() ** pow).sum(-1))
+        return torch.cat(score)
+
+
+@pytest.mark.parametrize("options", [{}, dict(pow=4), dict(pow=2, thres=0.1, block=100)])
+def test_relation_equals_openood(conv, options):
+    m = method("relation", **options).fit(conv["model"], conv["train"])
+    ref_options = {k: v for k, v in options.items() if k != "block"}
+    expected = openood_relation(conv["net"], normalise(conv["x_train"]), normalise(conv["x"]), **ref_options)
+    close(m.score(conv["x"]), -expected)
+
+
+def test_relation_is_the_total_edge_weight_to_the_training_nodes(conv):
+    model = conv["model"]
+    once = method("relation", thres=0.0).fit(model, conv["train"])
+    twice = method("relation", thres=0.0).fit(model, ImageSet(torch.cat([conv["x_train"]] * 2), None, "2x"))
+    close(twice.score(conv["x"]), 2 * once.score(conv["x"]))           # every training node adds its edge
+    features, logits = model.features_and_logits(conv["x"])
+    f_t, p_t = once.stats_["features"], once.stats_["probs"]
+    f = features / features.norm(dim=1, keepdim=True)
+    edges = (f @ f_t.T).clamp_min(0) * (logits.softmax(1) @ p_t.T)
+    close(once.score_features(features, logits), -edges.sum(1), rtol=1e-4, atol=1e-5)
+    cut = method("relation", thres=float(edges.max()) * (1 + 1e-4)).fit(model, conv["train"])
+    assert (cut.score(conv["x"]) == 0).all()                           # every edge cut: no relation
+
+
+def test_relation_options_grid_and_state(conv):
+    from oodbench.detectors import get
+
+    assert get("relation").sweep() == {"pow": [1, 2, 4, 6, 8]}
+    m = method("relation").fit(conv["model"], conv["train"])
+    m2 = method("relation").load_state_dict(m.state_dict()).use_model(conv["model"])
+    close(m2.score(conv["x"]), m.score(conv["x"]))
+    for bad in (dict(pow=0), dict(thres=-0.1), dict(block=0)):
+        with pytest.raises(OODBenchError, match=f"relation.{next(iter(bad))}"):
+            method("relation", **bad).fit(conv["model"], conv["train"])
+
+
+# -- iODIN -----------------------------------------------------------------------------------------------------------
+def openood_iodin(net, data, temperature=1000.0, noise=0.0014, std=STD):
+    """iodin_postprocessor.py: CE of z/T against the prediction, one value per image (largest |grad|) moved."""
+    data = data.clone().requires_grad_(True)
+    output = net(data)
+    labels = output.detach().argmax(axis=1)
+    loss = nn.CrossEntropyLoss()(output / temperature, labels)
+    loss.backward()
+    grad = data.grad.detach()
+    b = len(grad)
+    abs_grad = abs(grad).view(b, -1)
+    mask = torch.zeros_like(abs_grad, dtype=torch.uint8).scatter_(1, abs_grad.argmax(1, keepdim=True), 1)
+    mask = mask.view_as(grad)
+    gradient = (torch.ge(grad, 0).float() - 0.5) * 2
+    for c in range(gradient.shape[1]):
+        gradient[:, c] = gradient[:, c] / std[c]
+    with torch.no_grad():
+        out = net(torch.add(data.detach(), gradient * mask, alpha=-noise)) / temperature
+    out = out - out.max(dim=1, keepdim=True).values
+    return (out.exp() / out.exp().sum(dim=1, keepdim=True)).max(dim=1).values
+
+
+@pytest.mark.parametrize("options", [{}, dict(temperature=1.0, epsilon=0.0028), dict(temperature=10.0, epsilon=0.05)])
+def test_iodin_equals_openood(conv, options):
+    m = method("iodin", **options).fit(conv["model"])
+    ref = dict(temperature=options.get("temperature", 1000.0), noise=options.get("epsilon", 0.0014))
+    close(m.score(conv["x"]), -openood_iodin(conv["net"], normalise(conv["x"]), **ref))
+
+
+class Recorder(nn.Module):
+    """The conv net, keeping every input it is given."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
+def test_iodin_moves_one_input_value_per_image_and_is_odin_on_one_value_images(conv, tiny_images):
+    rec = Recorder(conv["net"])
+    method("iodin", epsilon=0.05).fit(wrap(rec, mean=MEAN, std=STD, layers=["net.act1"])).score(conv["x"])
+    clean, moved = rec.inputs
+    changed = (clean != moved).flatten(1).sum(1)
+    assert changed.tolist() == [1] * len(conv["x"])
+    odin = method("odin", epsilon=0.05).fit(conv["model"]).score(conv["x"])
+    assert not torch.allclose(method("iodin", epsilon=0.05).fit(conv["model"]).score(conv["x"]), odin)
+    close((moved - clean).abs().flatten(1).amax(1), torch.full((len(conv["x"]),), 0.05 / STD[0]))
+    # an image of one value: the one value moved is the whole image, so iODIN is ODIN
+    torch.manual_seed(1)
+    one = nn.Sequential(nn.Flatten(), nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, K))
+    model = wrap(one, mean=[0.5], std=[0.3])
+    x = tiny_images(30, 6)[:, :1, :1, :1]
+    for options in ({}, dict(temperature=1.0, epsilon=0.05)):
+        close(method("iodin", **options).fit(model).score(x), method("odin", **options).fit(model).score(x))
+    # no step: the temperature-scaled MSP
+    logits = conv["model"].logits(conv["x"])
+    close(method("iodin", epsilon=0.0, temperature=10.0).fit(conv["model"]).score(conv["x"]),
+          -(logits / 10.0).softmax(1).amax(1))
+
+
+def test_iodin_grid_and_errors(conv):
+    from oodbench.detectors import get
+
+    assert get("iodin").sweep() == {"temperature": [1.0, 10.0, 100.0, 1000.0], "epsilon": [0.0014, 0.0028]}
+    with pytest.raises(OODBenchError, match="iodin.temperature"):
+        method("iodin", temperature=0.0).fit(conv["model"]).score(conv["x"])

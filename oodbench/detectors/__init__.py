@@ -14,6 +14,8 @@ from oodbench.detectors import shaping  # noqa: F401,E402  react, ash_p, ash_b, 
 from oodbench.detectors import adascale  # noqa: F401,E402  adascale_a, adascale_l
 from oodbench.detectors import nac  # noqa: F401,E402  nac
 from oodbench.detectors import vra  # noqa: F401,E402  vra
+from oodbench.detectors import relation  # noqa: F401,E402  relation
+from oodbench.detectors import iodin  # noqa: F401,E402  iodin
 from oodbench.detectors import multilayer  # noqa: F401,E402  gram, mds_ensemble, rankfeat
 from oodbench.detectors import openmax  # noqa: F401,E402  openmax
 from oodbench.detectors import gradients  # noqa: F401,E402  gradnorm, gradlayer
