@@ -437,3 +437,39 @@ def test_drive_ids_are_those_of_openoods_download_script_at_the_cited_commit():
     assert {k: v[0] for k, v in fetch.OPENOOD_GDRIVE.items()} == {k: ids[k] for k in fetch.OPENOOD_GDRIVE}
     for name, (_, group) in fetch.OPENOOD_GDRIVE.items():   # unpacked where its dir_dict puts it
         assert not group.startswith("images") or re.search(rf"'{group}/': \[[^\]]*'{name}'", text), name
+
+
+def test_a_full_disk_is_not_retried_and_keeps_what_arrived(server, tmp_path, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    data = payload(3 << 20, seed=4)                     # three blocks: the second write fails
+    server.routes["/f.bin"] = data
+    real_open, writes = builtins.open, []
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, block):
+            writes.append(len(block))
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f.bin.part"))
+            return self.f.write(block)
+
+    monkeypatch.setattr(builtins, "open", lambda p, mode="r", *a, **k:
+                        Full(real_open(p, mode, *a, **k)) if str(p).endswith(".part") else real_open(p, mode, *a, **k))
+    with pytest.raises(OSError) as e:
+        fetch.download(f"{server.base}/f.bin", tmp_path / "f.bin")
+    assert e.value.errno == errno.ENOSPC and len(server.requests) == 1      # not retried
+    monkeypatch.undo()
+    assert (tmp_path / "f.bin.part").stat().st_size == fetch.CHUNK          # the first block is kept ...
+    monkeypatch.setattr(fetch, "sleep", lambda s: None)
+    assert fetch.download(f"{server.base}/f.bin", tmp_path / "f.bin").read_bytes() == data   # ... and resumed
+    assert server.requests[-1][1] == f"bytes={fetch.CHUNK}-"

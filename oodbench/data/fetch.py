@@ -229,16 +229,16 @@ def _fetch_once(url: str, part: Path, timeout: float, drive: bool, desc: str, or
         got = 0
         with open(part, mode) as f, progress.bar(total=total, desc=f"download {desc}", unit="B",
                                                  initial=offset) as pbar:
-            try:
-                while True:
+            while True:
+                try:
                     block = resp.read(CHUNK if total is None else min(CHUNK, total - offset - got) or 1)
-                    if not block:
-                        break
-                    f.write(block)
-                    got += len(block)
-                    pbar.update(len(block))
-            except (socket.timeout, ConnectionError, OSError, http.client.HTTPException) as e:
-                raise _Transient(f"connection lost after {offset + got} bytes: {e or type(e).__name__}")
+                except (socket.timeout, ConnectionError, OSError, http.client.HTTPException) as e:
+                    raise _Transient(f"connection lost after {offset + got} bytes: {e or type(e).__name__}")
+                if not block:
+                    break
+                f.write(block)    # a full disk is the CLI's one-line OSError, not a retry; the .part is kept
+                got += len(block)
+                pbar.update(len(block))
         if total is not None and offset + got < total:
             raise _Transient(f"connection closed after {offset + got} of {total} bytes")
     return url
