@@ -284,9 +284,13 @@ def cmd_data(a) -> None:
         return (data_fetch if a.action == "fetch" else data_verify)(names, data.data_root(a.data_root))
     if a.action == "list":
         print(f"data root: {data.data_root(a.data_root)} (--data-root, else $OODBENCH_DATA, else the default)")
+        from oodbench.data import catalog
+
         for row in data.dataset_status(a.data_root):
             where = row["found"] or "missing"
-            print(f"{row['name']:<14} {where}" + ("" if row["found"] else f"\n{'':<14} how to get: {row['how_to_get']}"))
+            fetchable = catalog.ALIASES.get(row["name"], row["name"]) in catalog.ENTRIES
+            how = f"`oodbench data fetch {row['name']}`, or: {row['how_to_get']}" if fetchable else row["how_to_get"]
+            print(f"{row['name']:<14} {where}" + ("" if row["found"] else f"\n{'':<14} how to get: {how}"))
     elif a.action == "check":
         if not a.spec:
             raise OODBenchError("oodbench data check needs a dataset spec, e.g. oodbench data check digits")
