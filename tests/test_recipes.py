@@ -578,3 +578,44 @@ def test_methods_lists_the_recipes_and_their_options(capsys):
     for name, cls in recipes.RECIPES.items():
         assert any(line.split()[:2] == [name, "[recipe]"] for line in out.splitlines()), name
     assert "logitnorm.temperature = 0.04" in out and "outlier_exposure.weight = 0.5" in out
+
+
+# -- AugMix -----------------------------------------------------------------------------------------------------------
+def openood_augmix_jsd(logits_clean, logits_aug1, logits_aug2, lam):
+    """augmix_trainer.py, the jsd branch after the cross-entropy."""
+    p_clean, p_aug1, p_aug2 = F.softmax(logits_clean, dim=1), F.softmax(logits_aug1, dim=1), F.softmax(logits_aug2, dim=1)
+    p_mixture = torch.clamp((p_clean + p_aug1 + p_aug2) / 3., 1e-7, 1).log()
+    return lam * (F.kl_div(p_mixture, p_clean, reduction='batchmean') + F.kl_div(p_mixture, p_aug1, reduction='batchmean')
+                  + F.kl_div(p_mixture, p_aug2, reduction='batchmean')) / 3.
+
+
+def test_augmix_consistency_equals_openood_and_vanishes_for_equal_views():
+    a, _ = logits_and_labels(seed=4)
+    b, _ = logits_and_labels(seed=5)
+    c, _ = logits_and_labels(seed=6)
+    torch.testing.assert_close(12 * recipes.augmix_jsd(a, b, c), openood_augmix_jsd(a, b, c, 12))
+    assert recipes.augmix_jsd(a, b, c) > 0.01
+    assert abs(float(recipes.augmix_jsd(a, a, a))) < 1e-6
+
+
+def test_augmix_views_are_torchvisions_augmix_per_image():
+    from torchvision.transforms import AugMix
+
+    x = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8)
+    recipe = recipes.AugMix()
+    torch.manual_seed(3)
+    clean, aug1, aug2 = recipe.views_of(x, lambda b: b)
+    torch.manual_seed(3)
+    mix = AugMix(severity=1, mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=True)   # augmix_preprocessor.yml
+    ref1 = torch.cat([mix(x[i:i + 1]) for i in range(5)])
+    ref2 = torch.cat([mix(x[i:i + 1]) for i in range(5)])
+    assert torch.equal(clean, x) and torch.equal(aug1, ref1) and torch.equal(aug2, ref2)
+    assert aug1.dtype == torch.uint8 and not torch.equal(aug1, x) and not torch.equal(aug1, aug2)
+
+
+def test_cli_augmix_run_logs_its_loss(tmp_path):
+    run = train_cli(tmp_path / "runs", "augmix", 2, "augmix", "--set", "augmix.group=4")
+    cfg = configs.read_yaml(run / "config.yaml")
+    assert cfg["train"]["recipe"] == "augmix" and cfg["augmix"]["group"] == 4
+    for r in (json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()):
+        assert r["jsd"] > 0 and r["loss"] == pytest.approx(r["ce"] + 12 * r["jsd"], rel=1e-5)

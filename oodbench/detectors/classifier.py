@@ -73,7 +73,7 @@ class ClassifierTrainer(Detector):
 
         def recipe_loss(model, batch):   # ID images first, then the outliers when the recipe uses them
             x, y = batch
-            views = [prepare(augment(x, tc["augment"], tc["crop_padding"])) for _ in range(recipe.views)]
+            views = [prepare(v) for v in recipe.views_of(x, lambda b: augment(b, tc["augment"], tc["crop_padding"]))]
             return recipe.loss(model, views[0] if len(views) == 1 else torch.cat(views), y)
 
         oe = self.cfg["oe"]

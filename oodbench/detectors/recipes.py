@@ -90,6 +90,11 @@ class Recipe:
     def modules(self, net: nn.Module) -> Dict[str, nn.Module]:
         return {}
 
+    def views_of(self, x: torch.Tensor, augment) -> list:
+        """The uint8 batches the network sees for a batch `x` (ID images, then outliers): `views` draws of the
+        run's device augmentation (`augment`); their network inputs are stacked in this order for `loss`."""
+        return [augment(x) for _ in range(self.views)]
+
     def set_epoch_length(self, steps: int) -> None:
         """Told the steps per pass over the training set before training (recipes with epoch options)."""
 
@@ -598,6 +603,71 @@ class RegMixup(Recipe):
         _, logits = model(batch)
         return regmixup_loss(logits, targets_a, targets_b, lam), {"lam": lam,
                                                                   "acc": accuracy(logits[:len(x)], labels)}
+
+
+# -- AugMix -----------------------------------------------------------------------------------------------------------
+def augmix_jsd(logits_clean, logits_aug1, logits_aug2) -> torch.Tensor:
+    """AugMix's Jensen-Shannon consistency: mean of KL(p_i || M) over the three views, M their mean clamped to
+    [1e-7, 1] (Hendrycks et al. 2020, eq. 1; OpenOOD's augmix_trainer)."""
+    ps = [z.float().softmax(1) for z in (logits_clean, logits_aug1, logits_aug2)]
+    log_mixture = torch.clamp((ps[0] + ps[1] + ps[2]) / 3.0, 1e-7, 1).log()
+    return sum(F.kl_div(log_mixture, p, reduction="batchmean") for p in ps) / 3.0
+
+
+@register_recipe("augmix")
+class AugMix(Recipe):
+    summary = ("cross-entropy on the clean batch + lam * Jensen-Shannon consistency with two AugMix views "
+               "(Hendrycks et al., ICLR 2020)")
+    paper = ("AugMix: A Simple Data Processing Method to Improve Robustness and Uncertainty (Hendrycks, Mu, Cubuk, "
+             "Zoph, Gilmer & Lakshminarayanan, ICLR 2020)")
+    reference = ("openood/trainers/augmix_trainer.py, openood/preprocessors/augmix_preprocessor.py, "
+                 "configs/pipelines/train/train_augmix.yml, configs/preprocessors/augmix_preprocessor.yml")
+    OPTIONS = {
+        "lam": Option(12.0, "weight of the Jensen-Shannon term (train_augmix.yml lam)"),
+        "severity": Option(1, "torchvision AugMix severity (augmix_preprocessor.yml)"),
+        "mixture_width": Option(3, "augmentation chains mixed (augmix_preprocessor.yml)"),
+        "chain_depth": Option(-1, "operations per chain; -1: 1 to 3 at random (augmix_preprocessor.yml)"),
+        "alpha": Option(1.0, "Dirichlet / Beta parameter of the mixing weights (augmix_preprocessor.yml)"),
+        "all_ops": Option(True, "include the colour/contrast/brightness/sharpness operations (augmix_preprocessor.yml)"),
+        "group": Option(1, "images that share one draw of the chains' operations (1: each image its own, as OpenOOD; "
+                           "larger: faster, the mixing weights stay per image)"),
+    }
+    views = 3
+
+    def check(self):
+        self._positive("severity", "mixture_width", "alpha", "group")
+        if isinstance(self.options["lam"], bool) or not isinstance(self.options["lam"], (int, float)) \
+                or self.options["lam"] < 0:
+            raise OODBenchError(f"augmix.lam must be a number >= 0, got {self.options['lam']!r}")
+        if not 1 <= int(self.options["severity"]) <= 10:
+            raise OODBenchError(f"augmix.severity must be in 1..10, got {self.options['severity']!r}")
+        if not isinstance(self.options["chain_depth"], int) or self.options["chain_depth"] == 0 \
+                or self.options["chain_depth"] < -1:
+            raise OODBenchError(f"augmix.chain_depth must be -1 or >= 1, got {self.options['chain_depth']!r}")
+
+    def transform(self):
+        from torchvision.transforms import AugMix as TorchvisionAugMix
+
+        o = self.options
+        return TorchvisionAugMix(severity=int(o["severity"]), mixture_width=int(o["mixture_width"]),
+                                 chain_depth=int(o["chain_depth"]), alpha=float(o["alpha"]),
+                                 all_ops=bool(o["all_ops"]))
+
+    def augmix(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's AugMix (OpenOOD's preprocessor) on uint8 images, `group` images per draw of operations."""
+        mix, g = self.transform(), int(self.options["group"])
+        return torch.cat([mix(x[i:i + g]) for i in range(0, len(x), g)])
+
+    def views_of(self, x, augment):
+        clean = augment(x)
+        return [clean, self.augmix(clean), self.augmix(clean)]
+
+    def loss(self, model, x, labels):
+        _, logits = model(x)
+        clean, aug1, aug2 = logits.split(len(labels))
+        ce, jsd = F.cross_entropy(clean.float(), labels), augmix_jsd(clean, aug1, aug2)
+        return ce + float(self.options["lam"]) * jsd, {"ce": ce.detach(), "jsd": jsd.detach(),
+                                                        "acc": accuracy(clean, labels)}
 
 
 class RecipeNet(nn.Module):
