@@ -77,6 +77,15 @@ def test_nac_coverage_of_the_fit_images_is_full_with_o_star_one(conv):
     close(twice.score(conv["x"]), once.score(conv["x"]))
 
 
+def test_nac_counts_in_blocks_equal_the_counts_at_once(conv, monkeypatch):
+    from oodbench.detectors import nac
+
+    whole = method("nac").fit(conv["model"], conv["train"]).stats_
+    monkeypatch.setattr(nac, "FIT_BLOCK", 100)    # a few rows at a time
+    blocks = method("nac").fit(conv["model"], conv["train"]).stats_
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)
+
+
 def test_nac_geometric_bins_are_dense_near_0_and_1():
     from oodbench.detectors.nac import geometric_bins
 

@@ -9,9 +9,13 @@ image gets Σ_l mean_neurons min(count of its bin / O*, 1), negated (higher = mo
 
 Cost: one forward and one backward pass per batch, for fit and score alike (no parameter gradients are kept). The
 fit keeps the (images × neurons) float32 states of every layer of the fit set in memory (the workflow's shared
-reference pass), then an (neurons × M) int64 count table per layer; pytorch-ood keeps only the counts.
-OpenOOD's `nac` postprocessor tunes α, M and O* per layer and weights layers; here one value serves every layer
-(pytorch-ood's defaults; per-layer lists are accepted).
+reference pass), then bins them in blocks of FIT_BLOCK states into an (neurons × M) int64 count table per layer;
+pytorch-ood keeps only the counts.
+The authors' code (BierOne/ood_coverage, an OpenOOD fork: `openood/postprocessors/nac/`; OpenOOD v1.5's own
+repository has no `nac` postprocessor) differs: it sums the map z and its gradient over space separately and takes
+σ(α·Σz·Σg), bins with its own log-spaced edges, averages (not sums) the layers, and tunes α, M, O* per layer (ImageNet
+ResNet-50: the avgpool output alone, O* 10, M 50, α 3000). Here one value serves every layer (pytorch-ood's defaults;
+per-layer lists are accepted) and there is no `--tune` grid.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import torch
 from oodbench.detectors.base import Option, register
 from oodbench.detectors.posthoc import PostHoc
 from oodbench.errors import OODBenchError
+
+FIT_BLOCK = 2 ** 22   # neuron states binned at once while counting
 
 
 def geometric_bins(z_hat: torch.Tensor, m: int, eps: float = 1e-6) -> torch.Tensor:
@@ -82,10 +88,15 @@ class NAC(PostHoc):
     def fit_outputs(self, ref):
         counts = {}
         for name, alpha, m, _ in self.settings():
-            idx = geometric_bins(torch.sigmoid(alpha * ref[f"nac/{name}"]), m)          # (N, neurons)
-            n = idx.shape[1]
-            flat = (idx + torch.arange(n, device=idx.device) * m).flatten()
-            counts[name] = torch.bincount(flat, minlength=n * m).view(n, m)
+            states = ref[f"nac/{name}"]                                                  # (N, neurons)
+            n = states.shape[1]
+            offsets = torch.arange(n, device=states.device) * m
+            table = torch.zeros(n * m, dtype=torch.long, device=states.device)
+            step = max(1, FIT_BLOCK // max(1, n))    # rows at a time: no (N × neurons) int64 temporaries
+            for start in range(0, len(states), step):
+                idx = geometric_bins(torch.sigmoid(alpha * states[start:start + step]), m)
+                table += torch.bincount((idx + offsets).flatten(), minlength=n * m)
+            counts[name] = table.view(n, m)
         return counts
 
     def score_outputs(self, out):
