@@ -25,7 +25,8 @@ OPENOOD_NAMES = {"openmax": "OpenMax", "msp": "MSP", "tempscale": "TempScale", "
                  "mds_ensemble": "MDSEns", "rmds": "RMDS", "gram": "Gram", "energy": "EBO", "gradnorm": "GradNorm",
                  "react": "ReAct", "maxlogit": "MLS", "klm": "KLM", "vim": "VIM", "knn": "KNN", "dice": "DICE",
                  "rankfeat": "RankFeat", "ash_b": "ASH", "she": "SHE", "gen": "GEN", "scale": "SCALE", "fdbd": "fDBD",
-                 "adascale_a": "AdaSCALE-A", "adascale_l": "AdaSCALE-L", "nci": "NCI"}
+                 "adascale_a": "AdaSCALE-A", "adascale_l": "AdaSCALE-L", "nci": "NCI", "relation": "Relation",
+                 "iodin": "i-ODIN"}
 # protocol (ID set) -> (which model specs are the leaderboard's network, its Arch column, its description)
 LEADERBOARD_MODELS = {
     "cifar10": (("openood:cifar10_res18", "openood:resnet18_32x32:"), "ResNet18", "100 epochs"),
@@ -56,8 +57,10 @@ LEADERBOARD = {
     ("cifar10", "ash_b"): ("75.27 ± 1.04", "78.49 ± 2.58", "95.06 ± 0.30"),
     ("cifar10", "she"): ("81.54 ± 0.51", "85.32 ± 1.43", "95.06 ± 0.30"),
     ("cifar10", "gen"): ("88.20 ± 0.30", "91.35 ± 0.69", "95.06 ± 0.30"),
+    ("cifar10", "relation"): ("89.77 ± 0.16", "92.21 ± 0.20", "95.06 ± 0.30"),
     ("cifar10", "scale"): ("82.55 ± 0.36", "86.39 ± 1.86", "95.06 ± 0.30"),
     ("cifar10", "fdbd"): ("90.42 ± 0.00", "93.16 ± 0.00", "95.22 ± 0.00"),
+    ("cifar10", "iodin"): ("87.92 ± 0.17", "90.99 ± 0.76", "95.06 ± 0.30"),
     ("cifar10", "adascale_a"): ("83.92 ± 0.33", "88.00 ± 1.49", "95.06 ± 0.30"),
     ("cifar10", "adascale_l"): ("74.99 ± 0.74", "79.02 ± 2.63", "95.06 ± 0.30"),
     ("cifar10", "nci"): ("88.86 ± 0.00", "91.27 ± 0.00", "95.22 ± 0.00"),
@@ -81,8 +84,10 @@ LEADERBOARD = {
     ("cifar100", "ash_b"): ("78.20 ± 0.15", "80.58 ± 0.66", "77.25 ± 0.10"),
     ("cifar100", "she"): ("78.95 ± 0.18", "76.92 ± 1.16", "77.25 ± 0.10"),
     ("cifar100", "gen"): ("81.31 ± 0.08", "79.68 ± 0.75", "77.25 ± 0.10"),
+    ("cifar100", "relation"): ("80.67 ± 0.04", "80.82 ± 0.31", "77.25 ± 0.09"),
     ("cifar100", "scale"): ("80.99 ± 0.12", "81.42 ± 0.43", "77.26 ± 0.09"),
     ("cifar100", "fdbd"): ("81.26 ± 0.00", "79.85 ± 0.00", "77.18 ± 0.00"),
+    ("cifar100", "iodin"): ("81.10 ± 0.07", "79.69 ± 0.56", "77.25 ± 0.10"),
     ("cifar100", "adascale_a"): ("81.04 ± 0.11", "81.84 ± 0.36", "77.25 ± 0.10"),
     ("cifar100", "adascale_l"): ("80.54 ± 0.16", "83.38 ± 0.20", "77.25 ± 0.10"),
     ("cifar100", "nci"): ("81.03 ± 0.00", "81.32 ± 0.00", "77.18 ± 0.00"),
@@ -108,6 +113,7 @@ LEADERBOARD = {
     ("imagenet200", "gen"): ("83.68 ± 0.06", "91.36 ± 0.10", "86.37 ± 0.08"),
     ("imagenet200", "scale"): ("84.84 ± 0.28", "93.98 ± 0.25", "86.37 ± 0.08"),
     ("imagenet200", "fdbd"): ("84.27 ± 0.08", "93.45 ± 0.12", "86.37 ± 0.08"),
+    ("imagenet200", "iodin"): ("82.99 ± 0.04", "91.16 ± 0.18", "86.37 ± 0.08"),
     ("imagenet200", "adascale_a"): ("85.52 ± 0.27", "94.43 ± 0.21", "86.37 ± 0.08"),
     ("imagenet200", "adascale_l"): ("85.73 ± 0.31", "94.86 ± 0.12", "86.37 ± 0.08"),
     ("imagenet200", "nci"): ("83.50 ± 0.12", "93.71 ± 0.12", "86.37 ± 0.08"),
@@ -133,6 +139,7 @@ LEADERBOARD = {
     ("imagenet", "gen"): ("76.85", "89.76", "76.18"),
     ("imagenet", "scale"): ("81.36", "96.53", "76.18"),
     ("imagenet", "fdbd"): ("76.63", "92.77", "76.19"),
+    ("imagenet", "iodin"): ("76.53", "89.64", "76.19"),
     ("imagenet", "adascale_a"): ("84.42", "97.27", "76.18"),
     ("imagenet", "adascale_l"): ("84.27", "97.28", "76.18"),
     ("imagenet", "nci"): ("78.69", "95.53", "76.19"),

@@ -20,7 +20,7 @@ source "$(dirname "$0")/common.sh"
 "$PYTHON" -m oodbench models list --data-root "$DATA"
 
 methods="msp maxlogit energy odin tempscale gen klm mahalanobis rmds knn vim she react ash_b scale dice gradnorm nci
-fdbd openmax rankfeat gram mds_ensemble adascale_a adascale_l"
+fdbd openmax rankfeat gram mds_ensemble adascale_a adascale_l relation iodin"
 {
     cat <<YAML
 name: openood_cifar10
