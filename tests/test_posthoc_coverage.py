@@ -311,3 +311,35 @@ def test_iodin_grid_and_errors(conv):
     assert get("iodin").sweep() == {"temperature": [1.0, 10.0, 100.0, 1000.0], "epsilon": [0.0014, 0.0028]}
     with pytest.raises(OODBenchError, match="iodin.temperature"):
         method("iodin", temperature=0.0).fit(conv["model"]).score(conv["x"])
+
+
+# -- --tune over the OpenOOD grids -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["vra", "relation", "iodin"])
+def test_tune_picks_the_grid_point_of_best_validation_auroc(name, monkeypatch):
+    import itertools
+
+    from oodbench import metrics, workflow
+    from oodbench.detectors.posthoc import SET_OUTPUTS
+    from oodbench.workflow import fitting, tuning
+    from test_tuning import Data, SmallNet, images
+
+    def prepared(*overrides):
+        torch.manual_seed(0)
+        SET_OUTPUTS.items.clear()
+        data = Data()
+        monkeypatch.setattr(fitting, "train_split_loader", lambda cfg, device: data.load)
+        run = workflow.ModelRun(wrap(SmallNet(), mean=MEAN, std=STD), None, fit=data.train, val=data.val,
+                                runs_dir=False, id_test=ImageSet(images(40, 9), None, "id"))
+        return run, run.prepare(name, ["tune.val_ood=some_val_ood", "tune.val_size=100", *overrides], "cpu"), data
+
+    run, scoring, data = prepared()
+    chosen = tuning.tune(run, scoring)
+    grid = scoring.det.sweep()
+    assert grid
+    brute = {}
+    for point in itertools.product(*grid.values()):
+        _, other, _ = prepared(*[f"{name}.{k}={v}" for k, v in zip(grid, point)])
+        brute[point] = metrics.evaluate(other.det.score(data.val.images[:100]).numpy(),
+                                        other.det.score(data.ood.images[:100]).numpy())["auroc"]
+    best = next(p for p, v in brute.items() if v == max(brute.values()))
+    assert chosen == {f"{name}.{k}": v for k, v in zip(grid, best)}
