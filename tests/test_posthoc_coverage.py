@@ -227,7 +227,10 @@ def test_relation_is_the_total_edge_weight_to_the_training_nodes(conv):
     edges = (f @ f_t.T).clamp_min(0) * (logits.softmax(1) @ p_t.T)
     close(once.score_features(features, logits), -edges.sum(1), rtol=1e-4, atol=1e-5)
     cut = method("relation", thres=float(edges.max()) * (1 + 1e-4)).fit(model, conv["train"])
-    assert (cut.score(conv["x"]) == 0).all()                           # every edge cut: no relation
+    cut_scores = cut.score(conv["x"])
+    assert (cut_scores == 0).all()                                     # every edge cut: no relation
+    assert "relation.thres" in cut.row_notes({"relation": cut_scores})["relation"][0]
+    assert once.row_notes({"relation": once.score(conv["x"])}) == {}
 
 
 def test_relation_options_grid_and_state(conv):

@@ -59,3 +59,11 @@ class Relation(PostHoc):
             rel = (feat[i:i + step] @ feat_t.T).clamp_min(0.0) * (prob[i:i + step] @ prob_t.T)
             scores.append(torch.where(rel > thres, rel ** power, torch.zeros_like(rel)).sum(1))
         return -torch.cat(scores) if scores else feat.new_zeros(0)
+
+    def row_notes(self, id_scores: dict) -> dict:
+        """Every ID edge cut (a near-uniform softmax over K classes makes p·p_j about 1/K) says so beside the row."""
+        scores = id_scores.get(self.name)
+        if scores is None or len(scores) == 0 or bool((torch.as_tensor(scores) != 0).any()):
+            return {}
+        return {self.name: [f"every edge of the ID test images was at most relation.thres = "
+                            f"{float(self.options['thres']):g} (all scores 0): lower it, e.g. --set relation.thres=0"]}
