@@ -57,7 +57,8 @@ class VRA(PostHoc):
         else:
             axis = 0
         bounds = np.percentile(h, [low, high], axis=axis).astype(np.float32)
-        return {"low": torch.as_tensor(bounds[0]), "high": torch.as_tensor(bounds[1])}
+        device = ref["features"].device
+        return {"low": torch.as_tensor(bounds[0], device=device), "high": torch.as_tensor(bounds[1], device=device)}
 
     def shaped(self, features: torch.Tensor) -> torch.Tensor:
         self.check()
