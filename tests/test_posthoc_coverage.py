@@ -64,11 +64,63 @@ def test_nac_equals_pytorch_ood_nacue(conv, options):
         assert torch.equal(m.stats_[name].cpu(), stats.counts)
 
 
+def authors_nac(net, layers, x_train, x, alpha, m, o):
+    """The authors' code (BierOne/ood_coverage: nac/coverage.py KMNC and Estimator, instr_state.kl_grad,
+    utils.get_state_func('sigmoid(o*g_kl)') and avg_pooling), per layer module with its α, M, O."""
+    def states(inp):
+        kept = []
+        hooks = [mod.register_forward_hook(lambda _m, _i, out: kept.append(out)) for mod in layers]
+        p = net(inp)
+        for h in hooks:
+            h.remove()
+        targets = torch.ones_like(p) / p.shape[-1]
+        loss = torch.sum(-targets * torch.nn.LogSoftmax(dim=-1)(p), dim=-1)
+        result = []
+        for b_state in kept:
+            grad = torch.autograd.grad(loss.sum(), b_state, retain_graph=True)[0]
+            s_, g_ = (b_state.sum(dim=[2, 3]), grad.sum(dim=[2, 3])) if b_state.dim() > 2 else (b_state, grad)
+            result.append(s_.detach() * g_.detach())
+        return result
+
+    def logspace(base, num):
+        num = int(num / 2)
+        t = np.emath.logn(base, np.linspace(1, np.sqrt(base), num=num))
+        t = np.concatenate([t[:-1], (1 - t)[::-1]])
+        t[-1] += 1e-2
+        return torch.from_numpy(np.append(t, 1.2))
+
+    def active(st, thresh, mm):
+        return (st.unsqueeze(1) >= thresh[:mm - 1].unsqueeze(0)) & (st.unsqueeze(1) < thresh[1:mm].unsqueeze(0))
+
+    scores = torch.zeros(len(x), dtype=torch.float64)
+    for st_train, st, a, mm, oo in zip(states(x_train), states(x), alpha, m, o):
+        sig = lambda v: 1 / (1 + torch.exp(-a * v))
+        thresh = logspace(1e3, mm).view(mm, -1).repeat(1, st.shape[1])
+        t_act = active(sig(st_train), thresh, mm).sum(dim=0)
+        t_score = torch.min(t_act / oo, torch.ones_like(t_act, dtype=torch.float64))
+        scores += (active(sig(st), thresh, mm) * t_score.unsqueeze(0)).sum(dim=1).mean(dim=1) / len(layers)
+    return scores
+
+
+@pytest.mark.parametrize("alpha,m,o", [([100.0] * 3, [50] * 3, [50] * 3), ([1000.0, 10.0, 3000.0], [10, 500, 20],
+                                                                           [3, 10, 1])])
+def test_nac_authors_variant_equals_the_authors_code(conv, alpha, m, o):
+    net = conv["net"]
+    model = wrap(net, mean=MEAN, std=STD, layers=["act1", "act2", "pool.0"])
+    expected = authors_nac(net, [net.act1, net.act2, net.pool[0]], normalise(conv["x_train"]), normalise(conv["x"]),
+                           alpha, m, o)
+    got = method("nac", variant="authors", alpha=alpha, m_bins=m, o_star=o).fit(model, conv["train"])
+    close(got.score(conv["x"]), -expected)
+    assert len(set(expected.tolist())) > 5                      # the scores are spread, not all one value
+
+
 def test_nac_coverage_of_the_fit_images_is_full_with_o_star_one(conv):
     """Every neuron state of a fit image lies in a bin the fit saw: with O* = 1 each layer's coverage is 1, so a fit
     image scores −(number of layers); images outside the fit set cover less."""
     m = method("nac", o_star=1).fit(conv["model"], conv["train"])
     close(m.score(conv["x_train"][:30]), torch.full((30,), -2.0))
+    authors = method("nac", o_star=1, variant="authors").fit(conv["model"], conv["train"])
+    close(authors.score(conv["x_train"][:30]), torch.full((30,), -1.0))      # the authors average the layers
     other = m.score(conv["x"])
     assert (other >= -2.0).all() and (other <= 0).all()
     # coverage grows with the counts: refitting on the fit set twice (counts doubled) with O* doubled is the same
@@ -104,6 +156,10 @@ def test_nac_options_and_state(conv):
         method("nac", m_bins=[5]).fit(conv["model"], conv["train"])
     with pytest.raises(OODBenchError, match="nac.alpha"):
         method("nac", alpha=-1.0).fit(conv["model"], conv["train"])
+    with pytest.raises(OODBenchError, match="nac.variant"):
+        method("nac", variant="openood").fit(conv["model"], conv["train"])
+    with pytest.raises(OODBenchError, match="even nac.m_bins"):
+        method("nac", variant="authors", m_bins=7).fit(conv["model"], conv["train"])
     counts = m.stats_
     m.set_params(m_bins=20)                     # drops the fitted counts of 50 bins; put them back by hand
     m.stats_, m.fitted_ = counts, True
