@@ -247,6 +247,28 @@ def test_scale_equals_pytorch_ood(setup, percentile):
           rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["ash_p", "ash_b", "ash_s", "scale"])
+def test_shaping_the_map_before_pooling_equals_pytorch_ood(setup, variant):
+    """placement=map shapes the last feature map before pooling, as pytorch-ood does with a backbone that returns it
+    (the default, pooled, is the ASH and SCALE authors' code and OpenOOD: tested against pytorch-ood on (B, D, 1, 1))."""
+    net = setup["model"].net
+    model = wrap(net, mean=[0.5] * 3, std=[0.25] * 3, layers=["body.1"])   # the ReLU map before the average pool
+    pood_cls = pood.SCALE if variant == "scale" else pood.ASH
+    kwargs = {} if variant == "scale" else {"variant": variant.replace("_", "-")}
+    ref = pood_cls(lambda x: net.body[:2](x), lambda m: net.fc(net.body[2:](m)), percentile=0.8, **kwargs)
+    with torch.no_grad():
+        expected = ref.predict_feature_maps(net.body[:2](model.prepare(setup["x"])))
+    det = method(variant, percentile=80, placement="map").fit(model, setup["train"], val=setup["val"])
+    got = det.score(setup["x"])
+    close(got, expected, rtol=1e-4, atol=1e-4)
+    pooled = method(variant, percentile=80).fit(model, setup["train"], val=setup["val"]).score(setup["x"])
+    assert not torch.allclose(got, pooled, atol=1e-3)     # the two placements are different detectors
+    with pytest.raises(OODBenchError, match="reads more than the penultimate features"):
+        det.score_features(setup["z"], setup["logits"])
+    with pytest.raises(OODBenchError, match="placement is 'pooled' or 'map'"):
+        method(variant, placement="maps").fit(model, setup["train"], val=setup["val"]).score(setup["x"])
+
+
 @pytest.mark.parametrize("p", [50, 90])
 def test_dice_equals_pytorch_ood(setup, p):
     fc = head(setup)

@@ -193,11 +193,14 @@ def test_imagenet_protocol_validates_and_names_missing_sets_offline(tmp_path, ca
     grid = bench.load_bench("imagenet")
     assert grid.ins == ["imagenet"] and {"ssb_hard", "ninco", "inaturalist", "imagenet_textures",
                                          "openimage_o"} <= set(grid.outs)
-    assert all(e.model == "torchvision:resnet50:IMAGENET1K_V1" for e in grid.entries)
+    models = {e.model for e in grid.entries}
+    assert models == {"torchvision:resnet50:IMAGENET1K_V1", "open_clip:ViT-B-16:openai"}
+    clip = [e for e in grid.entries if e.model.startswith("open_clip:")]
+    assert {e.method for e in clip} >= {"mcm", "glmcm"} and all(not e.tune for e in clip if e.method in ("mcm", "glmcm"))
     # OpenOOD's parameter search: tuned on OpenImage-O's validation list (our openimage_o train split)
     for name in ("imagenet", "imagenet200"):
-        entries = bench.load_bench(name).entries
-        assert all(e.tune and "tune.val_ood=openimage_o" in e.score_overrides for e in entries)
+        entries = [e for e in bench.load_bench(name).entries if not e.model.startswith("open_clip:")]
+        assert entries and all(e.tune and "tune.val_ood=openimage_o" in e.score_overrides for e in entries)
     assert bench.load_bench("imagenet200").ins == ["imagenet200"]
     monkeypatch.setenv("OODBENCH_DOWNLOAD", "0")
     from oodbench.cli import main

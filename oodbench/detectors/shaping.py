@@ -1,10 +1,12 @@
 """Activation shaping of the penultimate features, then the model's own head and the energy score: ReAct, ASH-P/B/S,
 SCALE, DICE.
 
-As in OpenOOD v1.5 (`openood/networks/ash_net.py`, `scale_net.py`, `resnet18_32x32.forward_threshold`), shaping acts
-on the pooled penultimate features (B, D), which works for any model with a features/head split. The ASH paper's own
-code shapes the last block's feature map before pooling; docs/baselines.md says where this differs. Percentiles are
-in percent (0–100), as in OpenOOD's configs.
+Shaping acts on the pooled penultimate features (B, D), which works for any model with a features/head split: so do
+the ASH authors' code (andrijazz/ash: `apply_ash` right after the average pool, on (B, C, 1, 1)), the SCALE authors'
+(kai422/SCALE `scale_net.py`) and OpenOOD v1.5 (`ash_net.py`, `scale_net.py`). pytorch-ood shapes whatever its
+backbone returns, typically the last feature map before pooling: ASH/SCALE's `placement=map` does that (the map of
+`model.layers`' last entry, else the last ResNet stage), at the cost of one more network pass per method.
+Percentiles are in percent (0–100), as in OpenOOD's configs.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from oodbench.detectors.base import Option, register
 from oodbench.detectors.posthoc import PostHoc, chosen_split, energy
 from oodbench.errors import OODBenchError
+from oodbench.models import auto_layers
 
 
 def percentile_option(det, key: str = "percentile") -> float:
@@ -59,6 +62,18 @@ class ReAct(Shaping):
         return features.clamp(max=self.stats_)
 
 
+PLACEMENT = Option("pooled", "pooled = shape the pooled penultimate features (the ASH and SCALE authors' code, "
+                             "OpenOOD) | map = shape the last feature map before pooling (pytorch-ood's usual split; "
+                             "the layer is model.layers' last, else the last ResNet stage)")
+
+
+def placement(det) -> str:
+    value = det.options["placement"]
+    if value not in ("pooled", "map"):
+        raise OODBenchError(f"{det.name}.placement is 'pooled' or 'map', got {value!r}")
+    return value
+
+
 def _top(features: torch.Tensor, percentile: float):
     k = keep_count(features.shape[1], percentile)
     return features.topk(k, dim=1), k
@@ -68,11 +83,43 @@ def _top(features: torch.Tensor, percentile: float):
 class AshP(Shaping):
     summary = "ASH-P: prune all but the top activations, then energy (Djurisic et al. 2023)"
     OPTIONS = {"percentile": Option(90, "% of activations pruned per sample (ash.yml)",
-                                    grid=(65, 70, 75, 80, 85, 90, 95))}
+                                    grid=(65, 70, 75, 80, 85, 90, 95)),
+               "placement": PLACEMENT}
 
     def shaped(self, features):
         (values, index), _ = _top(features, percentile_option(self))
         return torch.zeros_like(features).scatter_(1, index, values)
+
+    # -- placement=map: the last feature map before pooling, flattened per image as the authors' 4-D code does ----
+    @property
+    def array_level(self) -> bool:
+        return placement(self) == "pooled"
+
+    def map_layer(self) -> str:
+        names, _ = auto_layers(self.require_model().net)
+        names = self.model.layers or names
+        if not names:
+            raise OODBenchError(f"{self.name}.placement=map needs the feature map before pooling: name its layer "
+                                f"with --set model.layers=[LAYER] (e.g. layer4)")
+        return names[-1]
+
+    @torch.no_grad()
+    def outputs(self, x):
+        if self.array_level:
+            return super().outputs(x)
+        edit = {self.map_layer(): lambda m: self.shaped(m.flatten(1)).view_as(m)}
+        _, logits = self.require_model().forward_maps(self.prepare(x), [], edit=edit)
+        return {"shaped_logits": logits.float()}
+
+    def outputs_key(self):
+        if self.array_level:
+            return super().outputs_key()
+        return ("shaped-map", self.name, float(self.options["percentile"]), self.map_layer())
+
+    def score_outputs(self, out):
+        if "shaped_logits" in out:
+            return -energy(out["shaped_logits"])
+        return super().score_outputs(out)
 
 
 @register("ash_b")
@@ -98,7 +145,8 @@ class AshS(AshP):
 class Scale(AshP):
     summary = "SCALE: rescale all activations by exp(total/top sum), no pruning, then energy (Xu et al. 2024)"
     OPTIONS = {"percentile": Option(85, "% of activations below the top ones (scale.yml)",
-                                    grid=(65, 70, 75, 80, 85, 90, 95))}
+                                    grid=(65, 70, 75, 80, 85, 90, 95)),
+               "placement": PLACEMENT}
 
     def shaped(self, features):
         (values, _), _ = _top(features, percentile_option(self))
