@@ -31,6 +31,16 @@ def classification_loss(kind: str):
     raise OODBenchError(f"unknown train.loss {kind!r}; use ce or bce")
 
 
+def input_stats(images: torch.Tensor, normalize: bool) -> tuple[list, list]:
+    """(mean, std) per channel of the network's input: of the first 10k training images in [0, 1] when `normalize`,
+    else (0, 1) — the images in [0, 1] as they are (train.normalize: false, the GradNorm seed's recipe)."""
+    channels = images.shape[1]
+    if not normalize:
+        return [0.0] * channels, [1.0] * channels
+    unit = transforms.to_unit(images[:10000])
+    return unit.mean(dim=(0, 2, 3)).tolist(), unit.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
 @register_trainer("classifier")
 class ClassifierTrainer(Detector):
     """Trains the run's classifier (kind "classifier"); `model()` is what every post-hoc method of the run scores.
@@ -57,9 +67,7 @@ class ClassifierTrainer(Detector):
     def train(self, train, val, engine) -> None:
         tc = self.cfg["train"]
         self.shape, self.num_classes = list(train.shape), train.num_classes
-        unit = transforms.to_unit(train.images[:10000])
-        self.mean = unit.mean(dim=(0, 2, 3)).tolist()
-        self.std = unit.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        self.mean, self.std = input_stats(train.images, tc["normalize"])
         net = self.build()
         criterion = classification_loss(tc["loss"])
         prepare = self.normalize
