@@ -49,3 +49,13 @@ def test_paper_run_trains_on_raw_unit_images(tmp_path):
     assert state["mean"] == [0.0] * len(state["mean"]) and state["std"] == [1.0] * len(state["std"])
     cfg = configs.read_yaml(run / "config.yaml")
     assert cfg["train"]["weight_decay"] == 1e-4 and cfg["data"]["val_fraction"] == 0.0
+
+
+def test_msma_adam_epsilon_is_keras_default():
+    """MSMA (issue 30, item 6): the released code builds Keras Adam(learning_rate) only, so epsilon is 1e-7."""
+    from oodbench.engine import TrainSpec
+
+    spec = TrainSpec.from_cfg(load_config("msma")["train"])
+    opt = spec.optimizer_for([torch.nn.Parameter(torch.zeros(2))])
+    assert opt.defaults["eps"] == 1e-7 and opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["lr"] == 1e-3
+    assert TrainSpec().optimizer_for([torch.nn.Parameter(torch.zeros(2))]).defaults["eps"] == 1e-8

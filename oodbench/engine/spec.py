@@ -17,6 +17,7 @@ class TrainSpec:
     optimizer: str = "adam"          # adam | sgd
     lr: float = 1e-3
     betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8                # Adam's epsilon (PyTorch's default; Keras' is 1e-7)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -45,6 +46,7 @@ class TrainSpec:
         checks = [
             (self.steps >= 0, "train.steps must be >= 0"),
             (self.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.eps > 0, "train.eps must be > 0"),
             (self.optimizer in ("adam", "sgd"), f"train.optimizer {self.optimizer!r}: use adam or sgd"),
             (self.schedule in ("constant", "multistep", "cosine", "exponential"),
              f"train.schedule {self.schedule!r}: use constant, multistep, cosine or exponential"),
@@ -70,6 +72,7 @@ class TrainSpec:
 
     def optimizer_for(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                    weight_decay=self.weight_decay)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
                                weight_decay=self.weight_decay)
