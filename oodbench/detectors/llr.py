@@ -2,7 +2,8 @@
 
 One run (kind "llr") trains a foreground PixelCNN++ on the data and a grid of background PixelCNN++ models on
 perturbed data (each pixel-channel replaced with probability mu by a uniform 0..255 value, redrawn every step, plus
-an L2 penalty lambda * sum(w^2) over weights). The background model with the best validation AUROC of the ratio
+an L2 penalty lambda * sum(w^2) over weights; `llr.background_l2=released`, the paper preset, leaves it out as
+the released code does). The background model with the best validation AUROC of the ratio
 (held-out `val` split vs the validation OOD set `llr.val_ood`, never a test split: `data.validation`) is kept.
 
 Rows, all "higher = more OOD": `llr` = -(log p_fg - log p_bg), `likelihood` = -log p_fg; `_bpd` is the foreground's
@@ -43,13 +44,27 @@ def l2_penalty(model: torch.nn.Module) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in model.parameters() if p.ndim > 1)
 
 
-def likelihood_loss(mutation_rate: float, reg_weight: float):
-    """loss_fn(model, batch) = -mean log p(mutate(x)) + reg_weight * sum(w^2); the perturbation is redrawn per call."""
+BACKGROUND_L2 = ("applied", "released")
+
+
+def background_l2(options: dict) -> str:
+    """llr.background_l2: `applied` (the paper: + lambda * sum(w^2)) | `released` (the released code, whose L2 term
+    never reaches the loss, so every lambda trains as lambda = 0)."""
+    value = options.get("background_l2") or "applied"
+    if value not in BACKGROUND_L2:
+        raise OODBenchError(f"llr.background_l2={value!r}: use applied (the paper's L2 penalty) or released (the "
+                            f"released code's, which has no effect)")
+    return value
+
+
+def likelihood_loss(mutation_rate: float, reg_weight: float, l2: str = "applied"):
+    """loss_fn(model, batch) = -mean log p(mutate(x)) + reg_weight * sum(w^2) (`l2="released"`: the penalty is
+    left out, as in the released code); the perturbation is redrawn per call."""
 
     def loss_fn(model, batch):
         x = mutate(batch[0], mutation_rate)
         nll = -model(x).mean()
-        if reg_weight == 0:
+        if reg_weight == 0 or l2 == "released":
             return nll, {"nll": nll.detach()}
         penalty = l2_penalty(model)
         return nll + reg_weight * penalty, {"nll": nll.detach(), "l2": penalty.detach()}
@@ -122,7 +137,7 @@ class LikelihoodRatioRun(Detector):
 
     def train(self, train, val, engine) -> None:
         opts = self.llr_options
-        grid = background_grid(opts)
+        grid, l2 = background_grid(opts), background_l2(opts)
         check_8bit(train.images, f"training set {train.name!r}")
         batch = int(opts.get("eval_batch_size", 256))
         limit = opts.get("val_limit")
@@ -148,7 +163,7 @@ class LikelihoodRatioRun(Detector):
             fg_in, fg_ood = log_prob(self.fg, val_in, batch), log_prob(self.fg, val_ood, batch)
         rows, best = [], None
         for mu, lam in grid:
-            bg = engine.fit(background_name(mu, lam), self.build(), likelihood_loss(mu, lam), train, spec).eval()
+            bg = engine.fit(background_name(mu, lam), self.build(), likelihood_loss(mu, lam, l2), train, spec).eval()
             row = {"mutation_rate": mu, "reg_weight": lam, "val_auroc": None}
             if fg_in is not None:
                 llr_in = -(fg_in - log_prob(bg, val_in, batch))
