@@ -44,7 +44,7 @@ LAYERS = {
     "oodbench.model_registry": 2,  # openood:NAME checkpoints (data.catalog, data.fetch, data.sources)
     # L3: the detectors
     "oodbench.detectors.*": 3,
-    "oodbench.detectors.recipes": 3,   # the classifier's training recipes (imports base, errors only)
+    "oodbench.detectors.recipes": 3,   # the classifier's training recipes (imports base, feature_space, errors)
     # L4: the workflow (run folders, fitting, tuning, scoring, evaluation, training; oodbench.runs and
     # oodbench.tuning moved in here)
     "oodbench.workflow.*": 4,

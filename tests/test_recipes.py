@@ -549,10 +549,10 @@ def test_cli_regmixup_run_logs_the_recipes_loss(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["vos", "cider", "rotpred"])
+@pytest.mark.parametrize("method", ["vos", "cider", "rotpred", "npos"])
 def test_recipes_with_extra_modules_train_under_ddp(method, tmp_path):
     """torchrun, 2 gloo processes: every trained parameter gets a gradient each step (DDP's requirement), with
-    VOS's energy weights, CIDER's unused linear head and RotPred's rotation head."""
+    VOS's energy weights, CIDER's unused linear head, RotPred's rotation head and NPOS's MLP."""
     import os
     import subprocess
     import sys
@@ -561,14 +561,16 @@ def test_recipes_with_extra_modules_train_under_ddp(method, tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29547", "-m", "oodbench", "train", "--method", method, "--runs-dir", str(tmp_path),
                           *TINY, "--set", "data.limit=256", "--set", "train.batch_size=32", "--set", "train.steps=6",
-                          "--set", "vos.sample_number=2", "--set", "vos.sample_from=40"],
+                          "--set", "vos.sample_number=2", "--set", "vos.sample_from=40",
+                          "--set", "npos.sample_number=2", "--set", "npos.sample_from=10", "--set", "npos.k=2",
+                          "--set", "npos.select=2", "--set", "npos.id_points_num=3", "--set", "npos.start_epoch=0"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / f"classifier-digits-s0-{method}"
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"step"' in line]
     assert len(lines) == 6 and all(math.isfinite(r["loss"]) for r in lines)
-    if method == "vos":
-        assert any(r["vos_reg"] > 0 for r in lines)
+    if method in ("vos", "npos"):
+        assert any(r[f"{method}_reg"] > 0 for r in lines)
     load_net(run)
 
 

@@ -1,7 +1,7 @@
 """Dataset specs -> ImageSet. The grammar is documented in docs/data.md.
 
     name                      torchvision set, image-folder OOD set or `digits`
-    noise:gaussian[:N]  noise:uniform[:N]  constant[:N]  glyphs[:N]
+    noise:gaussian[:N]  noise:uniform[:N]  constant[:N]  glyphs[:N]  fractals[:N]
     vflip:S  hflip:S  gray:S  classes:0,1,2:S  resize:METHOD:S  mnistlike:S  corrupt:TYPE:SEVERITY:S
     folder:PATH  npz:PATH          (a train/ + test/ folder or a train/test npz file is split by `split`)
 """
@@ -97,7 +97,7 @@ def check_spec(spec: str) -> str:
                                 if head == "folder" else f"npz file {rest} does not exist")
         if head == "npz":
             folders.npz_has_split(rest)   # raises for an unreadable file, neither layout or a bad array header
-    elif head in ("noise", "constant", "glyphs"):
+    elif head in synthetic.HEADS:
         kind, n = _synthetic_parts(spec)
         if kind not in synthetic.KINDS or n < 1:
             synthetic.synthetic(kind, n, (1, 1, 1))   # raises its own message for these
@@ -158,7 +158,7 @@ def _resolve(spec: str, split: str, root: Path, download: bool, hint: Hint) -> R
         if not rest:
             raise OODBenchError("npz: needs a path, e.g. npz:/data/my_images.npz")
         return _tensor(folders.read_npz(rest, split))
-    if head in ("noise", "constant", "glyphs"):
+    if head in synthetic.HEADS:
         return _synthetic(spec, split, hint)
     if head in DERIVED:
         return _derived(head, rest, split, root, download, hint)
@@ -271,7 +271,7 @@ def _folder(path: str, split: str, hint: Hint) -> Resolved:
 
 def _synthetic_parts(spec: str) -> tuple[str, int]:
     parts = spec.split(":")
-    n_kind = 1 if parts[0] in ("constant", "glyphs") else 2
+    n_kind = 1 if parts[0] in synthetic.SINGLE else 2
     kind, count = ":".join(parts[:n_kind]), parts[n_kind:]
     if len(count) > 1 or (count and not count[0].isdigit()):
         raise OODBenchError(f"bad synthetic spec {spec!r}; use {kind}[:N] with N a positive count")
@@ -371,8 +371,8 @@ def has_split(spec: str, root=None) -> bool:
     is sound. Reads no images (an npz file's index at most).
 
     True: the torchvision sets, `digits`, OpenOOD image lists with both a train and a test list (imagenet,
-    imagenet200, openimage_o), synthetic sets (noise, constant, glyphs: each split is drawn with its own seed), an
-    npz file with train/test arrays and a folder with train/ and test/ sub-folders. False: the named image-folder
+    imagenet200, openimage_o), synthetic sets (noise, constant, glyphs, fractals: each split is drawn with its own
+    seed), an npz file with train/test arrays and a folder with train/ and test/ sub-folders. False: the named image-folder
     OOD sets and test-only image lists (every split is the same images), an npz file with `images` and any other
     folder. A derived spec (vflip:, gray:, classes:, resize:, ...) answers as the set it derives from, since both
     splits go through the same change. `root` is unused today (kept for specs whose answer may depend on the
@@ -383,7 +383,7 @@ def has_split(spec: str, root=None) -> bool:
         return folders.npz_has_split(rest)
     if head == "folder":
         return folders.has_split_folder(rest)
-    if head in ("noise", "constant", "glyphs"):
+    if head in synthetic.HEADS:
         return True
     if head in DERIVED:
         return has_split(_derived_parts(head, rest)[1], root)

@@ -1,24 +1,27 @@
-"""Synthetic OOD sets: gaussian noise, uniform noise, constant colour, rendered letters (`glyphs`) — deterministic,
-seeded by kind, count, shape and split."""
+"""Synthetic sets: gaussian noise, uniform noise, constant colour, rendered letters (`glyphs`), IFS fractals
+(`fractals`, PixMix's offline mixing set) — deterministic, seeded by kind, count, shape and split."""
 from __future__ import annotations
 
 import zlib
 
 import torch
 
-from oodbench.data import glyphs
+from oodbench.data import fractals, glyphs
 from oodbench.errors import OODBenchError, check_allocation
 
 DEFAULT_COUNT = 2000
 DEFAULT_SHAPE = (1, 28, 28)
 GAUSSIAN_MEAN, GAUSSIAN_STD = 0.5, 0.25   # in [0, 1] units, clipped to [0, 1] before quantising
-KINDS = ("noise:gaussian", "noise:uniform", "constant", "glyphs")
+KINDS = ("noise:gaussian", "noise:uniform", "constant", "glyphs", "fractals")
+HEADS = ("noise", "constant", "glyphs", "fractals")   # the first part of a synthetic spec
+SINGLE = ("constant", "glyphs", "fractals")          # kinds named by one part (noise:KIND has two)
 
 
 def synthetic(kind: str, count: int = DEFAULT_COUNT, shape=DEFAULT_SHAPE, split: str = "test") -> torch.Tensor:
     """uint8 (count, C, H, W) images of `kind`, the same on every machine for a given (kind, count, shape, split).
 
-    `glyphs` are gray letters (oodbench.data.glyphs), replicated to C channels."""
+    `glyphs` are gray letters (oodbench.data.glyphs), replicated to C channels; `fractals` are colour IFS fractals
+    (oodbench.data.fractals), their luminance for C = 1."""
     if kind not in KINDS:
         raise OODBenchError(f"unknown synthetic set {kind!r}; use one of {', '.join(KINDS)}")
     if count < 1:
@@ -29,6 +32,8 @@ def synthetic(kind: str, count: int = DEFAULT_COUNT, shape=DEFAULT_SHAPE, split:
     if kind == "glyphs":
         images, _ = glyphs.glyphs(count, shape[1:], split)
         return torch.from_numpy(images).expand(-1, shape[0], -1, -1).contiguous()
+    if kind == "fractals":
+        return torch.from_numpy(fractals.fractals(count, shape, split))
     seed = zlib.crc32(f"{kind}|{split}|{count}|{shape}".encode())
     g = torch.Generator().manual_seed(seed)
     if kind == "noise:gaussian":

@@ -96,6 +96,9 @@ class ClassifierTrainer(Detector):
                                      device=engine.device, like=train.shape)
                 feed = OutlierFeed(train.to(engine.device), outliers.to(engine.device), int(tc["batch_size"]),
                                    int(recipe.options["outlier_batch"]), engine.seed, engine.rank, engine.world_size)
+            if recipe.mixing_set_key:
+                recipe.use_images(data.load(recipe.options[recipe.mixing_set_key], split="train",
+                                            root=self.cfg["data"]["root"], like=train.shape).images)
             recipe.set_epoch_length(len(train) // int(tc["batch_size"]))
             model = RecipeNet(net, recipe).to(engine.device)
             # OpenOOD sets CIDER's prototypes from the ID validation split; the training split when that lacks a class

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oodbench.detectors.base import Option
+from oodbench.detectors.feature_space import chunked_topk
 from oodbench.errors import OODBenchError
 
 RECIPES: Dict[str, type] = {}
@@ -60,6 +61,8 @@ class Recipe:
     uses_outliers = False    # batches carry auxiliary outlier images after the in-distribution ones
     views = 1                # independently augmented views of each batch, stacked (CIDER: 2)
     initialised_from_data = False   # `initialise` sets state from labelled images before training (CIDER)
+    mixing_set_key = None    # option naming a dataset the recipe draws pictures from (PixMix): the trainer loads its
+                             # train split at the ID shape and hands the images over with `use_images`
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.OPTIONS))
@@ -94,6 +97,9 @@ class Recipe:
         """The uint8 batches the network sees for a batch `x` (ID images, then outliers): `views` draws of the
         run's device augmentation (`augment`); their network inputs are stacked in this order for `loss`."""
         return [augment(x) for _ in range(self.views)]
+
+    def use_images(self, images: torch.Tensor) -> None:
+        """Given the uint8 images of the dataset named by option `mixing_set_key`, before training."""
 
     def set_epoch_length(self, steps: int) -> None:
         """Told the steps per pass over the training set before training (recipes with epoch options)."""
@@ -374,6 +380,28 @@ def virtual_outliers(queue: torch.Tensor, sample_from: int, select: int) -> tupl
     return picked.transpose(0, 1).reshape(-1, draws.shape[-1]), -low.t().reshape(-1)
 
 
+def queue_full(queue: torch.Tensor, count: torch.Tensor) -> bool:
+    """Whether every class queue (C, S, D) holds its S features."""
+    return bool((count == queue.shape[1]).all())
+
+
+@torch.no_grad()
+def push_queue(queue: torch.Tensor, count: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """Add a batch's features to the class queues, in batch order: filling them (a full class skips its samples)
+    until all are full, then as a first-in-first-out window (the per-sample loop of VOS's and NPOS's code,
+    vectorised per class)."""
+    features, size, full = features.float(), queue.shape[1], queue_full(queue, count)
+    for c in labels.unique().tolist():
+        rows = features[labels == c]
+        if full:
+            queue[c] = torch.cat([queue[c], rows])[-size:]
+        else:
+            n = int(count[c])
+            take = rows[:size - n]
+            queue[c, n:n + len(take)] = take
+            count[c] += len(take)
+
+
 class VOSState(nn.Module):
     """VOS's trained extras and state: the energy's class weights, the logistic regression, and a queue of the
     last `sample_number` penultimate features of each class (buffers: they travel in the checkpoints)."""
@@ -388,22 +416,10 @@ class VOSState(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def full(self) -> bool:
-        return bool((self.count == self.queue.shape[1]).all())
+        return queue_full(self.queue, self.count)
 
-    @torch.no_grad()
     def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch's features, in batch order: filling the queues (a full class skips its samples) until all
-        are full, then as a first-in-first-out window (the authors' per-sample loop, vectorised per class)."""
-        features, size, full = features.float(), self.queue.shape[1], self.full()
-        for c in labels.unique().tolist():
-            rows = features[labels == c]
-            if full:
-                self.queue[c] = torch.cat([self.queue[c], rows])[-size:]
-            else:
-                n = int(self.count[c])
-                take = rows[:size - n]
-                self.queue[c, n:n + len(take)] = take
-                self.count[c] += len(take)
+        push_queue(self.queue, self.count, features, labels)
 
 
 @register_recipe("vos")
@@ -435,6 +451,9 @@ class VOS(Recipe):
         w = self.options["weight"]
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise OODBenchError(f"vos.weight must be a number >= 0, got {w!r}")
+
+    def use_images(self, images: torch.Tensor) -> None:
+        """Given the uint8 images of the dataset named by option `mixing_set_key`, before training."""
 
     def set_epoch_length(self, steps: int) -> None:
         self.steps_per_epoch = max(1, int(steps))
@@ -522,17 +541,26 @@ class CIDER(Recipe):
     }
     views = 2
     initialised_from_data = True
+    state_key = "cider"      # the name of the recipe's module in RecipeNet.extra
 
-    def check(self):
+    def _non_negative(self, *keys) -> None:
+        for k in keys:
+            v = self.options[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise OODBenchError(f"{self.name}.{k} must be a number >= 0, got {v!r}")
+
+    def check_sphere(self) -> None:
+        """The options of the hyperspherical embedding (CIDER's and NPOS's)."""
         self._positive("temperature", "embed_dim")
         m = self.options["proto_m"]
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-            raise OODBenchError(f"cider.proto_m must be in [0, 1), got {m!r}")
-        w = self.options["weight"]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise OODBenchError(f"cider.weight must be a number >= 0, got {w!r}")
+            raise OODBenchError(f"{self.name}.proto_m must be in [0, 1), got {m!r}")
         if self.options["head"] not in ("mlp", "linear"):
-            raise OODBenchError(f"cider.head {self.options['head']!r}: use mlp or linear")
+            raise OODBenchError(f"{self.name}.head {self.options['head']!r}: use mlp or linear")
+
+    def check(self):
+        self.check_sphere()
+        self._non_negative("weight")
 
     def modules(self, net):
         return {"cider": CIDERState(net.head.in_features, net.head.out_features, int(self.options["embed_dim"]),
@@ -542,7 +570,7 @@ class CIDER(Recipe):
     def initialise(self, model, images, labels, prepare, batch_size: int = 256):
         """Prototypes = the normalised mean embedding of each class (network in eval mode), as OpenOOD's
         init_class_prototypes."""
-        state, was = model.extra["cider"], model.training
+        state, was = model.extra[self.state_key], model.training
         model.eval()
         sums = torch.zeros_like(state.prototypes)
         for i in range(0, len(images), batch_size):
@@ -552,19 +580,185 @@ class CIDER(Recipe):
         state.prototypes.copy_(F.normalize(sums / counts[:, None], dim=1))
         model.train(was)
 
-    def loss(self, model, x, labels):
-        features, logits = model(x)                  # x: the views, one after the other
-        state = unwrap(model).extra["cider"]
+    def sphere_losses(self, state: CIDERState, features: torch.Tensor, labels: torch.Tensor):
+        """(compactness, dispersion) of the views' embeddings, after the per-sample prototype update (kept in
+        `state`): CIDER's losses, which NPOS uses too."""
         embeddings = state(features).float()
-        labels = labels.repeat(len(x) // len(labels))
         t = float(self.options["temperature"])
         protos = ema_prototypes(state.prototypes, embeddings, labels, float(self.options["proto_m"]))
         with torch.no_grad():
             state.prototypes.copy_(protos)
-        dis = cider_dispersion(protos, t)
-        comp = cider_compactness(embeddings, protos.detach(), labels, t)
+        return cider_compactness(embeddings, protos.detach(), labels, t), cider_dispersion(protos, t)
+
+    def loss(self, model, x, labels):
+        features, logits = model(x)                  # x: the views, one after the other
+        labels = labels.repeat(len(x) // len(labels))
+        comp, dis = self.sphere_losses(unwrap(model).extra["cider"], features, labels)
         unused = logits.float().sum() * 0.0   # the linear head takes no part (DDP expects a gradient for it)
         return float(self.options["weight"]) * comp + dis + unused, {"comp": comp.detach(), "dis": dis.detach()}
+
+
+# -- NPOS -------------------------------------------------------------------------------------------------------------
+def kth_sq_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Squared L2 distance of each L2-normalised query to its k-th nearest L2-normalised bank row (the bank's own
+    rows included, at distance 0 from themselves): faiss's exact IndexFlatL2 when installed and on a CPU (as the
+    knn method searches), else 2 - 2 x the k-th largest inner product."""
+    queries, bank = F.normalize(queries.float(), dim=1), F.normalize(bank.float(), dim=1)
+    if queries.device.type == "cpu":
+        try:
+            import faiss
+        except ImportError:
+            faiss = None
+        if faiss is not None:
+            index = faiss.IndexFlatL2(bank.shape[1])
+            index.add(bank.detach().contiguous().numpy())
+            squared, _ = index.search(queries.detach().contiguous().numpy(), k)
+            return torch.from_numpy(squared[:, -1].copy())
+    return (2 - 2 * chunked_topk(queries, bank, k)[:, -1]).clamp_min(0)
+
+
+def npos_boundary(queue: torch.Tensor, k: int, select: int) -> torch.Tensor:
+    """Indices of the `select` rows of one class queue (S, D) farthest from their k-th nearest neighbour in it
+    (normalised): the ID points at the boundary (NPOS's KNN_dis_search_decrease), farthest first."""
+    return kth_sq_distance(queue, queue, k).topk(select).indices
+
+
+def npos_outliers(queue: torch.Tensor, noise: torch.Tensor, picks: torch.Tensor, k: int, select: int, keep: int,
+                  cov_mat: float, selection: str = "released") -> torch.Tensor:
+    """NPOS's outliers of one class (Tao et al. 2023; the authors' and OpenOOD's generate_outliers): the boundary
+    points number `picks` (of the `select` farthest by k-NN distance) each get L = len(noise) candidates
+    point + cov_mat * noise (in the unnormalised feature space); of these, `keep` per point with the largest
+    k-NN distance to the normalised queue are returned, (len(picks) * keep, D).
+
+    `selection`: `released` ranks the candidates as the released code does (their k-NN distances reshaped to
+    (L, P) row-major, so that column p mixes the candidates of several points, and returns the candidates of point
+    p at the row indices that ranking gives); `per_point` ranks each point's own L candidates (the paper's text)."""
+    boundary = npos_boundary(queue, k, select)[picks]
+    points = len(picks)
+    candidates = (queue[boundary][:, None] + cov_mat * noise[None]).reshape(points * len(noise), -1)
+    distance = kth_sq_distance(candidates, queue, k)
+    offsets = torch.arange(points, device=distance.device) * len(noise)
+    if selection == "released":
+        rows = distance.view(len(noise), points).topk(keep, dim=0).indices           # (keep, P)
+        index = (offsets[None] + rows).t().reshape(-1)
+    else:
+        rows = distance.view(points, len(noise)).topk(keep, dim=1).indices           # (P, keep)
+        index = (offsets[:, None] + rows).reshape(-1)
+    return candidates[index.to(candidates.device)]
+
+
+def npos_uncertainty(id_scores: torch.Tensor, outlier_scores: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the MLP's logits: ID features label 1, synthesised outliers label 0."""
+    scores = torch.cat([id_scores, outlier_scores]).float().reshape(-1)
+    target = torch.cat([torch.ones(len(id_scores)), torch.zeros(len(outlier_scores))]).to(scores.device)
+    return F.binary_cross_entropy_with_logits(scores, target)
+
+
+class NPOSState(CIDERState):
+    """CIDER's head and prototypes, the MLP that scores penultimate features as ID (logit > 0) or outlier, and a
+    queue of the last `sample_number` penultimate features of each class (buffers: they travel in checkpoints)."""
+
+    def __init__(self, dim: int, num_classes: int, embed_dim: int, head: str, sample_number: int):
+        super().__init__(dim, num_classes, embed_dim, head)
+        self.mlp = nn.Sequential(nn.Linear(dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, 1))
+        self.register_buffer("queue", torch.zeros(num_classes, sample_number, dim))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+
+@register_recipe("npos")
+class NPOS(CIDER):
+    summary = ("CIDER's losses + an uncertainty loss separating penultimate features from outliers synthesised "
+               "around boundary ID features found by k-NN distance (Tao et al., ICLR 2023); scored with knn")
+    paper = "Non-parametric Outlier Synthesis (Tao, Du, Zhu & Li, ICLR 2023)"
+    reference = ("openood/trainers/npos_trainer.py, openood/networks/npos_net.py, "
+                 "configs/pipelines/train/train_npos.yml, configs/networks/npos_net.yml")
+    OPTIONS = {
+        "temperature": Option(0.1, "T of the compactness and dispersion losses (train_npos.yml temp)"),
+        "proto_m": Option(0.95, "prototype EMA momentum (train_npos.yml proto_m)"),
+        "w_disp": Option(0.5, "weight of the dispersion loss (train_npos.yml w_disp)"),
+        "w_comp": Option(1.0, "weight of the compactness loss (train_npos.yml w_comp)"),
+        "weight": Option(0.1, "weight of the uncertainty loss (train_npos.yml loss_weight)"),
+        "embed_dim": Option(128, "embedding dimension, also the MLP's hidden width (npos_net.yml feat_dim)"),
+        "head": Option("mlp", "projection head: mlp (Linear-ReLU-Linear) | linear (npos_net.yml head)"),
+        "sample_number": Option(1000, "penultimate features kept per class (train_npos.yml sample_number)"),
+        "sample_from": Option(600, "Gaussian candidates around each picked boundary point (train_npos.yml "
+                                   "sample_from)"),
+        "k": Option(300, "the k of the k-NN distances (train_npos.yml K)"),
+        "select": Option(200, "boundary points per class: the farthest by k-NN distance (train_npos.yml select)"),
+        "pick_nums": Option(2, "boundary points picked at random per class and step (train_npos.yml pick_nums)"),
+        "id_points_num": Option(200, "candidates kept per picked point: the farthest by k-NN distance "
+                                     "(train_npos.yml ID_points_num)"),
+        "cov_mat": Option(0.1, "scale of the standard Gaussian noise added to a boundary point (train_npos.yml "
+                               "cov_mat)"),
+        "start_epoch": Option(40, "epoch (counted from 1, as OpenOOD's epoch_idx) from which outliers are "
+                                  "synthesised (train_npos.yml start_epoch_KNN)"),
+        "mlp_decay_rate": Option(0.1, "the MLP's learning rate is train.lr times this (train_npos.yml "
+                                      "mlp_decay_rate)"),
+        "selection": Option("released", "how candidates are ranked: released (the released code's reshape, as "
+                                        "OpenOOD) | per_point (each point's own candidates, the paper's text)"),
+    }
+    state_key = "npos"
+    steps_per_epoch = 1
+
+    def check(self):
+        self.check_sphere()
+        self._non_negative("w_disp", "w_comp", "weight", "cov_mat")
+        self._positive("mlp_decay_rate")
+        o = self.options
+        for key in ("sample_number", "sample_from", "k", "select", "pick_nums", "id_points_num", "start_epoch"):
+            v = o[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "start_epoch" else 1):
+                raise OODBenchError(f"npos.{key} must be a whole number >= {0 if key == 'start_epoch' else 1}, "
+                                    f"got {v!r}")
+        for small, large in (("k", "sample_number"), ("select", "sample_number"), ("pick_nums", "select"),
+                             ("id_points_num", "sample_from")):
+            if o[small] > o[large]:
+                raise OODBenchError(f"npos.{small} ({o[small]}) must be at most npos.{large} ({o[large]})")
+        if o["selection"] not in ("released", "per_point"):
+            raise OODBenchError(f"npos.selection {o['selection']!r}: use released or per_point")
+
+    def set_epoch_length(self, steps: int) -> None:
+        self.steps_per_epoch = max(1, int(steps))
+
+    def modules(self, net):
+        o = self.options
+        return {"npos": NPOSState(net.head.in_features, net.head.out_features, int(o["embed_dim"]), o["head"],
+                                  int(o["sample_number"]))}
+
+    def optimizer_groups(self, model: nn.Module, weight_decay: float) -> list:
+        mlp = {id(p) for p in unwrap(model).extra["npos"].mlp.parameters()}
+        return [{"params": [p for p in model.parameters() if id(p) not in mlp], "weight_decay": weight_decay},
+                {"params": [p for p in model.parameters() if id(p) in mlp], "weight_decay": weight_decay,
+                 "lr_scale": float(self.options["mlp_decay_rate"])}]
+
+    def outliers(self, queue: torch.Tensor) -> torch.Tensor:
+        """One step's synthesised outliers of every class: one draw of standard Gaussian noise shared by the
+        classes, then per class `pick_nums` of its boundary points at random (torch's generators)."""
+        o = self.options
+        noise = torch.randn(int(o["sample_from"]), queue.shape[-1], device=queue.device)
+        return torch.cat([npos_outliers(queue[c], noise, torch.randperm(int(o["select"]))[:int(o["pick_nums"])],
+                                        int(o["k"]), int(o["select"]), int(o["id_points_num"]),
+                                        float(o["cov_mat"]), o["selection"]) for c in range(len(queue))])
+
+    def loss(self, model, x, labels):
+        features, logits = model(x)                  # x: the two views, one after the other
+        state = unwrap(model).extra["npos"]
+        labels = labels.repeat(len(x) // len(labels))
+        ready = queue_full(state.queue, state.count)
+        push_queue(state.queue, state.count, features.detach(), labels)
+        epoch = int(state.steps) // self.steps_per_epoch + 1
+        if ready and epoch >= int(self.options["start_epoch"]):
+            outliers = self.outliers(state.queue).to(features.dtype)
+            reg = npos_uncertainty(state.mlp(features), state.mlp(outliers))
+        else:   # every parameter takes part in each step's graph (DDP expects gradients for all of them)
+            reg = sum(p.sum() for p in state.mlp.parameters()) * 0.0
+        state.steps += 1
+        comp, dis = self.sphere_losses(state, features, labels)
+        o = self.options
+        unused = logits.float().sum() * 0.0   # the linear head takes no part (DDP expects a gradient for it)
+        loss = float(o["w_disp"]) * dis + float(o["w_comp"]) * comp + float(o["weight"]) * reg + unused
+        return loss, {"comp": comp.detach(), "dis": dis.detach(), "npos_reg": reg.detach()}
 
 
 # -- RegMixup ---------------------------------------------------------------------------------------------------------
@@ -668,6 +862,92 @@ class AugMix(Recipe):
         ce, jsd = F.cross_entropy(clean.float(), labels), augmix_jsd(clean, aug1, aug2)
         return ce + float(self.options["lam"]) * jsd, {"ce": ce.detach(), "jsd": jsd.detach(),
                                                         "acc": accuracy(clean, labels)}
+
+
+# -- PixMix -----------------------------------------------------------------------------------------------------------
+@register_recipe("pixmix")
+class PixMix(Recipe):
+    summary = ("cross-entropy on PixMix images: each training image mixed 0..k times with its augmentations and a "
+               "picture of the mixing set (Hendrycks et al., CVPR 2022)")
+    paper = ("PixMix: Dreamlike Pictures Comprehensively Improve Safety Measures (Hendrycks, Zou, Mazeika, Tang, Li, "
+             "Song & Steinhardt, CVPR 2022)")
+    reference = ("openood/preprocessors/pixmix_preprocessor.py, configs/preprocessors/pixmix_preprocessor.yml, "
+                 "openood/trainers/base_trainer.py")
+    OPTIONS = {
+        "mixing_set": Option("fractals", "the mixing pictures: any dataset spec (its train split at the ID shape), "
+                                         "e.g. folder:PATH of the paper's fractals and feature visualisations; "
+                                         "default: the offline stand-in `fractals` (procedural IFS fractals)",
+                             dataset=True),
+        "k": Option(4, "at most k mixing rounds, 0..k uniformly (pixmix_preprocessor.yml k)"),
+        "beta": Option(3.0, "mixing weights from Beta(beta, 1) / Beta(1, beta) (pixmix_preprocessor.yml beta)"),
+        "aug_severity": Option(3, "severity of the augmentation operations (pixmix_preprocessor.yml aug_severity)"),
+        "all_ops": Option(True, "include colour, contrast, brightness, sharpness (pixmix_preprocessor.yml all_ops; "
+                                "the authors' cifar.py: off unless --all-ops)"),
+        "mixing_resize": Option(1.125, "a mixing picture is resized to this times the image size, then a random "
+                                       "crop of the image size is taken (OpenOOD's CIFAR rule: Resize(36), "
+                                       "RandomCrop(32))"),
+    }
+    mixing_set_key = "mixing_set"
+    mixing = None            # uint8 (N, C, H', W'): the mixing set, resized (`use_images`)
+
+    def check(self):
+        spec = self.options["mixing_set"]
+        if not isinstance(spec, str) or not spec.strip():
+            raise OODBenchError(f"train.recipe=pixmix needs a mixing set, got {spec!r}: set pixmix.mixing_set=SPEC "
+                                f"(fractals, the offline stand-in, or folder:PATH of fractal pictures)")
+        k = self.options["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise OODBenchError(f"pixmix.k must be a whole number >= 0, got {k!r}")
+        self._positive("beta")
+        s = self.options["aug_severity"]
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.1 <= s <= 10:
+            raise OODBenchError(f"pixmix.aug_severity must be a number in [0.1, 10], got {s!r}")
+        if not isinstance(self.options["all_ops"], bool):
+            raise OODBenchError(f"pixmix.all_ops must be true or false, got {self.options['all_ops']!r}")
+        r = self.options["mixing_resize"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 1:
+            raise OODBenchError(f"pixmix.mixing_resize must be a number >= 1, got {r!r}")
+
+    def use_images(self, images: torch.Tensor) -> None:
+        """Take the mixing set (uint8 (N, C, H, W) at the ID shape) and resize it once by `mixing_resize`."""
+        if images is None or len(images) == 0:
+            raise OODBenchError(f"pixmix.mixing_set {self.options['mixing_set']!r} has no images; give a set with "
+                                f"pictures (fractals or folder:PATH)")
+        h, w = images.shape[2:]
+        r = float(self.options["mixing_resize"])
+        size = (max(h, round(h * r)), max(w, round(w * r)))
+        images = images.cpu()
+        if size != (h, w):
+            images = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+            images = images.round_().clamp_(0, 255).to(torch.uint8)
+        self.mixing = images
+
+    def mixing_picture(self, h: int, w: int, draws) -> torch.Tensor:
+        """A random mixing picture, randomly cropped to h x w, as float (C, h, w) in [0, 1]."""
+        picture = self.mixing[draws.integer(len(self.mixing))]
+        top, left = draws.integer(picture.shape[1] - h + 1), draws.integer(picture.shape[2] - w + 1)
+        return picture[:, top:top + h, left:left + w].to(torch.float32).div(255)
+
+    def pixmix(self, x: torch.Tensor) -> torch.Tensor:
+        """PixMix images (float in [0, 1], on x's device) of the uint8 batch x, one image at a time (OpenOOD's
+        per-image preprocessor), every draw from torch's CPU generator."""
+        from oodbench.data import pixmix as ops
+
+        if self.mixing is None:
+            raise OODBenchError("pixmix: no mixing set was given to the recipe (use_images) before training")
+        if self.mixing.shape[1] != x.shape[1]:
+            raise OODBenchError(f"pixmix: the mixing set has {self.mixing.shape[1]} channels, the images "
+                                f"{x.shape[1]}; load it at the in-distribution shape")
+        o, draws, cpu = self.options, ops.TorchDraws(), x.cpu()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        for i in range(len(cpu)):
+            mixing = self.mixing_picture(x.shape[2], x.shape[3], draws)
+            out[i] = ops.pixmix(ops.to_pil(cpu[i]), mixing, int(o["k"]), float(o["beta"]), o["aug_severity"],
+                                bool(o["all_ops"]), draws)
+        return out.to(x.device)
+
+    def views_of(self, x, augment):
+        return [self.pixmix(augment(x))]
 
 
 class RecipeNet(nn.Module):

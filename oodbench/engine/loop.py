@@ -133,7 +133,8 @@ class Engine:
             model.load_state_dict(ckpt.load(final, self.device)["model"])
             return model.eval()
 
-        groups = getattr(model, "optimizer_groups", None)   # per-group settings (e.g. ISH's last-layer decay)
+        # per-group settings (e.g. ISH's last-layer decay; a group's "lr_scale" multiplies its learning rate)
+        groups = getattr(model, "optimizer_groups", None)
         opt = spec.optimizer_for(groups(spec.weight_decay) if groups else model.parameters())
         ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
                if spec.ema > 0 else None)
@@ -151,7 +152,7 @@ class Engine:
         bar = progress.bar(total=spec.steps, initial=start, desc=f"train {name}", unit="step", enabled=self.is_main)
         for step in range(start, spec.steps):
             for group in opt.param_groups:
-                group["lr"] = spec.lr * spec.lr_factor(step)
+                group["lr"] = spec.lr * spec.lr_factor(step) * group.get("lr_scale", 1.0)   # NPOS's MLP: 0.1
             batch = next_batch(step)
             with self.autocast(spec.amp):
                 out = loss_fn(train_model, batch)
