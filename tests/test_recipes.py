@@ -401,16 +401,24 @@ def test_cli_vos_run_uses_virtual_outliers_and_scores(tmp_path, capsys):
     assert (run / "metrics.json").is_file()
 
 
-def test_cli_resume_of_a_recipe_run_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("method, options", [
+    ("vos", ["--set", "vos.sample_number=2", "--set", "vos.sample_from=40"]),
+    ("npos", ["--set", "npos.sample_number=2", "--set", "npos.sample_from=10", "--set", "npos.k=2",
+              "--set", "npos.select=2", "--set", "npos.id_points_num=3", "--set", "npos.start_epoch=0"]),
+    ("pixmix", ["--set", "pixmix.mixing_set=fractals:20"]),
+])
+def test_cli_resume_of_a_recipe_run_is_bit_exact(method, options, tmp_path):
+    """Queues, prototypes and the random draws (VOS's Gaussians, NPOS's noise and picks, PixMix's mixing) come back
+    from the checkpoint: a run resumed at step 2 ends where an uninterrupted one does."""
     runs = tmp_path / "runs"
-    extra = ["--set", "vos.sample_number=2", "--set", "vos.sample_from=40", "--set", "train.ckpt_every=2"]
-    whole = train_cli(runs, "vos", 4, "whole", *extra)
-    part = train_cli(runs, "vos", 4, "part", *extra, "--set", "train.max_to_keep=5")
+    extra = [*options, "--set", "train.ckpt_every=2"]
+    whole = train_cli(runs, method, 4, "whole", *extra)
+    part = train_cli(runs, method, 4, "part", *extra, "--set", "train.max_to_keep=5")
     # drop everything after step 2 and resume from it
     (part / "detector.pt").unlink()
     (part / "checkpoints" / "classifier" / "final.pt").unlink()
     (part / "checkpoints" / "classifier" / "step_00000004.pt").unlink()
-    assert main(["train", "--method", "vos", "--runs-dir", str(runs), "--run-name", "part", *TINY,
+    assert main(["train", "--method", method, "--runs-dir", str(runs), "--run-name", "part", *TINY,
                  "--set", "train.steps=4", *extra, "--set", "train.max_to_keep=5", "--resume"]) == 0
     (_, a), (_, b) = load_net(whole), load_net(part)
     for k, v in a.net.state_dict().items():
