@@ -12,24 +12,15 @@ Times, best of --repeats on the same tied scores (rounded to 4 decimals, as soft
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import best_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from oodbench import joint_metrics, metrics  # noqa: E402
 from oodbench.workflow.evaluation import metric_rows  # noqa: E402
-
-
-def best_time(fn, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main():

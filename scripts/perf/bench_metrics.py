@@ -9,24 +9,15 @@ Scores are rounded to 4 decimals so there are ties, as real detector scores (e.g
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import best_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root: tests.references
 
 from oodbench.metrics import METRIC_NAMES, evaluate  # noqa: E402
 from tests.references import sklearn_reference  # noqa: E402
-
-
-def best_time(fn, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main():

@@ -14,3 +14,12 @@ def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, out
+
+
+def best_time(fn, repeats):
+    """(the fastest of `repeats` timed calls, the last call's result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        seconds, out = timed(fn)
+        best = min(best, seconds)
+    return best, out
