@@ -193,13 +193,13 @@ def test_rotpred_batch_and_loss_equal_openood():
     torch.testing.assert_close(stacked, ref_x)
     assert torch.equal(labels, ref_y)
     torch.testing.assert_close(torch.rot90(stacked[3:6], 3, [2, 3]), x)   # label k: rotated k quarter turns
-    net = build_classifier("small_cnn", 1, 4, width=4)
     recipe = recipes.RotPred()
+    net = recipe.adapt(build_classifier("small_cnn", 1, 4, width=4))
     model = recipes.RecipeNet(net, recipe)
     y = torch.tensor([0, 1, 3])
     loss, stats = recipe.loss(model, x, y)
     feats = net.features(ref_x)   # RotNet: fc and rot_fc on the same features of the rotated batch
-    expected = F.cross_entropy(net.head(feats)[:3], y) + F.cross_entropy(model.extra["rot_head"](feats), ref_y)
+    expected = F.cross_entropy(net.head(feats)[:3], y) + F.cross_entropy(net.rot_head(feats), ref_y)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -359,7 +359,7 @@ def test_cli_run_logs_the_recipes_loss_and_records_the_recipe(method, extra, tmp
             oidx = EpochSampler(len(outliers), 24, cfg["seed"] + 7919).indices(0)
             expected = openood_oe(net(trainer.normalize(torch.cat([x, outliers.images[oidx]]))), y, 0.5)
         else:
-            # the rotation head is trained, not saved: check the classification part of the logged loss
+            # check the classification part of the logged loss (the rotation head: tests/test_rotpred_score.py)
             rx, _ = openood_rotations(inp)
             expected = F.cross_entropy(net(rx)[:len(y)], y)
     logged = first_logged(run)

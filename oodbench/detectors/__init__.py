@@ -22,6 +22,7 @@ from oodbench.detectors import gradients  # noqa: F401,E402  gradnorm, gradlayer
 from oodbench.detectors import logit_scaling  # noqa: F401,E402  lts
 from oodbench.detectors import pnml  # noqa: F401,E402  pnml
 from oodbench.detectors import uncertainty  # noqa: F401,E402  mcdropout, graduncertainty
+from oodbench.detectors import rotation  # noqa: F401,E402  rotpred_score (runs of the rotpred recipe)
 from oodbench.detectors import msma  # noqa: F401,E402  msma (gmm, knn, flow rows)
 from oodbench.detectors import llr  # noqa: F401,E402  llr, likelihood
 from oodbench.detectors import amp  # noqa: F401,E402  amp (xent, energy, entropy, msp rows)

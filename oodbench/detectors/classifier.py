@@ -139,6 +139,8 @@ class ClassifierTrainer(Detector):
         self.shape, self.num_classes = list(state["shape"]), int(state["num_classes"])
         self.mean, self.std = list(state["mean"]), list(state["std"])
         self.net = self.build()
+        if hasattr(self.net, "rot_head") and "rot_head.weight" not in state["net"]:
+            del self.net.rot_head        # a rotpred run saved before the rotation head was kept (no rotpred score)
         self.net.load_state_dict(state["net"])
         self.net.eval()
 

@@ -6,8 +6,8 @@ config section named after the recipe, e.g. `logitnorm.temperature`), and it say
 - `adapt(net)`: what it changes in the classifier itself, in place (T2FNorm's feature scaling, ISH's head). It is
   applied when the run's classifier is built, for training and for scoring, so the scored network is the one OpenOOD
   scores;
-- `modules(net)`: the extra trainable modules it trains next to the classifier (RotPred's rotation head, VOS's
-  energy weights); they are dropped after training;
+- `modules(net)`: the extra trainable modules it trains next to the classifier (VOS's energy weights); they are
+  dropped after training (RotPred's rotation head is kept: `adapt` adds it to the classifier);
 - `loss(model, x, labels)`: the training loss of one batch: `x` is the network's input (augmented, normalised) of
   the in-distribution images, followed by the auxiliary outlier images when the recipe uses outliers.
 
@@ -331,8 +331,12 @@ class RotPred(Recipe):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise OODBenchError(f"rotpred.weight must be a number >= 0, got {w!r}")
 
-    def modules(self, net):
-        return {"rot_head": nn.Linear(net.head.in_features, 4)}
+    def adapt(self, net):
+        """The 4-way rotation head joins the classifier (`net.rot_head`, on the head's input features, as RotNet's
+        rot_fc): it is trained, saved with the run and used by the post-hoc `rotpred_score`."""
+        if not hasattr(net, "rot_head"):
+            net.rot_head = nn.Linear(net.head.in_features, 4).to(net.head.weight.device)
+        return net
 
     def loss(self, model, x, labels):
         if x.shape[2] != x.shape[3]:
@@ -341,7 +345,7 @@ class RotPred(Recipe):
         n = len(labels)
         stacked, rot_labels = rotations(x)
         features, logits = model(stacked)
-        rot_logits = unwrap(model).extra["rot_head"](features)
+        rot_logits = unwrap(model).net.rot_head(features)
         ce, rot = F.cross_entropy(logits[:n].float(), labels), F.cross_entropy(rot_logits.float(), rot_labels)
         return ce + float(self.options["weight"]) * rot, {"ce": ce.detach(), "rot": rot.detach(),
                                                           "acc": accuracy(logits[:n], labels)}
