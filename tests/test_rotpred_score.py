@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import oodbench
+from oodbench import config as configs
 from oodbench.cli import main
+from oodbench.detectors.classifier import ClassifierTrainer
 from oodbench.detectors.recipes import RotPred
 from oodbench.detectors.rotation import RotPredScore, rotpred_score
 from oodbench.engine import checkpoint
@@ -81,6 +83,11 @@ def test_cli_trains_rotpred_keeps_the_head_and_scores_it(tmp_path, capsys):
     run = runs / "classifier-digits-s0-rotpred"            # the recipe's name trains the recipe, in its own folder
     state = checkpoint.load(run / "detector.pt")
     assert "rot_head.weight" in state["net"] and state["net"]["rot_head.weight"].shape[0] == 4
+    # a rotpred run saved before the head was kept still loads (without it)
+    old = {**state, "net": {k: v for k, v in state["net"].items() if not k.startswith("rot_head.")}}
+    trainer = ClassifierTrainer(configs.read_yaml(run / "config.yaml"), "cpu")
+    trainer.load_state_dict(old)
+    assert not hasattr(trainer.net, "rot_head")
     capsys.readouterr()
     assert main(["eval", "--method", "rotpred_score,msp", "--runs-dir", str(runs), "--in", "digits", "--run-name", "rotpred",
                  "--out", "noise:uniform", "--limit", "40", "--format", "json", "--device", "cpu"]) == 0
