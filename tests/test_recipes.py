@@ -406,9 +406,10 @@ def test_cli_vos_run_uses_virtual_outliers_and_scores(tmp_path, capsys):
     ("npos", ["--set", "npos.sample_number=2", "--set", "npos.sample_from=10", "--set", "npos.k=2",
               "--set", "npos.select=2", "--set", "npos.id_points_num=3", "--set", "npos.start_epoch=0"]),
     ("pixmix", ["--set", "pixmix.mixing_set=fractals:20"]),
+    ("mixoe", ["--set", "mixoe.outliers=glyphs", "--set", "mixoe.outlier_batch=16"]),
 ])
 def test_cli_resume_of_a_recipe_run_is_bit_exact(method, options, tmp_path):
-    """Queues, prototypes and the random draws (VOS's Gaussians, NPOS's noise and picks, PixMix's mixing) come back
+    """Queues, prototypes and the random draws (VOS's Gaussians, NPOS's noise and picks, PixMix's mixing, MixOE's lam and box) come back
     from the checkpoint: a run resumed at step 2 ends where an uninterrupted one does."""
     runs = tmp_path / "runs"
     extra = [*options, "--set", "train.ckpt_every=2"]

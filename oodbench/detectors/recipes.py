@@ -81,11 +81,20 @@ class Recipe:
     def check(self) -> None:
         """One-line errors for bad option values (before any data is loaded)."""
 
+    def check_train(self, train: dict) -> None:
+        """One-line errors for options that do not fit the run's `train:` section (before any data is loaded)."""
+
     def _positive(self, *keys) -> None:
         for k in keys:
             v = self.options[k]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise OODBenchError(f"{self.name}.{k} must be a number > 0, got {v!r}")
+
+    def _non_negative(self, *keys) -> None:
+        for k in keys:
+            v = self.options[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise OODBenchError(f"{self.name}.{k} must be a number >= 0, got {v!r}")
 
     def adapt(self, net: nn.Module) -> nn.Module:
         return net
@@ -193,6 +202,84 @@ class OutlierExposure(Recipe):
         _, logits = model(x)
         loss, stats = outlier_exposure_loss(logits, labels, float(self.options["weight"]))
         return loss, {**stats, "acc": accuracy(logits[:len(labels)], labels)}
+
+
+# -- MixOE ------------------------------------------------------------------------------------------------------------
+def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the outlier patch: sides sqrt(1 - lam) of the image's, centred at (cy, cx),
+    clipped to the image (OpenOOD's mixoe_trainer.py `rand_bbox`, its first axis being the height here)."""
+    ratio = (1.0 - lam) ** 0.5
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    return (min(max(cy - cut_h // 2, 0), height), min(max(cy + cut_h // 2, 0), height),
+            min(max(cx - cut_w // 2, 0), width), min(max(cx + cut_w // 2, 0), width))
+
+
+def mixoe_batch(x: torch.Tensor, outliers: torch.Tensor, lam: float, mix_op: str, cy: int = 0, cx: int = 0):
+    """(the ID batch mixed with as many outliers, lam as the share of ID pixels): `cutmix` pastes an outlier patch
+    into each ID image (lam then the exact unpasted share), `mixup` blends lam * x + (1 - lam) * outlier."""
+    if mix_op == "mixup":
+        return lam * x + (1 - lam) * outliers, lam
+    top, bottom, left, right = cutmix_box(x.shape[2], x.shape[3], lam, cy, cx)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = outliers[:, :, top:bottom, left:right]
+    return mixed, 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])
+
+
+def mixoe_loss(id_logits, mixed_logits, labels, lam: float, weight: float):
+    """CE(ID) + weight * soft CE of the mixed images to lam * one-hot(y) + (1 - lam) * uniform (Zhang et al. 2023)."""
+    num_classes = id_logits.shape[1]
+    targets = lam * F.one_hot(labels, num_classes).float() + (1 - lam) / num_classes
+    ce = F.cross_entropy(id_logits.float(), labels)
+    mixed = -(targets * mixed_logits.float().log_softmax(1)).sum(1).mean()
+    return ce + weight * mixed, {"ce": ce.detach(), "mixoe": mixed.detach()}
+
+
+@register_recipe("mixoe")
+class MixOE(Recipe):
+    summary = "cross-entropy + soft CE on ID images mixed with outliers (cutmix/mixup), targets mixed toward uniform " \
+              "(Zhang et al., WACV 2023)"
+    paper = "Mixture Outlier Exposure: Towards Out-of-Distribution Detection in Fine-Grained Environments (Zhang, " \
+            "Inkawhich, Linderman, Chen, Chen & Li, WACV 2023)"
+    reference = "openood/trainers/mixoe_trainer.py, configs/pipelines/train/train_mixoe.yml"
+    OPTIONS = {
+        "outliers": Option(None, "auxiliary outlier dataset spec (as outlier_exposure.outliers)", dataset=True,
+                           any_type=True),
+        "weight": Option(1.0, "weight of the mixed soft-CE term (train_mixoe.yml lambda_oe)"),
+        "alpha": Option(0.1, "lam ~ Beta(alpha, beta) (train_mixoe.yml alpha)"),
+        "beta": Option(1.0, "lam ~ Beta(alpha, beta) (train_mixoe.yml beta)"),
+        "mix_op": Option("cutmix", "cutmix (an outlier patch pasted into each ID image; train_mixoe.yml) | mixup"),
+        "outlier_batch": Option(128, "outlier images per step; the first train.batch_size of them are mixed, one per "
+                                     "ID image (OpenOOD mixes equal batches), so it must be >= train.batch_size"),
+    }
+    uses_outliers = True
+
+    def check(self):
+        if not self.options["outliers"]:
+            raise OODBenchError("train.recipe=mixoe needs auxiliary outliers: set mixoe.outliers=SPEC (e.g. glyphs, "
+                                "noise:uniform or folder:PATH)")
+        self._non_negative("weight")
+        self._positive("alpha", "beta")
+        if self.options["mix_op"] not in ("cutmix", "mixup"):
+            raise OODBenchError(f"mixoe.mix_op is cutmix or mixup, got {self.options['mix_op']!r}")
+        b = self.options["outlier_batch"]
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise OODBenchError(f"mixoe.outlier_batch must be an integer >= 1, got {b!r}")
+
+    def check_train(self, train: dict) -> None:
+        if int(self.options["outlier_batch"]) < int(train.get("batch_size", 1)):
+            raise OODBenchError(f"mixoe mixes one outlier into each ID image: mixoe.outlier_batch "
+                                f"({self.options['outlier_batch']}) must be >= train.batch_size ({train['batch_size']})")
+
+    def loss(self, model, x, labels):
+        n, o = len(labels), self.options
+        # drawn from torch's CPU generator, whose state the checkpoints hold (a resumed run draws the same)
+        lam = float(torch.distributions.Beta(float(o["alpha"]), float(o["beta"])).sample())
+        cy, cx = (int(v) for v in torch.randint(0, 1 << 30, (2,)) % torch.tensor([x.shape[2], x.shape[3]]))
+        mixed, lam = mixoe_batch(x[:n], x[n:2 * n], lam, o["mix_op"], cy, cx)
+        # one pass over ID and mixed images (OpenOOD makes two: BatchNorm's batch statistics differ; docs/recipes.md)
+        _, logits = model(torch.cat([x[:n], mixed]))
+        loss, stats = mixoe_loss(logits[:n], logits[n:], labels, lam, float(o["weight"]))
+        return loss, {**stats, "lam": lam, "acc": accuracy(logits[:n], labels)}
 
 
 # -- T2FNorm ----------------------------------------------------------------------------------------------------------
@@ -546,12 +633,6 @@ class CIDER(Recipe):
     views = 2
     initialised_from_data = True
     state_key = "cider"      # the name of the recipe's module in RecipeNet.extra
-
-    def _non_negative(self, *keys) -> None:
-        for k in keys:
-            v = self.options[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise OODBenchError(f"{self.name}.{k} must be a number >= 0, got {v!r}")
 
     def check_sphere(self) -> None:
         """The options of the hyperspherical embedding (CIDER's and NPOS's)."""
@@ -997,6 +1078,7 @@ def recipe_from_config(cfg: dict) -> Recipe:
     name = train.get("recipe", "plain")
     cls = get_recipe(name)
     recipe = cls(**(cfg.get(name) or {}))
+    recipe.check_train(train)
     if name != "plain":
         if train.get("loss", "ce") != "ce":
             raise OODBenchError(f"train.recipe={name} replaces the classification loss; it needs train.loss=ce, "
