@@ -15,7 +15,8 @@ from oodbench import joint_metrics
 from oodbench.errors import OODBenchError, check_seed
 
 BENCH_KEYS = ("name", "report", "preset", "seeds", "in", "out", "limit", "bootstrap", "train_overrides", "run_name",
-              "plots", "methods", "tune", "joint", "csid", "executor")
+              "plots", "methods", "tune", "joint", "csid", "executor", "recipes")
+RECIPE_KEYS = ("recipe", "label", "overrides")
 ENTRY_KEYS = ("method", "label", "preset", "overrides", "limit", "model", "fit_limit", "tune")
 MODEL_KEYS = ("model.mean", "model.std", "model.size", "model.head", "model.layers",   # of an entry with `model:`
               "clip.names", "clip.templates", "clip.logit_scale")                    # (clip.*: docs/clip.md)
@@ -39,6 +40,9 @@ class Entry:
     fit_limit: Optional[int] = None
     tune: bool = False              # choose the method's options on validation data first (oodbench.tuning)
     model_overrides: list = field(default_factory=list)   # model.mean/std/size/head/layers of the `model:` spec
+    recipe: Optional[str] = None    # the `recipes:` item (its label) whose run this entry scores; None: not a recipe row
+    base_label: str = ""            # the label of the `methods:` entry this one copies (recipe rows)
+    recipe_overrides: list = field(default_factory=list)  # train.recipe=NAME and the item's own options
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Bench:
     joint: bool = False         # add the joint metrics (OSCR, CCR@FPR, AUTC, AURC, ECE, ...) to every row
     csid: dict = field(default_factory=dict)   # ID set -> its covariate-shifted ID sets (FS-OOD rows, fs_*)
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
+    recipes: list = field(default_factory=list)   # labels of the `recipes:` items, in order ([] = no recipes key)
 
     def settings(self) -> dict:
         return {"name": self.name, "config": str(self.path), "preset": self.preset, "seeds": self.seeds,
@@ -87,7 +92,8 @@ class Bench:
                 "methods": [e.label for e in self.entries],
                 "limits": {e.label: e.limit for e in self.entries if e.limit != self.limit},
                 **({"joint": True} if self.joint else {}),
-                **({"csid": self.csid} if self.csid else {})}
+                **({"csid": self.csid} if self.csid else {}),
+                **({"recipes": self.recipes} if self.recipes else {})}
 
     def run_jobs(self, missing: dict) -> dict:
         """{RunJob: method that trains it} for every run the grid needs on the sets that are on disk."""
@@ -138,6 +144,8 @@ def load_bench(config) -> Bench:
     bench.joint = _flag(raw.get("joint", False), f"{where}: joint")
     bench.csid = _csid(raw.get("csid"), ins, outs, where)
     bench.entries = [_entry(item, bench, where) for item in raw["methods"]]
+    if raw.get("recipes") is not None:
+        bench.entries = _recipe_entries(raw["recipes"], bench, where)
     if bench.joint:   # before any work: every method must give class predictions
         for e in bench.entries:
             if not e.error and not issubclass(registry.REGISTRY[e.method], registry.PostHoc):
@@ -287,6 +295,71 @@ def _entry(item, bench: Bench, where: str) -> Entry:
     return entry
 
 
+def _recipe_entries(value, bench: Bench, where: str) -> list:
+    """The entries with `recipes:`: each classifier method of `methods` once per recipe item (recipe-major, in
+    config order; the item's label prefixes the rows, `plain` keeps the default run and names), then the other
+    entries. Each recipe's config is checked here, before any work (unknown recipe or option, missing outliers)."""
+    from oodbench.detectors.recipes import get_recipe, recipe_from_config
+
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise OODBenchError(f"{where}: recipes must be a list of recipe names or {{recipe: NAME, label: ..., "
+                            f"overrides: [...]}} items (docs/recipes.md), got {value!r}")
+    setting = [o for o in bench.train_overrides.get("all", []) + bench.train_overrides.get("classifier", [])]
+    setting += [o for e in bench.entries for o in e.train_overrides]
+    if any(o.split("=", 1)[0].strip() == "train.recipe" for o in setting):
+        raise OODBenchError(f"{where}: train.recipe is set in train_overrides or a method's overrides and the "
+                            f"bench has `recipes:`; name every recipe in `recipes:` only")
+    scored = [e for e in bench.entries if e.kind == "classifier" and not e.model and not e.error]
+    if not scored:
+        raise OODBenchError(f"{where}: `recipes:` needs at least one classifier method in `methods` (msp, energy, "
+                            f"knn, ...) to score each recipe's run")
+    expanded, labels = [], []
+    for item in items:
+        item = {"recipe": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or not isinstance(item.get("recipe"), str):
+            raise OODBenchError(f"{where}: each recipes item is a recipe name or a mapping with `recipe:`, "
+                                f"got {item!r}")
+        _check_keys(item, RECIPE_KEYS, f"{where}: recipe {item['recipe']}")
+        name, label = item["recipe"], str(item.get("label") or item["recipe"])
+        here = f"{where}: recipe {label}"
+        try:
+            get_recipe(name)
+        except OODBenchError as e:
+            raise OODBenchError(f"{here}: {e}") from None
+        overrides = _overrides(item.get("overrides"), f"{here} overrides")
+        wrong = [o for o in overrides if not registry.is_training("classifier", o.split("=", 1)[0].strip())
+                 or o.split("=", 1)[0].strip() == "train.recipe"]
+        if wrong:
+            raise OODBenchError(f"{here}: overrides {wrong[0]} is not a training option of the classifier (the "
+                                f"recipe's own options, e.g. {name}.OPTION=..., or train./model./data. keys)")
+        if label in labels:
+            raise OODBenchError(f"{where}: recipes lists {label} twice; give one of them a `label:`")
+        if label == "plain" and (name != "plain" or overrides):
+            raise OODBenchError(f"{here}: the label plain is the plain classifier's default run; give this item "
+                                f"another `label:`")
+        if not label.replace("_", "").replace("-", "").isalnum():
+            raise OODBenchError(f"{here}: a recipe label is a plain name (letters, digits, _ and -); it names the "
+                                f"run folder and prefixes the rows")
+        labels.append(label)
+        own = [f"train.recipe={name}"] + overrides
+        try:   # the run's config as training resolves it: bad options and missing outliers stop here
+            cfg = configs.load_config("classifier", bench.preset, setting + own,
+                                      sections=registry.option_sections("classifier"))
+            recipe_from_config(cfg)
+            for key, spec in registry.datasets_named("classifier", cfg).items():
+                data_check(spec, f"{key}")
+        except OODBenchError as e:
+            raise OODBenchError(f"{here}: {e}") from None
+        for e in scored:
+            expanded.append(e if label == "plain" else
+                            Entry(**{**e.__dict__, "label": f"{label}:{e.label}"}))
+            expanded[-1].recipe, expanded[-1].base_label = label, e.label
+            expanded[-1].recipe_overrides = [] if label == "plain" else own
+    bench.recipes = labels
+    return expanded + [e for e in bench.entries if e not in scored]
+
+
 def executor_options(raw, where: str) -> ExecutorOptions:
     """Checked executor options from a mapping (the YAML's `executor:` section, or CLI values)."""
     if not isinstance(raw, dict):
@@ -356,8 +429,11 @@ class RunJob:
 
 def run_job(bench: Bench, entry: Entry, in_spec: str, seed: int) -> RunJob:
     overrides = bench.train_overrides.get("all", []) + bench.train_overrides.get(entry.kind, [])
+    overrides = overrides + list(entry.recipe_overrides)
     own = list(entry.train_overrides) + ([f"preset={entry.preset}"] if entry.preset != bench.preset else [])
     name = bench.run_name
+    if entry.recipe_overrides:   # a recipe's run is named after its item, as `oodbench train --method NAME` does
+        name = f"{name}-{entry.recipe}" if name else entry.recipe
     if own:  # this method's own training settings get their own run folder
         suffix = hashlib.sha1("\n".join(own).encode()).hexdigest()[:6]
         name = f"{name}-{suffix}" if name else suffix
@@ -372,7 +448,11 @@ class TaskFailed:
 
 
 def renamer(entry: Entry):
-    """Row names carry the entry's label when it has one (odin → odin_t1; msma_gmm → msma-big_gmm)."""
+    """Row names carry the entry's label when it has one (odin → odin_t1; msma_gmm → msma-big_gmm); a recipe row
+    the recipe's label before the base entry's name (logitnorm:msp, logitnorm:odin_t1)."""
+    if entry.recipe_overrides:
+        base = renamer(Entry(**{**entry.__dict__, "label": entry.base_label, "recipe_overrides": []}))
+        return lambda row: f"{entry.recipe}:{base(row)}"
     if entry.label == entry.method:
         return lambda row: row
     return lambda row: entry.label + row[len(entry.method):] if row.startswith(entry.method) else \

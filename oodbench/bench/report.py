@@ -44,6 +44,12 @@ def write_report(bench, folder, recorder, summary, missing, plot_note, took: dic
     notes = report_notes(bench, recorder.cells, summary["summary"])
     results = {"settings": bench.settings(), "timing": {**took, "device": str(device)}, "summary": public,
                "per_seed": per_seed, "notes": notes, "failed": failed, "skipped": skipped}
+    table = recipe_table(bench, summary["summary"], skipped)
+    if table:
+        results["recipes"] = table
+        workflow.write_atomic(folder / "recipes.csv", report.csv_rows(table))
+    elif (folder / "recipes.csv").is_file():
+        (folder / "recipes.csv").unlink()
     workflow.write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
     workflow.write_atomic(folder / "results.csv", report.csv_rows(csv_ready(public, failed)))
     workflow.write_atomic(folder / "results_per_seed.csv", report.csv_rows(csv_ready(per_seed, [])))
@@ -230,6 +236,7 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: di
     for metric in ("auroc", "fpr95"):
         lines += metric_table(metric, labels, summary, in_spec, columns, bench.groups, foot, n_seeds, notes)
     lines += leaderboard_lines(bench, in_spec, summary)
+    lines += recipe_lines(bench, [r for r in recipe_table(bench, summary, skipped) if r["in"] == in_spec], n_seeds)
     lines += ["### All metrics (%)", "",
               "| method | out | " + " | ".join(METRIC_TITLES[m] for m in TABLE_METRICS)
               + (" | AUROC 95% CI" if bench.bootstrap else "") + " |",
@@ -253,6 +260,57 @@ def in_section(bench, in_spec, summary, failed, foot, skipped, folder, notes: di
     if images:
         lines += ["### Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images] + [""]
     return lines
+
+
+def recipe_table(bench, summary: list, skipped: list) -> list:
+    """Recipe × method (bench `recipes:` with more than one item): one row per (recipe, ID set) with the ID accuracy
+    and `<method> <column>` = AUROC (a fraction, mean over seeds) for each column (the groups, else the OOD sets on
+    disk); None where the cell failed or is missing."""
+    if len(bench.recipes) < 2:
+        return []
+    entries = {e.label: e for e in bench.entries if e.recipe}
+    columns = list(bench.groups) or table_columns(bench.outs, {}, skipped)
+    found, methods = {}, []
+    for r in summary:
+        e = entries.get(r["entry"])
+        if e is None:
+            continue
+        name = r["method"][len(e.recipe) + 1:] if e.recipe_overrides else r["method"]
+        methods += [name] if name not in methods else []
+        found[(e.recipe, r["in"], name, r["out"])] = r
+    rows = []
+    for in_spec in bench.ins:
+        for recipe in bench.recipes:
+            accs = [r["id_accuracy"] for (rec, i, _, _), r in found.items()
+                    if rec == recipe and i == in_spec and "id_accuracy" in r]
+            row = {"recipe": recipe, "in": in_spec, "id_accuracy": accs[0] if accs else None}
+            for name in methods:
+                for col in columns:
+                    cell = found.get((recipe, in_spec, name, col))
+                    row[f"{name} {col}"] = cell["auroc"] if cell else None
+            rows.append(row)
+    return rows
+
+
+def recipe_lines(bench, rows: list, n_seeds: int) -> list:
+    """The recipe × method AUROC table of one ID set in report.md (cells `near / far`, or the OOD sets)."""
+    if not rows:
+        return []
+    keys = [k for k in rows[0] if k not in ("recipe", "in", "id_accuracy")]
+    methods = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in keys))
+    columns = list(dict.fromkeys(k.rsplit(" ", 1)[1] for k in keys))
+    def show(v):
+        return "—" if v is None else f"{100 * v:.2f}"
+    lines = ["### Training recipes: AUROC (%)", "",
+             f"Each recipe's own classifier run (`recipes:`), scored by each method; cells {' / '.join(columns)}"
+             + (f", mean over {n_seeds} seeds" if n_seeds > 1 else "") + "; — = failed or missing (see the "
+             "tables above).", "",
+             "| recipe | ID acc | " + " | ".join(f"{m} {' / '.join(columns)}" for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {show(r['id_accuracy'])} | "
+                     + " | ".join(" / ".join(show(r[f'{m} {c}']) for c in columns) for m in methods) + " |")
+    return lines + [""]
 
 
 def joint_table(labels: list, summary: list, in_spec: str, columns: list, index: dict, n_seeds: int) -> list:
