@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from oodbench import bench, protocols
+from oodbench import bench, protocols, workflow
 from oodbench.bench.plan import run_job
 from oodbench.errors import OODBenchError
 
@@ -126,6 +126,10 @@ def test_report_has_one_row_per_recipe(tmp_path, monkeypatch):
                 assert r[f"{method} {col}"] == summary[(prefix + method, col)]["auroc"]
         assert r["id_accuracy"] == summary[(prefix + "msp", "near")]["id_accuracy"]
     assert (tmp_path / "runs" / "classifier-fashion_mnist-s0-logitnorm" / "detector.pt").is_file()
+    # the run is the one `oodbench train --method logitnorm` makes with the same settings: reused, not retrained
+    again = workflow.train("logitnorm", "fashion_mnist", "quick", ["data.limit=256", "train.steps=3",
+                                                                   "train.batch_size=32"], 0, tmp_path / "runs")
+    assert again.reused and again.path.name == "classifier-fashion_mnist-s0-logitnorm"
     with open(report / "recipes.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["recipe"] for t in table] == ["plain", "logitnorm"]
