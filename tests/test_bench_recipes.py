@@ -91,6 +91,17 @@ def test_shipped_recipes_protocol_plans():
     assert b.outs == bench.load_bench("quick").outs
 
 
+def test_shipped_recipes_protocol_optional_rows_plan(tmp_path):
+    """Its commented rows (the slower offline recipes), uncommented, plan too: one run each."""
+    text = protocols.bench_path("recipes").read_text()
+    path = tmp_path / "all.yaml"
+    path.write_text("\n".join(ln.replace("  # - ", "  - ", 1) if ln.startswith("  # - ") else ln
+                              for ln in text.splitlines()) + "\n")
+    b = bench.load_bench(path)
+    assert {"pixmix", "mixoe", "npos", "vos", "augmix"} <= set(b.recipes)
+    assert len(b.run_jobs({})) == len(b.recipes) > len(bench.load_bench("recipes").recipes)
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet200"])
 def test_gpu_protocols_recipe_rows_plan(tmp_path, name):
     """The commented `recipes:` block of each GPU protocol, uncommented, plans one run per recipe."""
