@@ -100,3 +100,43 @@ def test_llr_train_passes_background_l2_to_every_background_loss(mode):
                                           engine)
     assert engine.extra["fg"] == 0.0
     assert (engine.extra["bg-mu0-l100"] == 0.0) == (mode == "released")
+
+
+def test_llr_paper_preset_network_input_is_the_released_tfp_networks():
+    """LLR (issue 30 item 5): --preset paper has no constant-ones channel; the first layers then equal the released
+    TFP network's masked 'same'-padded convolutions (zero padding) of the image itself."""
+    import torch.nn.functional as F
+    from oodbench.nets.pixelcnnpp import down_shift, right_shift
+    paper, default = load_config("llr", preset="paper"), load_config("llr")
+    assert paper["model"]["ones_channel"] is False and default["model"]["ones_channel"] is True
+    run = llr.LikelihoodRatioRun.__new__(llr.LikelihoodRatioRun)
+    run.cfg = paper
+    cfg = run.net_config(3)
+    assert cfg["ones_channel"] is False
+    torch.manual_seed(0)
+    net = PixelCNNpp(**{**cfg, "num_filters": 4, "num_resnet": 1})
+    assert net.u_init.in_channels == 3 and net.ul_init_left.in_channels == 3
+    assert PixelCNNpp(in_channels=3, num_filters=4, num_resnet=1).u_init.in_channels == 4   # default keeps it
+    x = torch.randint(0, 256, (2, 3, 6, 5), dtype=torch.uint8)
+    h = net.network_input(x)
+
+    def masked_same(conv, size, rows, cols):      # pixel_cnn.py: Conv2D(padding='same') with a kernel mask
+        w = torch.zeros(conv.out_channels, conv.in_channels, *size)
+        w[:, :, rows[0]:rows[1], cols[0]:cols[1]] = conv.weight
+        return F.conv2d(h, w, conv.bias, padding=(size[0] // 2, size[1] // 2))
+
+    r, c = 3, 3                                   # receptive_field_dims (3, 3)
+    vertical = masked_same(net.u_init, (2 * r - 1, c), (0, r - 1), (0, c))
+    up = masked_same(net.ul_init_up, (3, c), (0, 1), (0, c))
+    left = masked_same(net.ul_init_left, (3, c), (0, 2), (0, c // 2))
+    with torch.no_grad():
+        u = net._shifted(down_shift, net.u_init, h)
+        ul = net._shifted(down_shift, net.ul_init_up, h) + net._shifted(right_shift, net.ul_init_left, h)
+        assert torch.allclose(u, vertical, atol=1e-4) and torch.allclose(ul, up + left, atol=1e-4)
+        assert not torch.allclose(down_shift(net.u_init(h)), vertical, atol=1e-4)   # zero fill would differ (row 0)
+        assert torch.isfinite(net(x)).all()
+    xf = net.network_input(x).clone().requires_grad_(True)
+    net.network_input = lambda _x: xf                  # causality without the ones channel: pixel (2, 2)'s output
+    net.raw_output(x)[:, :, 2, 2].sum().backward()     # sees only earlier pixels in raster order
+    g = xf.grad.abs().sum((0, 1))
+    assert g[2, 2:].sum() == 0 and g[3:].sum() == 0 and g[:2].sum() > 0

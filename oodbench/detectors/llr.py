@@ -130,6 +130,7 @@ class LikelihoodRatioRun(Detector):
     def net_config(self, channels: int) -> dict:
         mc = self.cfg["model"]
         return {"in_channels": int(channels), "rescale": bool(mc["rescale_pixel_value"]),
+                "ones_channel": bool(mc.get("ones_channel", True)),
                 **{k: (float if k == "dropout_p" else int)(mc[k]) for k in NET_KEYS}}
 
     def build(self) -> PixelCNNpp:

@@ -113,14 +113,16 @@ class PixelCNNpp(nn.Module):
     """PixelCNN++ over uint8 images (B, C, H, W); `forward(x)` = log p(x) per image (nats)."""
 
     def __init__(self, in_channels: int = 1, num_filters: int = 32, num_resnet: int = 5, num_hierarchies: int = 1,
-                 num_logistic_mix: int = 1, dropout_p: float = 0.0, rescale: bool = False):
+                 num_logistic_mix: int = 1, dropout_p: float = 0.0, rescale: bool = False, ones_channel: bool = True):
         super().__init__()
         if num_hierarchies < 1 or num_resnet < 1 or num_filters < 1 or num_logistic_mix < 1:
             raise ValueError("num_hierarchies, num_resnet, num_filters and num_logistic_mix must be >= 1")
         self.in_channels, self.mix, self.rescale = in_channels, num_logistic_mix, rescale
-        self.num_hierarchies = num_hierarchies
+        self.num_hierarchies, self.ones_channel = num_hierarchies, bool(ones_channel)
         f = num_filters
-        cin = in_channels + 1  # plus a channel of ones, so zero padding is told apart from black pixels
+        # ones_channel: a constant channel of ones, so zero padding is told apart from black pixels (oodbench's
+        # default); False = the released TFP network's input (the image channels only, zero 'same' padding)
+        cin = in_channels + int(self.ones_channel)
 
         self.u_init = DownShiftedConv(cin, f, (2, 3))
         self.ul_init_up = DownShiftedConv(cin, f, (1, 3))
@@ -160,12 +162,22 @@ class PixelCNNpp(nn.Module):
         x = x.to(self.out.weight.dtype)
         return x / (HIGH / 2) - 1 if self.rescale else x
 
+    def _shifted(self, shift, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+        """A first-layer output shifted by one pixel. Without the ones channel the shifted-in row/column is the
+        conv's bias, as the released network's masked 'same' conv over zero padding gives; with it, zeros."""
+        y = conv(h)
+        if self.ones_channel:
+            return shift(y)
+        b = conv.bias.view(1, -1, 1, 1)
+        return shift(y - b) + b
+
     def raw_output(self, x: torch.Tensor) -> torch.Tensor:
         """The network's per-pixel output (B, mix * (1 + 2C + C(C-1)/2), H, W), before any channel conditioning."""
         h = self.network_input(x)
-        h = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
-        u = down_shift(self.u_init(h))
-        ul = down_shift(self.ul_init_up(h)) + right_shift(self.ul_init_left(h))
+        if self.ones_channel:
+            h = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+        u = self._shifted(down_shift, self.u_init, h)
+        ul = self._shifted(down_shift, self.ul_init_up, h) + self._shifted(right_shift, self.ul_init_left, h)
         us, uls = [u], [ul]
         for level in range(self.num_hierarchies):
             for res_u, res_ul in zip(self.first_u[level], self.first_ul[level]):
