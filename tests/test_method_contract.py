@@ -10,6 +10,7 @@ from oodbench import detectors
 from oodbench.config import load_config
 from oodbench.data import ImageSet
 from oodbench.detectors import PostHoc, method
+from oodbench.detectors.recipes import RotPred
 from oodbench.errors import NotFittedError, OODBenchError
 from oodbench.models import wrap
 from oodbench.nets.classifiers import build_classifier
@@ -34,7 +35,8 @@ def data(tmp_path_factory):
     words = tmp_path_factory.mktemp("words") / "words.txt"
     words.write_text("\n".join(f"word{i}" for i in range(30)))
     OPTIONS["neglabel"] = {"words": str(words), "count": 20, "groups": 4}
-    return dict(model=model, clip=zero_shot_model(), train=ImageSet(images(120, 1), labels, "train"),
+    rot_net = RotPred().adapt(build_classifier("resnet20", 3, 4)).eval()   # the rotpred recipe's rotation head
+    return dict(model=model, clip=zero_shot_model(), rotpred=wrap(rot_net, mean=[0.5] * 3, std=[0.25] * 3, head="head"), train=ImageSet(images(120, 1), labels, "train"),
                 val=ImageSet(images(40, 2), torch.randint(0, 4, (40,), generator=g), "val"),
                 ood=ImageSet(255 - images(40, 4), None, "ood"), x=images(16, 3))
 
@@ -57,6 +59,8 @@ def zero_shot_model():
 
 
 def model_for(name, data):
+    if name == "rotpred_score":   # scores only a run of the rotpred recipe (its rotation head)
+        return data["rotpred"]
     return data["clip"] if name in ZERO_SHOT else data["model"]
 
 
