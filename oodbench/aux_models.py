@@ -56,8 +56,11 @@ class GMM:
     name = "gmm"
 
     def __init__(self, components=tuple(range(2, 21, 2)), cv_folds: int = 10, reg_covar: float = 1e-6,
-                 seed: int = 0):
+                 seed: int = 0, cv: str = "shuffled"):
         self.components = [int(c) for c in components]
+        self.cv = str(cv)   # shuffled: seeded shuffled KFold on vectors standardised once | original: the released
+        #                     train_gmm's GridSearchCV(Pipeline(StandardScaler, GMM), cv=k): unshuffled KFold, the
+        #                     scaler refitted on each training fold
         self.cv_folds = int(cv_folds)
         self.reg_covar = float(reg_covar)
         self.seed = int(seed)
@@ -69,6 +72,8 @@ class GMM:
             raise OODBenchError(f"msma.gmm_components must be a non-empty list of positive ints, got {self.components}")
         if self.cv_folds < 2:
             raise OODBenchError(f"msma.gmm_cv_folds must be >= 2, got {self.cv_folds}")
+        if self.cv not in ("shuffled", "original"):
+            raise OODBenchError(f"msma.gmm_cv must be shuffled or original, got {self.cv!r}")
         need = gmm_min_vectors(self.components, self.cv_folds, dim)
         if n < need:
             raise OODBenchError(
@@ -85,13 +90,21 @@ class GMM:
         self.mean, self.scale = v.mean(0), v.std(0)
         self.scale[self.scale == 0] = 1.0
         z = (v - self.mean) / self.scale
-        folds = KFold(self.cv_folds, shuffle=True, random_state=self.seed)
 
         def make(k):
             return GaussianMixture(k, covariance_type="full", reg_covar=self.reg_covar, random_state=self.seed)
 
         # GaussianMixture.score is the mean log-likelihood, so this is the CV log-likelihood per component count.
-        self.cv_loglik = [float(cross_val_score(make(k), z, cv=folds).mean()) for k in self.components]
+        if self.cv == "original":
+            from sklearn.pipeline import Pipeline
+            from sklearn.preprocessing import StandardScaler
+            folds, data = KFold(self.cv_folds), v
+
+            def est(k):
+                return Pipeline([("scaler", StandardScaler()), ("GMM", make(k))])
+        else:
+            folds, data, est = KFold(self.cv_folds, shuffle=True, random_state=self.seed), z, make
+        self.cv_loglik = [float(cross_val_score(est(k), data, cv=folds).mean()) for k in self.components]
         best = self.components[int(np.argmax(self.cv_loglik))]
         self.gmm = make(best).fit(z)
         return self
@@ -108,7 +121,7 @@ class GMM:
         g = self.gmm
         t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
         return {"components": self.components, "cv_folds": self.cv_folds, "reg_covar": self.reg_covar,
-                "seed": self.seed, "cv_loglik": self.cv_loglik, "mean": t(self.mean), "scale": t(self.scale),
+                "seed": self.seed, "cv": self.cv, "cv_loglik": self.cv_loglik, "mean": t(self.mean), "scale": t(self.scale),
                 "weights": t(g.weights_), "means": t(g.means_), "covariances": t(g.covariances_),
                 "precisions_cholesky": t(g.precisions_cholesky_)}
 
@@ -116,7 +129,8 @@ class GMM:
     def from_state(cls, state: dict) -> "GMM":
         from sklearn.mixture import GaussianMixture
 
-        model = cls(state["components"], state["cv_folds"], state["reg_covar"], state["seed"])
+        model = cls(state["components"], state["cv_folds"], state["reg_covar"], state["seed"],
+                    state.get("cv", "shuffled"))
         model.cv_loglik = list(state["cv_loglik"])
         model.mean, model.scale = state["mean"].numpy(), state["scale"].numpy()
         g = GaussianMixture(len(state["weights"]), covariance_type="full", reg_covar=model.reg_covar)

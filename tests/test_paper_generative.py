@@ -140,3 +140,33 @@ def test_llr_paper_preset_network_input_is_the_released_tfp_networks():
     net.raw_output(x)[:, :, 2, 2].sum().backward()     # sees only earlier pixels in raster order
     g = xf.grad.abs().sum((0, 1))
     assert g[2, 2:].sum() == 0 and g[3:].sum() == 0 and g[:2].sum() > 0
+
+
+def test_msma_paper_preset_is_fp32_and_train_gmms_grid_search():
+    """MSMA (issue 30 item 6): paper-era training was fp32; the GMM is the released train_gmm's GridSearchCV."""
+    import numpy as np
+    from sklearn.mixture import GaussianMixture
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from oodbench.aux_models import GMM
+    paper, default = load_config("msma", preset="paper"), load_config("msma")
+    assert paper["train"]["amp"] == "off" and default["train"]["amp"] == "auto"
+    assert paper["msma"]["gmm_cv"] == "original" and default["msma"]["gmm_cv"] == "shuffled"
+    assert load_config("msma", preset="paper-improved") == default
+    assert paper["msma"]["gmm_components"] == list(range(2, 21, 2)) and paper["msma"]["gmm_cv_folds"] == 10
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0, 1, (60, 3)), rng.normal(4, 0.5, (60, 3))]) * [1.0, 10.0, 0.1]
+    grid = GridSearchCV(Pipeline([("scaler", StandardScaler()), ("GMM", GaussianMixture(random_state=0))]),
+                        dict(GMM__n_components=[1, 2, 3], GMM__covariance_type=["full"]), cv=5).fit(v)
+    ours = GMM([1, 2, 3], 5, 1e-6, seed=0, cv="original").fit(v)
+    assert np.allclose(ours.cv_loglik, grid.cv_results_["mean_test_score"])
+    assert ours.n_components == grid.best_params_["GMM__n_components"]
+    best = grid.best_estimator_
+    x = torch.as_tensor(rng.normal(2, 2, (7, 3)) * [1.0, 10.0, 0.1])
+    assert np.allclose(ours.score(x).numpy(), -best.score_samples(x.numpy()), atol=1e-8)
+    shuffled = GMM([1, 2, 3], 5, 1e-6, seed=0).fit(v)
+    assert not np.allclose(shuffled.cv_loglik, ours.cv_loglik)            # the option changes the CV
+    assert GMM.from_state(ours.state_dict()).cv == "original"
+    with pytest.raises(OODBenchError, match="gmm_cv"):
+        GMM(cv="stratified").check(1000, 3)

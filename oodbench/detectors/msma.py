@@ -107,7 +107,8 @@ class MSMA(Detector):
     def make_aux(self, name: str, seed: int):
         o = self.options
         if name == "gmm":
-            return AUX_MODELS["gmm"](o["gmm_components"], o["gmm_cv_folds"], o["gmm_reg_covar"], seed)
+            return AUX_MODELS["gmm"](o["gmm_components"], o["gmm_cv_folds"], o["gmm_reg_covar"], seed,
+                                     o.get("gmm_cv", "shuffled"))
         if name == "knn":
             return AUX_MODELS["knn"](o["knn_k"])
         return AUX_MODELS["flow"](o.get("flow", "original"), o["flow_hidden"], o.get("flow_epochs", 1000),
@@ -212,6 +213,6 @@ class MSMA(Detector):
 
 def aux_options(model) -> dict:
     """The constructor options of an auxiliary model (to tell whether a stored fit matches the config)."""
-    state_keys = {"components", "cv_folds", "reg_covar", "seed", "k", "variant", "layers", "hidden", "epochs",
+    state_keys = {"components", "cv_folds", "cv", "reg_covar", "seed", "k", "variant", "layers", "hidden", "epochs",
                   "steps", "batch_size", "lr", "holdout"}
     return {k: getattr(model, k) for k in sorted(state_keys) if hasattr(model, k)}
