@@ -274,7 +274,7 @@ class MixOE(Recipe):
         n, o = len(labels), self.options
         # drawn from torch's CPU generator, whose state the checkpoints hold (a resumed run draws the same)
         lam = float(torch.distributions.Beta(float(o["alpha"]), float(o["beta"])).sample())
-        cy, cx = (int(v) for v in torch.randint(0, 1 << 30, (2,)) % torch.tensor([x.shape[2], x.shape[3]]))
+        cy, cx = int(torch.randint(x.shape[2], ())), int(torch.randint(x.shape[3], ()))   # the patch centre
         mixed, lam = mixoe_batch(x[:n], x[n:2 * n], lam, o["mix_op"], cy, cx)
         # one pass over ID and mixed images (OpenOOD makes two: BatchNorm's batch statistics differ; docs/recipes.md)
         _, logits = model(torch.cat([x[:n], mixed]))
