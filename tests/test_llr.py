@@ -208,6 +208,7 @@ def base_cfg(**llr_options):
     ({"mutation_rates": [0.1, 0.2], "val_ood": None}, "validation"),
     ({"mutation_rates": []}, "at least one"),
     ({"background_l2": "nope"}, "background_l2"),
+    ({"fg_checkpoint": "last"}, "fg_checkpoint"),
 ])
 def test_bad_options_fail_before_training(options, message):
     images = ImageSet(torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8))

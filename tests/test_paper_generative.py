@@ -114,7 +114,7 @@ def test_llr_paper_preset_network_input_is_the_released_tfp_networks():
     cfg = run.net_config(3)
     assert cfg["ones_channel"] is False
     torch.manual_seed(0)
-    net = PixelCNNpp(**{**cfg, "num_filters": 4, "num_resnet": 1})
+    net = PixelCNNpp(**{**cfg, "num_filters": 4, "num_resnet": 1, "init": "torch"})   # nonzero biases to see
     assert net.u_init.in_channels == 3 and net.ul_init_left.in_channels == 3
     assert PixelCNNpp(in_channels=3, num_filters=4, num_resnet=1).u_init.in_channels == 4   # default keeps it
     x = torch.randint(0, 256, (2, 3, 6, 5), dtype=torch.uint8)
@@ -170,3 +170,82 @@ def test_msma_paper_preset_is_fp32_and_train_gmms_grid_search():
     assert GMM.from_state(ours.state_dict()).cv == "original"
     with pytest.raises(OODBenchError, match="gmm_cv"):
         GMM(cv="stratified").check(1000, 3)
+
+
+# The released TFP network's kernel sizes (pixel_cnn.py, receptive_field_dims (3, 3)), written out per oodbench
+# layer: each masked layer there is a full-size 'same' Conv2D, so Keras' Glorot fans count the whole kernel.
+RELEASED_KERNELS = [("u_init", (5, 3)), ("ul_init_", (3, 3)), ("downsample_", (4, 4)), ("upsample_ul", (2, 2)),
+                    ("upsample_u", (2, 4)), (".skip", (1, 1)), ("conv_", (3, 3)), ("out", (1, 1))]
+
+
+def layer_kind(name: str) -> str:
+    return next(key for key, _ in RELEASED_KERNELS if key in name)
+
+
+def keras_glorot_bound(name: str, cin: int, cout: int) -> float:
+    """Keras glorot_uniform: limit = sqrt(6 / (fan_in + fan_out)), fans = receptive field x in / out channels."""
+    kh, kw = dict(RELEASED_KERNELS)[layer_kind(name)]
+    return (6.0 / (kh * kw * cin + kh * kw * cout)) ** 0.5
+
+
+def test_llr_paper_preset_initialises_as_the_released_keras_layers():
+    """LLR (issue 30 item 5): train.py builds the network without weight norm (use_weight_norm False, as the shipped
+    params.json), so every layer is a plain Keras layer: Glorot-uniform kernels over the released kernel size and
+    zero biases. --preset paper has model.init=keras; the default keeps PyTorch's initialisation."""
+    paper, default = load_config("llr", preset="paper"), load_config("llr")
+    assert paper["model"]["init"] == "keras" and default["model"]["init"] == "torch"
+    run = llr.LikelihoodRatioRun.__new__(llr.LikelihoodRatioRun)
+    run.cfg = paper
+    assert run.net_config(1)["init"] == "keras"
+    torch.manual_seed(0)
+    net = PixelCNNpp(in_channels=3, num_filters=32, num_resnet=1, num_hierarchies=2, init="keras",
+                     ones_channel=False)
+    seen = set()
+    for name, m in net.named_modules():
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            continue
+        w = m.weight
+        cin, cout = (w.shape[0], w.shape[1]) if isinstance(m, torch.nn.ConvTranspose2d) else (w.shape[1], w.shape[0])
+        bound = keras_glorot_bound(name, cin, cout)
+        assert float(w.abs().max()) <= bound + 1e-7, name
+        assert torch.count_nonzero(m.bias) == 0, name
+        if w.numel() >= 2000:                         # uniform(-b, b): std b / sqrt(3), max close to b
+            assert abs(float(w.std()) / (bound / 3 ** 0.5) - 1) < 0.1, name
+            assert float(w.abs().max()) > 0.95 * bound, name
+        seen.add(layer_kind(name))
+    assert seen == {key for key, _ in RELEASED_KERNELS}           # every kind of layer was checked
+    torch_init = PixelCNNpp(in_channels=3, num_filters=32, num_resnet=1, num_hierarchies=2)
+    assert torch.count_nonzero(torch_init.u_init.bias) > 0          # the default is PyTorch's (nonzero biases)
+    with pytest.raises(ValueError, match="init"):
+        PixelCNNpp(init="xavier")
+
+
+@pytest.mark.parametrize("preset", ["paper", None])
+def test_llr_paper_preset_keeps_the_final_foreground(preset):
+    """LLR (issue 30 item 5): the original scores the foreground at the last step (eval.py: one --ckpt_step for all
+    models); --preset paper trains it without validation selection, the default keeps its best validation bits/dim."""
+    class Record:
+        device, run_dir, is_main, seed = torch.device("cpu"), Path("."), True, 0
+        selected = {}
+
+        def fit(self, name, model, loss_fn, train, spec, val_fn=None):
+            self.selected[name] = val_fn is not None
+            return model
+
+    cfg = load_config("llr", preset=preset, overrides=["model.num_filters=4", "model.num_resnet=1",
+                                                       "llr.mutation_rates=[0.1]", "llr.reg_weights=[0.0]",
+                                                       "llr.val_ood=null"])
+    assert llr.fg_checkpoint(cfg["llr"]) == ("final" if preset == "paper" else "best")
+    images = ImageSet(torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8))
+    engine = Record()
+    llr.LikelihoodRatio(cfg, "cpu").train(images, images, engine)
+    assert engine.selected == {"fg": preset is None, "bg-mu0.1-l0": False}
+
+
+def test_llr_bad_init_or_checkpoint_is_a_one_line_error(capsys, tmp_path):
+    from conftest import fails
+    for option, word in [("model.init=xavier", "model.init"), ("llr.fg_checkpoint=last", "fg_checkpoint")]:
+        line = fails(capsys, ["train", "--method", "llr", "--in", "fashion_mnist", "--runs-dir", str(tmp_path),
+                              "--set", option])
+        assert word in line
+    assert not any(tmp_path.iterdir())                                  # nothing written

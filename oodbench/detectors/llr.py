@@ -23,7 +23,7 @@ from oodbench.detectors.base import Detector, register
 from oodbench.engine import TrainSpec
 from oodbench.errors import OODBenchError
 from oodbench.metrics import evaluate
-from oodbench.nets.pixelcnnpp import PixelCNNpp
+from oodbench.nets.pixelcnnpp import INITS, PixelCNNpp
 from oodbench.tables import rows_to_csv
 
 NET_KEYS = ("num_filters", "num_resnet", "num_hierarchies", "num_logistic_mix", "dropout_p")
@@ -45,6 +45,7 @@ def l2_penalty(model: torch.nn.Module) -> torch.Tensor:
 
 
 BACKGROUND_L2 = ("applied", "released")
+FG_CHECKPOINTS = ("best", "final")
 
 
 def background_l2(options: dict) -> str:
@@ -54,6 +55,16 @@ def background_l2(options: dict) -> str:
     if value not in BACKGROUND_L2:
         raise OODBenchError(f"llr.background_l2={value!r}: use applied (the paper's L2 penalty) or released (the "
                             f"released code's, which has no effect)")
+    return value
+
+
+def fg_checkpoint(options: dict) -> str:
+    """llr.fg_checkpoint: `best` (the foreground at its best clean-validation bits/dim) | `final` (its last step, as
+    the original's eval.py, which reads every model at the last --ckpt_step)."""
+    value = options.get("fg_checkpoint") or "best"
+    if value not in FG_CHECKPOINTS:
+        raise OODBenchError(f"llr.fg_checkpoint={value!r}: use best (the best validation bits/dim) or final (the "
+                            f"last step, as the original)")
     return value
 
 
@@ -127,10 +138,20 @@ class LikelihoodRatioRun(Detector):
     def llr_options(self) -> dict:
         return self.cfg.get("llr", {}) or {}
 
+    @staticmethod
+    def check_config(cfg: dict) -> None:
+        """The llr options and model.init, checked before any data is loaded (one-line errors)."""
+        opts = cfg.get("llr", {}) or {}
+        background_grid(opts), background_l2(opts), fg_checkpoint(opts)
+        init = cfg["model"].get("init") or "torch"
+        if init not in INITS:
+            raise OODBenchError(f"model.init={init!r}: use torch (PyTorch's defaults) or keras (the released "
+                                f"network's Glorot-uniform kernels and zero biases)")
+
     def net_config(self, channels: int) -> dict:
         mc = self.cfg["model"]
         return {"in_channels": int(channels), "rescale": bool(mc["rescale_pixel_value"]),
-                "ones_channel": bool(mc.get("ones_channel", True)),
+                "ones_channel": bool(mc.get("ones_channel", True)), "init": str(mc.get("init") or "torch"),
                 **{k: (float if k == "dropout_p" else int)(mc[k]) for k in NET_KEYS}}
 
     def build(self) -> PixelCNNpp:
@@ -138,7 +159,7 @@ class LikelihoodRatioRun(Detector):
 
     def train(self, train, val, engine) -> None:
         opts = self.llr_options
-        grid, l2 = background_grid(opts), background_l2(opts)
+        grid, l2, fg_ckpt = background_grid(opts), background_l2(opts), fg_checkpoint(opts)
         check_8bit(train.images, f"training set {train.name!r}")
         batch = int(opts.get("eval_batch_size", 256))
         limit = opts.get("val_limit")
@@ -154,7 +175,7 @@ class LikelihoodRatioRun(Detector):
         spec = TrainSpec.from_cfg(self.cfg["train"])
 
         val_fn = None
-        if val_in is not None:
+        if val_in is not None and fg_ckpt == "best":
             def val_fn(model):     # clean held-out data, lower is better (bits per dimension)
                 return float(bits_per_dim(log_prob(model, val_in, batch), val_in[0].numel()).mean())
         self.fg = engine.fit("fg", self.build(), likelihood_loss(0.0, 0.0), train, spec, val_fn=val_fn).eval()

@@ -10,7 +10,8 @@ resnet blocks with concat_elu, optional hierarchies (strided down/up sampling be
 values of the earlier channels of the same pixel (g depends on r; b on r and g), before the mean is mapped to pixel
 units, as the original (genomics_ood `pixel_cnn.py`, `_log_prob`). `rescale=True` feeds the network x/127.5 - 1 and reads
 means/scales in that range (CIFAR in the original); `rescale=False` feeds raw 0..255 values and predicts
-scales as max(255 * sigmoid(s), 0.25) pixel units (Fashion-MNIST in the original).
+scales as max(255 * sigmoid(s), 0.25) pixel units (Fashion-MNIST in the original). `init="keras"` initialises every
+layer as the released network's Keras layers (`keras_init_`); `"torch"` keeps PyTorch's defaults.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HIGH = 255          # 8-bit pixels
+INITS = ("torch", "keras")   # PyTorch's default initialisation | the released Keras layers' (Glorot-uniform, zero bias)
 _FAR = 1e8          # stands in for +-infinity at the edge bins (finite so gradients stay finite)
 
 
@@ -113,10 +115,13 @@ class PixelCNNpp(nn.Module):
     """PixelCNN++ over uint8 images (B, C, H, W); `forward(x)` = log p(x) per image (nats)."""
 
     def __init__(self, in_channels: int = 1, num_filters: int = 32, num_resnet: int = 5, num_hierarchies: int = 1,
-                 num_logistic_mix: int = 1, dropout_p: float = 0.0, rescale: bool = False, ones_channel: bool = True):
+                 num_logistic_mix: int = 1, dropout_p: float = 0.0, rescale: bool = False, ones_channel: bool = True,
+                 init: str = "torch"):
         super().__init__()
         if num_hierarchies < 1 or num_resnet < 1 or num_filters < 1 or num_logistic_mix < 1:
             raise ValueError("num_hierarchies, num_resnet, num_filters and num_logistic_mix must be >= 1")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: use one of {', '.join(INITS)}")
         self.in_channels, self.mix, self.rescale = in_channels, num_logistic_mix, rescale
         self.num_hierarchies, self.ones_channel = num_hierarchies, bool(ones_channel)
         f = num_filters
@@ -155,6 +160,32 @@ class PixelCNNpp(nn.Module):
         c = in_channels
         self.num_coeffs = c * (c - 1) // 2
         self.out = nn.Conv2d(f, num_logistic_mix * (1 + 2 * c + self.num_coeffs), 1)
+        if init == "keras":
+            self.keras_init_()
+
+    def released_kernel(self, conv: nn.Module) -> tuple:
+        """The (height, width) of the released TFP network's kernel that `conv` stands for. There every masked
+        layer is a full-size 'same' Conv2D (receptive field 3x3) whose mask zeroes the entries oodbench leaves out,
+        so Keras' fans (and the Glorot bound) count the whole kernel."""
+        if conv is self.u_init:
+            return (5, 3)                                   # vertical stack init: (2 * rows - 1, cols)
+        if isinstance(conv, (DownShiftedDeconv, DownRightShiftedDeconv)):
+            return (2, 4) if isinstance(conv, DownShiftedDeconv) else (2, 2)
+        if isinstance(conv, (DownShiftedConv, DownRightShiftedConv)):
+            return (4, 4) if conv.stride[0] == 2 else (3, 3)  # strided down-sampling | stride-1 layers, first ul
+        return tuple(conv.kernel_size)                     # 1x1: Keras Dense layers (network-in-network, output)
+
+    @torch.no_grad()
+    def keras_init_(self) -> None:
+        """The released code's initialisation (train.py: no weight norm, so plain Keras layers): Glorot-uniform
+        kernels, bound sqrt(6 / ((fan_in + fan_out) * kh * kw)) over the released kernel size, and zero biases."""
+        for conv in self.modules():
+            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+                kh, kw = self.released_kernel(conv)
+                w = conv.weight                            # (out, in, ...) or (in, out, ...): the sum is the same
+                bound = math.sqrt(6.0 / ((w.shape[0] + w.shape[1]) * kh * kw))
+                nn.init.uniform_(w, -bound, bound)
+                nn.init.zeros_(conv.bias)
 
     # -------------------------------------------------------------------------------------------------------------
     def network_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -95,8 +95,8 @@ def check_training_config(kind: str, cfg: dict) -> None:
     if fraction is not None and not 0 <= fraction < 1:
         raise OODBenchError(f"data.val_fraction must be in [0, 1), got {fraction!r}")
     check_dataset_options(kind, cfg)
-    check = getattr(registry.TRAINERS.get(kind), "check_config", None)   # e.g. the classifier's train.recipe
-    if check is not None:
+    checks = dict.fromkeys(getattr(c, "check_config", None) for c in registry.kind_classes(kind))  # train.recipe..
+    for check in filter(None, checks):
         check(cfg)
 
 
