@@ -249,3 +249,29 @@ def test_llr_bad_init_or_checkpoint_is_a_one_line_error(capsys, tmp_path):
                               "--set", option])
         assert word in line
     assert not any(tmp_path.iterdir())                                  # nothing written
+
+
+def test_msma_refinenet_initialises_as_keras_defaults():
+    """MSMA: the original RefineNet's Keras Conv2D layers start Glorot-uniform (Keras fans: kh * kw * channels)
+    with zero biases; oodbench's MSMARefineNet draws from the same distribution."""
+    from oodbench.nets.score_nets import MSMARefineNet
+    torch.manual_seed(0)
+    net = MSMARefineNet(3, filters=16, num_L=4)
+    convs = [(n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) > 10
+    for name, m in convs:
+        out, cin, kh, kw = m.weight.shape
+        bound = (6.0 / (kh * kw * cin + kh * kw * out)) ** 0.5
+        assert float(m.weight.abs().max()) <= bound + 1e-7 and torch.count_nonzero(m.bias) == 0, name
+        if m.weight.numel() >= 2000:
+            assert abs(float(m.weight.std()) / (bound / 3 ** 0.5) - 1) < 0.1, name
+
+
+def test_llr_selection_set_is_the_offline_notmnist_stand_in_in_both_presets():
+    """LLR: the paper chose Fashion-MNIST's background model on notMNIST; offline both presets use `glyphs`, and
+    `llr.val_ood=notmnist` (the original set, a folder the user places) is accepted by the same option."""
+    from oodbench.data.folders import FOLDER_SETS
+    for preset in ("paper", None):
+        assert load_config("llr", preset=preset)["llr"]["val_ood"] == "glyphs"
+    assert load_config("llr", preset="paper", overrides=["llr.val_ood=notmnist"])["llr"]["val_ood"] == "notmnist"
+    assert "notmnist" in FOLDER_SETS
