@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check the issues ask for, in one run: what to run when a GPU is lent (about 8 minutes on one H100).
+# Every GPU check the issues ask for, in one run: what to run when a GPU is lent (about 10 to 11 minutes on one H100).
 #
 #   ./scripts/perf/gpu_checks.sh [LOG_DIR]        # log: LOG_DIR/gpu_checks.log (default reports/gpu_checks, or $OUT)
 #
@@ -7,6 +7,10 @@
 #   (issue goals: >= 50x and >= 5x), ResNet-18 and ResNet-20, peak GPU memory of the chosen micro-batch.
 # - llr: engine vs bare-loop training steps/s (goal >= 0.9) and log-likelihood images/s, quick and paper networks.
 # - msma (bf16 and fp32 scoring), ddpm (bf16 reconstruction), amp (anchored scoring): throughput vs bare forwards.
+# - paper smoke (paper_smoke.py): per family (msma, llr, ddpm, amp, gradients) the paper preset's network trained
+#   up to 300 steps in fp32 and under bf16 autocast on synthetic images (about 30 s each; steps cut to the budget),
+#   then AUROC of both, Spearman of their scores and the fp32 model's bf16-scoring difference. One check per family,
+#   so that a slow family cannot cut the others.
 # - streamed folders: data.decode=gpu (nvJPEG) vs PIL in CPU workers, and vs ImageFolder + DataLoader.
 # - end to end: `oodbench train` + `eval` of a classifier on scikit-learn digits with bf16 autocast (no download).
 # - zero-shot CLIP (docs/clip.md), only when CLIP_WEIGHTS=PATH names open_clip ViT-B-16 weights: mcm, glmcm, msp on
@@ -44,6 +48,9 @@ check() {
   check scripts/perf/bench_msma.py --device "$DEVICE" --model refinenet
   check scripts/perf/bench_ddpm.py --device "$DEVICE" --batch 64 --amp bf16
   check scripts/perf/bench_amp.py --device "$DEVICE" --arch resnet20 --batch 512
+  for family in msma llr ddpm amp gradients; do
+    check scripts/perf/paper_smoke.py --device "$DEVICE" --steps 300 --families "$family"
+  done
   check scripts/perf/bench_stream.py --device "$DEVICE" --images 3000 --size 224 --side 400
   check -m oodbench train --method msp --in digits --runs-dir "$RUNS" --device "$DEVICE" \
     --set train.steps=600 --set data.val_fraction=0.1
