@@ -204,7 +204,7 @@ def test_llr_paper_preset_initialises_as_the_released_keras_layers():
     for name, m in net.named_modules():
         if not isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
             continue
-        w = m.weight
+        w = m.weight.detach()
         cin, cout = (w.shape[0], w.shape[1]) if isinstance(m, torch.nn.ConvTranspose2d) else (w.shape[1], w.shape[0])
         bound = keras_glorot_bound(name, cin, cout)
         assert float(w.abs().max()) <= bound + 1e-7, name
@@ -260,11 +260,12 @@ def test_msma_refinenet_initialises_as_keras_defaults():
     convs = [(n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) > 10
     for name, m in convs:
-        out, cin, kh, kw = m.weight.shape
+        w = m.weight.detach()
+        out, cin, kh, kw = w.shape
         bound = (6.0 / (kh * kw * cin + kh * kw * out)) ** 0.5
-        assert float(m.weight.abs().max()) <= bound + 1e-7 and torch.count_nonzero(m.bias) == 0, name
-        if m.weight.numel() >= 2000:
-            assert abs(float(m.weight.std()) / (bound / 3 ** 0.5) - 1) < 0.1, name
+        assert float(w.abs().max()) <= bound + 1e-7 and torch.count_nonzero(m.bias) == 0, name
+        if w.numel() >= 2000:
+            assert abs(float(w.std()) / (bound / 3 ** 0.5) - 1) < 0.1, name
 
 
 def test_llr_selection_set_is_the_offline_notmnist_stand_in_in_both_presets():
