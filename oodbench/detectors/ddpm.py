@@ -8,7 +8,6 @@ combination can be redone without reconstructing (`combine`).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from oodbench.detectors.base import Detector, register
 from oodbench.diffusion import SAMPLERS, Diffusion
+from oodbench.engine import precision
 from oodbench.engine.checkpoint import load_failure
 from oodbench.errors import OODBenchError
 from oodbench.nets.unet import build_unet
@@ -236,6 +236,8 @@ class DDPM(Detector):
         self.diffusion.starting_points(n, skip, int(self._opt("min_t", 0)), self._opt("max_t"))
         if self._opt("sampler", "plms") not in SAMPLERS:
             raise OODBenchError(f"ddpm.sampler={o.get('sampler')!r}: use one of {', '.join(SAMPLERS)}")
+        if self._opt("amp", "auto") not in precision.AMP_MODES:
+            raise OODBenchError(f"ddpm.amp={o.get('amp')!r}: use one of {', '.join(precision.AMP_MODES)}")
         metrics = self._opt("metrics", "auto")
         if metrics != "auto":
             metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -265,10 +267,7 @@ class DDPM(Detector):
         return wanted
 
     def _autocast(self):
-        amp = self._opt("amp", "auto")
-        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+        return precision.autocast(self.device, self._opt("amp", "auto"))
 
     # --- networks ---------------------------------------------------------------------------------------------
     def _build(self, net_cfg: dict) -> nn.Module:

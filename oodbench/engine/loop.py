@@ -1,7 +1,6 @@
 """The one training loop every method uses (see docs/architecture.md)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -19,9 +18,8 @@ from oodbench import progress
 from oodbench.errors import OODBenchError
 from oodbench.data.imageset import ImageSet
 from oodbench.engine import checkpoint as ckpt
-from oodbench.engine import distributed
+from oodbench.engine import distributed, precision
 from oodbench.engine.spec import TrainSpec
-from oodbench.errors import OODBenchError
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
@@ -111,11 +109,8 @@ class Engine:
             os.close(fd)
 
     def autocast(self, amp: str = "auto"):
-        """bf16/fp16 autocast on CUDA (auto = bf16); a no-op on CPU unless asked for explicitly."""
-        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
-            return contextlib.nullcontext()
-        dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        """The autocast context of a `train.amp` setting on this engine's device (`precision.autocast`)."""
+        return precision.autocast(self.device, amp)
 
     # ----------------------------------------------------------------------------------------------------------
     def fit(self, name: str, model: nn.Module, loss_fn: Callable, data, spec: TrainSpec,

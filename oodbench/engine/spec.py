@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from oodbench.engine.precision import AMP_MODES
 from oodbench.errors import OODBenchError
 
 
@@ -53,7 +54,7 @@ class TrainSpec:
             (self.lr > 0, "train.lr must be > 0"),
             (0 <= self.ema < 1, "train.ema must be in [0, 1) (0 turns EMA off)"),
             (self.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
-            (self.amp in ("auto", "off", "bf16", "fp16"), f"train.amp {self.amp!r}: use auto, off, bf16 or fp16"),
+            (self.amp in AMP_MODES, f"train.amp {self.amp!r}: use auto, off, bf16 or fp16"),
         ]
         for ok, message in checks:
             if not ok:

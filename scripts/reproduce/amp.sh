@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # AMP, neural network anchoring (Anirudh & Thiagarajan, 2022): CIFAR-10 / CIFAR-100 on the classic OOD sets with a
-# WRN-40-2 (dropout 0.3), and the LSUN resizing benchmark with a ResNet-34. Paper settings are the configs/amp.yaml
-# defaults: SGD lr 0.1 momentum 0.9 wd 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160, anchors from the
-# batch, every 5th batch corrupted; K=5 anchors from a pool of 128 at test time, the xent score.
+# WRN-40-2 (dropout 0.3), and the LSUN resizing benchmark with a ResNet-34. Paper settings: configs/amp.yaml with
+# preset paper (fp32, as lib/AMP_Training.py): SGD lr 0.1 momentum 0.9 wd 5e-4, batch 128, 200 epochs, lr x0.2 at
+# epochs 60/120/160, anchors from the batch, every 5th batch corrupted; K=5 anchors from a pool of 128 at test time,
+# the xent score. Runs go to the `paper` run folders.
 source "$(dirname "$0")/common.sh"
 
 cat > reports/reproduce/amp_classic.yaml <<YAML
 name: amp_classic
 report: reports/reproduce/amp_classic
+preset: paper
+run_name: paper
 seeds: [0]
 in: [cifar10, cifar100]
 out:
@@ -29,6 +32,8 @@ LSUN_SOURCE=${LSUN_SOURCE:-$DATA/lsun_full}
 cat > reports/reproduce/amp_resize.yaml <<YAML
 name: amp_resize
 report: reports/reproduce/amp_resize
+preset: paper
+run_name: paper
 seeds: [0]
 in: [cifar10]
 out:
