@@ -1,11 +1,10 @@
 """Paper-fidelity smoke check per family: does bf16 autocast change what the paper-size networks learn and score?
 
-For each family (msma, llr, ddpm, amp, gradients) the network of its `--preset paper` config (amp has no paper
-preset: its defaults are the paper's settings) is built at that size and trained twice with `Engine.fit`, from the
-same seed (so the same initial weights, batches and noise draws): once in fp32 (train.amp=off), once under bf16
-autocast (train.amp=bf16), with the preset's optimiser, schedule and batch size, on seeded synthetic images of the
-paper's input shape (smooth random blobs; 3x32x32 CIFAR-like, 1x28x28 for llr; for the classifiers ten classes set
-by the blobs' colour). A held-out ID set of the same kind and an OOD set (the ID images inverted, 255 - x, or uniform
+For each family (msma, llr, ddpm, amp, gradients) the network of its `--preset paper` config is built at that size
+and trained twice with `Engine.fit`, from the same seed (so the same initial weights, batches and noise draws): once
+in fp32 (train.amp=off), once under bf16 autocast (train.amp=bf16), with the preset's optimiser, schedule and batch
+size, on seeded synthetic images of the paper's input shape (smooth random blobs; 3x32x32 CIFAR-like, 1x28x28 for
+llr; for the classifiers ten classes set by the blobs' colour). A held-out ID set of the same kind and an OOD set (the ID images inverted, 255 - x, or uniform
 noise with --ood noise) are then scored with the family's own formula:
 - msma: L2 norm of the (B, L) weighted score-norm vector (`score_norms`, all noise levels);
 - llr: -log p under the foreground PixelCNN++ (the likelihood row; no background model). PixelCNN++ turns autocast
@@ -42,7 +41,7 @@ from typing import Callable
 import torch
 from scipy.stats import spearmanr
 
-from oodbench.config import load_config, schema
+from oodbench.config import load_config
 from oodbench.data import transforms
 from oodbench.data.imageset import ImageSet
 from oodbench.detectors.amp import AMP, anchored_loss, channel_stats
@@ -114,8 +113,7 @@ def ood_of(images: torch.Tensor, how: str, seed: int) -> torch.Tensor:
 # --- the families ----------------------------------------------------------------------------------------------
 def family_config(name: str, tiny: bool) -> dict:
     kind = CONFIG_KIND[name]
-    preset = "paper" if "paper" in schema(kind)[1] else None
-    return load_config(kind, preset=preset, overrides=TINY[name] if tiny else ())
+    return load_config(kind, preset="paper", overrides=TINY[name] if tiny else ())
 
 
 def make_family(name: str, cfg: dict, train: ImageSet, device: torch.device) -> Family:
