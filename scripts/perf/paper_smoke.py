@@ -4,8 +4,8 @@ For each family (msma, llr, ddpm, amp, gradients) the network of its `--preset p
 and trained twice with `Engine.fit`, from the same seed (so the same initial weights, batches and noise draws): once
 in fp32 (train.amp=off), once under bf16 autocast (train.amp=bf16), with the preset's optimiser, schedule and batch
 size, on seeded synthetic images of the paper's input shape (smooth random blobs; 3x32x32 CIFAR-like, 1x28x28 for
-llr; for the classifiers ten classes set by the blobs' colour). A held-out ID set of the same kind and an OOD set (the ID images inverted, 255 - x, or uniform
-noise with --ood noise) are then scored with the family's own formula:
+llr; for the classifiers ten classes set by the blobs' colour). A held-out ID set of the same kind and an OOD set
+(the ID images inverted, 255 - x, or uniform noise with --ood noise) are then scored with the family's own formula:
 - msma: L2 norm of the (B, L) weighted score-norm vector (`score_norms`, all noise levels);
 - llr: -log p under the foreground PixelCNN++ (the likelihood row; no background model). PixelCNN++ turns autocast
   off in its `distribution`, so both its trainings and scorings run in fp32: its row should show identical numbers;
