@@ -1,7 +1,10 @@
 """Write the quick-benchmark tables of the docs from one measured bench run, never by hand.
 
-    python scripts/docs_quick_tables.py reports/quick/results.json          # rewrite the tables in docs/
-    python scripts/docs_quick_tables.py reports/quick/results.json --check  # exit 1 if the docs differ
+    python scripts/docs_quick_tables.py reports/quick/results.json   # record the run, rewrite the tables in docs/
+    python scripts/docs_quick_tables.py --check                      # exit 1 if the docs differ from the record
+
+The run is recorded as docs/measurements/quick_bench.json (RECORD: its settings, timing, notes and per-set AUROCs;
+the full results.json is some hundred times larger), so the tests check that the docs hold what was measured.
 
 Each table sits between `<!-- quick-table:NAME -->` and `<!-- /quick-table:NAME -->` in its doc (TABLES below);
 everything between the markers is replaced: a line saying which run the numbers come from, then AUROC % (mean over
@@ -17,11 +20,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RECORD = "docs/measurements/quick_bench.json"
 CLASSIFIER_ROWS = ("msp", "maxlogit", "energy", "odin", "mahalanobis", "knn", "gradnorm", "gradlayer")
-TABLES = {  # name: (doc, the method rows it shows; None = all)
+TABLES = {  # name: (doc, the method rows it shows: a name R shows row R and rows R-*; None = all)
     "bench": ("docs/bench.md", None),
     "baselines": ("docs/baselines.md", CLASSIFIER_ROWS),
+    "amp": ("docs/amp.md", ("amp",)),
+    "ddpm": ("docs/ddpm.md", ("ddpm",)),
+    "llr": ("docs/llr.md", ("llr", "likelihood")),
+    "msma": ("docs/msma.md", ("msma",)),
 }
+
+
+def shown(method: str, rows: tuple | None) -> bool:
+    """Whether a table of `rows` shows `method` (per-layer rows, `gradlayer/LAYER`, stay in the report)."""
+    return "/" not in method and (rows is None or any(method == r or method.startswith(f"{r}-") for r in rows))
 
 
 def provenance(results: dict, source: str) -> str:
@@ -48,9 +61,7 @@ def table(results: dict, rows: tuple | None) -> list:
     notes = {(n["method"], n["in"]): n["note"] for n in results.get("notes", [])}
     lines = []
     for in_spec in ins:
-        names = list(dict.fromkeys(r["method"] for r in summary if r["in"] == in_spec
-                                   and (rows is None or r["method"].split("/")[0] in rows)))
-        names = [n for n in names if "/" not in n]      # per-layer gradlayer rows stay in the report
+        names = list(dict.fromkeys(r["method"] for r in summary if r["in"] == in_spec and shown(r["method"], rows)))
         index = {(r["method"], r["out"]): r["auroc"] for r in summary if r["in"] == in_spec}
         with_notes = any((n, in_spec) in notes for n in names)
         head = ["method (row)"] + outs + (["note"] if with_notes else [])
@@ -63,6 +74,14 @@ def table(results: dict, rows: tuple | None) -> list:
                          + " |")
         lines.append("")
     return lines[:-1]
+
+
+def record(results: dict) -> dict:
+    """What the docs need of a results.json: settings, timing, notes and the per-set AUROC rows."""
+    summary = [{k: r[k] for k in ("method", "in", "out", "auroc")} for r in results["summary"]
+               if r.get("kind", "set") == "set"]
+    return {"settings": results["settings"], "timing": results.get("timing"), "notes": results.get("notes", []),
+            "summary": summary}
 
 
 def block(results: dict, source: str, rows) -> str:
@@ -78,25 +97,33 @@ def update(text: str, name: str, body: str, doc: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("results", help="results.json of a bench run (e.g. reports/quick/results.json)")
+    p.add_argument("results", nargs="?", help="results.json of a bench run (e.g. reports/quick/results.json); "
+                                              "without it, the recorded run")
     p.add_argument("--check", action="store_true", help="only check that the docs hold these tables")
     p.add_argument("--root", default=str(ROOT), help="repository root holding docs/ (default: this checkout)")
     a = p.parse_args(argv)
-    results = json.loads(Path(a.results).read_text())
+    saved = Path(a.root) / RECORD
+    if a.results is None and not saved.is_file():
+        raise SystemExit(f"no recorded run at {saved}: give a bench's results.json")
+    results = record(json.loads(Path(a.results).read_text())) if a.results else json.loads(saved.read_text())
     stale = []
     for name, (doc, rows) in TABLES.items():
         path = Path(a.root) / doc
         text = path.read_text()
-        new = update(text, name, block(results, a.results, rows), doc)
+        new = update(text, name, block(results, RECORD, rows), doc)
         if new != text:
             stale.append(doc)
             if not a.check:
                 path.write_text(new)
+    if a.results and not a.check:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(results, indent=1) + "\n")
     t = results.get("timing") or {}
     if t.get("runs_reused") or t.get("cells_cached"):
         print("warning: this bench reused runs or cells; its time is not a from-scratch measurement", file=sys.stderr)
+    source = a.results or RECORD
     verb = "differ from" if a.check else "updated from"
-    print(f"{', '.join(stale)} {verb} {a.results}" if stale else f"docs already match {a.results}")
+    print(f"{', '.join(stale)} {verb} {source}" if stale else f"docs already match {source}")
     return 1 if a.check and stale else 0
 
 
