@@ -8,12 +8,29 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
 import yaml
 
 from oodbench.errors import OODBenchError
+
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """safe_load with YAML 1.2 booleans and floats: only true/false are booleans, so `off`, `no`, `on`, `yes` stay
+    strings (`--set train.amp=off`), and `1e-3` is a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # package data (pyproject.toml), found from any directory
 
@@ -57,7 +74,7 @@ def config_path(kind: str) -> Path:
 def read_yaml(path: Path) -> dict:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, ConfigLoader) or {}
     except yaml.YAMLError as e:
         raise OODBenchError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
@@ -112,7 +129,7 @@ def parse_override(item: str) -> tuple[list[str], object]:
         raise OODBenchError(f"--set {item!r}: write it as key.subkey=value, e.g. --set train.steps=500")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, ConfigLoader) if raw.strip() else None
     except yaml.constructor.ConstructorError as e:   # !!python/... tags: safe_load never constructs them
         raise OODBenchError(f"--set {item}: YAML tags (!!...) are not allowed in a value; give a plain number, "
                             f"string or list") from e

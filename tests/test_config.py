@@ -16,6 +16,18 @@ def test_defaults_preset_and_overrides():
     assert isinstance(quick["odin"]["temperature"], float) and quick["train"]["milestones"] == [1, 2]
 
 
+def test_values_read_as_yaml_1_2_booleans_and_floats():
+    """`--set train.amp=off` is the string off (YAML 1.1 would give False, then 'False'), `1e-4` a float (YAML 1.1
+    would give the string '1e-4'); only true/false are booleans."""
+    cfg = load_config("classifier", None, ["train.amp=off", "train.lr=1e-4", "train.weight_decay=5E-4",
+                                           "train.milestones=[10, 2e1]"])
+    assert cfg["train"]["amp"] == "off" and cfg["train"]["lr"] == 1e-4 and cfg["train"]["weight_decay"] == 5e-4
+    assert cfg["train"]["milestones"] == [10, 20.0] and isinstance(cfg["train"]["milestones"][0], int)
+    assert load_config("classifier", None, ["train.normalize=false"])["train"]["normalize"] is False
+    with pytest.raises(OODBenchError, match="must be true or false, got 'no'"):
+        load_config("classifier", None, ["train.normalize=no"])
+
+
 def test_unknown_key_suggests_the_nearest():
     with pytest.raises(OODBenchError, match="Did you mean 'train.steps'"):
         load_config("classifier", None, ["train.step=5"])

@@ -1,6 +1,7 @@
 """`--preset paper` of the generative families reproduces the released code (issue 30, items 1-3)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,37 @@ def test_llr_selection_set_is_the_offline_notmnist_stand_in_in_both_presets():
         assert load_config("llr", preset=preset)["llr"]["val_ood"] == "glyphs"
     assert load_config("llr", preset="paper", overrides=["llr.val_ood=notmnist"])["llr"]["val_ood"] == "notmnist"
     assert "notmnist" in FOLDER_SETS
+
+
+def test_ddpm_paper_checkpoint_is_the_best_training_loss_epoch(tmp_path, monkeypatch):
+    """DDPM: trainer.py keeps the epoch with the lowest mean training loss; `--preset paper` (checkpoint=train_loss,
+    one check per epoch) keeps the weights at the check whose window of training losses has the lowest mean."""
+    from oodbench.diffusion import Diffusion
+    from oodbench.engine import Engine, checkpoint
+
+    paper, default = load_config("ddpm", preset="paper"), load_config("ddpm")
+    assert (paper["ddpm"]["checkpoint"], paper["train"]["eval_every"]) == ("train_loss", 111)   # 57 000 / 512
+    assert (default["ddpm"]["checkpoint"], default["train"]["eval_every"]) == ("val_loss", 1114)
+    scripted = iter([5.0, 5.0, 1.0, 2.0, 3.0, 3.0])            # window means 5, 1.5, 3 at steps 2, 4, 6
+    real = Diffusion.loss
+
+    def loss(self, model, x, generator=None):
+        out = real(self, model, x, generator=generator)
+        return out + (next(scripted) - out.detach()) if generator is None else out   # training steps are scripted
+
+    monkeypatch.setattr(Diffusion, "loss", loss)
+    cfg = load_config("ddpm", preset="paper", overrides=TINY + [
+        "train.steps=6", "train.eval_every=2", "train.ckpt_every=2", "train.max_to_keep=5", "train.batch_size=4",
+        "train.amp=off", "ddpm.first_n_val=4", "ddpm.batch_size=4"])
+    images = torch.randint(0, 256, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    det = DDPM(cfg)
+    det.train(ImageSet(images[:12]), ImageSet(images[12:]), Engine(run_dir=tmp_path, device="cpu", seed=0))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in log if "val_loss" in r] == pytest.approx([5.0, 1.5, 3.0])
+    folder = tmp_path / "checkpoints" / "unet"
+    best = checkpoint.load(folder / "best.pt")
+    assert best["step"] == 4
+    step4 = checkpoint.load(folder / "step_00000004.pt")["model"]
+    assert all(torch.equal(v, step4[k]) for k, v in det.net.state_dict().items())     # the kept weights are step 4
+    with pytest.raises(OODBenchError, match="ddpm.checkpoint"):
+        DDPM(load_config("ddpm", overrides=["ddpm.checkpoint=last"]))

@@ -12,7 +12,7 @@ from oodbench import bench
 from oodbench.bench.plan import run_job
 from oodbench.config import load_config
 from oodbench.detectors.ddpm import DDPM
-from oodbench.engine import Engine, precision
+from oodbench.engine import Engine, TrainSpec, precision
 from oodbench.errors import OODBenchError
 from oodbench.nets.pixelcnnpp import PixelCNNpp
 
@@ -52,6 +52,9 @@ def test_fp16_is_torch_cuda_amp_and_a_no_op_off_cuda():
         with precision.autocast(cpu, amp):
             assert (a @ a).dtype == dtype, amp
     assert Engine.autocast.__doc__ and "precision.autocast" in Engine.autocast.__doc__
+    # `--set train.amp=off` is the string off (YAML 1.2 booleans), for training and for ddpm.amp
+    assert TrainSpec.from_cfg(load_config("msma", overrides=["train.amp=off"])["train"]).amp == "off"
+    assert DDPM(load_config("ddpm", overrides=["ddpm.amp=off"]))._autocast().__class__.__name__ == "nullcontext"
 
 
 def test_llr_network_runs_in_fp32_under_any_autocast():

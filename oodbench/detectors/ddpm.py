@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from oodbench.detectors.base import Detector, register
 from oodbench.diffusion import SAMPLERS, Diffusion
-from oodbench.engine import precision
+from oodbench.engine import TrainSpec, precision
 from oodbench.engine.checkpoint import load_failure
 from oodbench.errors import OODBenchError
 from oodbench.nets.unet import build_unet
 
 log = logging.getLogger("oodbench")
 METRICS = ("mse", "lpips", "ssim")
+CHECKPOINTS = ("val_loss", "train_loss")    # ddpm.checkpoint: what picks the kept weights
 _WARNED: set = set()                         # LPIPS-missing messages already logged
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"     # torchvision's ImageNet AlexNet
 LPIPS_FILE = "alex.pth"                       # LPIPS v0.1 linear layers for AlexNet (lpips package: weights/v0.1/)
@@ -209,7 +210,8 @@ def row_combinations(metrics: Sequence[str]) -> list[tuple]:
 @register("ddpm")
 class DDPM(Detector):
     kind = "ddpm"
-    training_keys = ("ddpm.first_n_val", "ddpm.val_loss_images", "ddpm.batch_size")   # validation loss, per-t stats
+    training_keys = ("ddpm.first_n_val", "ddpm.val_loss_images", "ddpm.batch_size",   # validation loss, per-t stats
+                     "ddpm.checkpoint")
     summary = "DDPM reconstruction error from many noise levels, z-scored on validation (Graham et al. 2023)"
 
     def __init__(self, cfg: dict, device="cpu"):
@@ -236,6 +238,8 @@ class DDPM(Detector):
         self.diffusion.starting_points(n, skip, int(self._opt("min_t", 0)), self._opt("max_t"))
         if self._opt("sampler", "plms") not in SAMPLERS:
             raise OODBenchError(f"ddpm.sampler={o.get('sampler')!r}: use one of {', '.join(SAMPLERS)}")
+        if self._opt("checkpoint", "val_loss") not in CHECKPOINTS:
+            raise OODBenchError(f"ddpm.checkpoint={o.get('checkpoint')!r}: use one of {', '.join(CHECKPOINTS)}")
         if self._opt("amp", "auto") not in precision.AMP_MODES:
             raise OODBenchError(f"ddpm.amp={o.get('amp')!r}: use one of {', '.join(precision.AMP_MODES)}")
         metrics = self._opt("metrics", "auto")
@@ -294,8 +298,6 @@ class DDPM(Detector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def train(self, train, val, engine) -> None:
-        from oodbench.engine import TrainSpec
-
         if val is None or len(val) == 0:
             raise OODBenchError("DDPM needs a validation split (best checkpoint and per-t statistics); "
                                 "set data.val_fraction > 0")
@@ -305,12 +307,21 @@ class DDPM(Detector):
         spec = TrainSpec.from_cfg(self.cfg["train"])
         diffusion, prepare = self.diffusion, self._prepare
 
+        window = {"sum": torch.zeros((), device=engine.device), "steps": 0}   # training losses since the last check
+
         def loss_fn(model, batch):
-            return diffusion.loss(model, prepare(batch[0]))
+            loss = diffusion.loss(model, prepare(batch[0]))
+            window["sum"] += loss.detach().float()
+            window["steps"] += 1
+            return loss
 
         val_loss_set = val.head(int(self._opt("val_loss_images", 0)) or None).to(engine.device)
 
         def val_fn(model):
+            if self._opt("checkpoint", "val_loss") == "train_loss":   # the original: the best training-loss epoch
+                mean = float(window["sum"]) / window["steps"] if window["steps"] else float("inf")
+                window.update(sum=torch.zeros((), device=engine.device), steps=0)
+                return mean
             g = torch.Generator(device=engine.device).manual_seed(engine.seed + 12345)
             total = 0.0
             with engine.autocast(spec.amp):
