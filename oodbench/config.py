@@ -17,7 +17,6 @@ import yaml
 from oodbench.errors import OODBenchError
 
 
-
 class ConfigLoader(yaml.SafeLoader):
     """safe_load with YAML 1.2 booleans and floats: only true/false are booleans, so `off`, `no`, `on`, `yes` stay
     strings (`--set train.amp=off`), and `1e-3` is a float (YAML 1.1 wants `1.0e-3`)."""

@@ -43,7 +43,7 @@ def test_ddpm_paper_preset_reconstructs_under_fp16_autocast():
         DDPM(load_config("ddpm", overrides=["ddpm.amp=fp8"]))
 
 
-def test_fp16_is_torch_cuda_amp_and_a_no_op_off_cuda():
+def test_fp16_is_torch_cuda_amp_and_a_no_op_off_cuda(tmp_path):
     """fp16 = `torch.cuda.amp.autocast` as the originals use it: CUDA only (fp32 on a CPU); bf16 works anywhere."""
     cpu = torch.device("cpu")
     a = torch.randn(4, 4)
@@ -51,7 +51,10 @@ def test_fp16_is_torch_cuda_amp_and_a_no_op_off_cuda():
                        ("bf16", torch.bfloat16)):
         with precision.autocast(cpu, amp):
             assert (a @ a).dtype == dtype, amp
-    assert Engine.autocast.__doc__ and "precision.autocast" in Engine.autocast.__doc__
+    engine = Engine(run_dir=tmp_path, device="cpu", seed=0)                 # training takes the same rule
+    for amp, dtype in (("fp16", torch.float32), ("bf16", torch.bfloat16)):
+        with engine.autocast(amp):
+            assert (a @ a).dtype == dtype, amp
     # `--set train.amp=off` is the string off (YAML 1.2 booleans), for training and for ddpm.amp
     assert TrainSpec.from_cfg(load_config("msma", overrides=["train.amp=off"])["train"]).amp == "off"
     assert DDPM(load_config("ddpm", overrides=["ddpm.amp=off"]))._autocast().__class__.__name__ == "nullcontext"

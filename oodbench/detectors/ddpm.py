@@ -307,21 +307,24 @@ class DDPM(Detector):
         spec = TrainSpec.from_cfg(self.cfg["train"])
         diffusion, prepare = self.diffusion, self._prepare
 
+        by_train_loss = self._opt("checkpoint", "val_loss") == "train_loss"   # the original's best training-loss epoch
         window = {"sum": torch.zeros((), device=engine.device), "steps": 0}   # training losses since the last check
 
         def loss_fn(model, batch):
             loss = diffusion.loss(model, prepare(batch[0]))
-            window["sum"] += loss.detach().float()
-            window["steps"] += 1
+            if by_train_loss:
+                window["sum"] += loss.detach().float()
+                window["steps"] += 1
             return loss
+
+        def train_loss(model):
+            mean = float(window["sum"]) / window["steps"] if window["steps"] else float("inf")
+            window.update(sum=torch.zeros((), device=engine.device), steps=0)
+            return mean
 
         val_loss_set = val.head(int(self._opt("val_loss_images", 0)) or None).to(engine.device)
 
-        def val_fn(model):
-            if self._opt("checkpoint", "val_loss") == "train_loss":   # the original: the best training-loss epoch
-                mean = float(window["sum"]) / window["steps"] if window["steps"] else float("inf")
-                window.update(sum=torch.zeros((), device=engine.device), steps=0)
-                return mean
+        def val_loss(model):
             g = torch.Generator(device=engine.device).manual_seed(engine.seed + 12345)
             total = 0.0
             with engine.autocast(spec.amp):
@@ -329,7 +332,7 @@ class DDPM(Detector):
                     total += float(diffusion.loss(model, prepare(x), generator=g)) * x.shape[0]
             return total / len(val_loss_set)
 
-        self.net = engine.fit("unet", self.net, loss_fn, train, spec, val_fn=val_fn)
+        self.net = engine.fit("unet", self.net, loss_fn, train, spec, val_fn=train_loss if by_train_loss else val_loss)
         self.fit_statistics(val)
 
     def fit_statistics(self, val) -> None:

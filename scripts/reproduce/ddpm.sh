@@ -4,10 +4,11 @@
 # procedure (docs/fidelity.md, DDPM): T=1000 scaled-linear betas, eps-prediction, Adam lr 2.5e-5, batch 512,
 # 300 epochs, fp16 autocast with a GradScaler, the epoch with the lowest mean training loss (eval_every = one epoch),
 # a 5% validation split for the per-t statistics, a 100-step PLMS schedule reused across starting points (stale
-# history, last step keeps abar_0), every 4th starting point (25 reconstructions per image, the README's command), MSE only z-scored per t
-# against the validation set (ood_detection.py). The defaults (--preset paper-improved) add LPIPS, which needs
-# AlexNet and LPIPS weights on disk (ddpm.alexnet_weights / ddpm.lpips_weights). The paper's larger UNet: add
-# --set model.size=paper. Steps are 300 epochs of each 95% training split at batch 512, checked every epoch.
+# history, last step keeps abar_0), every 4th starting point (25 reconstructions per image, the README's command),
+# MSE only, z-scored per t against the validation set (ood_detection.py). The defaults (--preset paper-improved)
+# add LPIPS, which needs AlexNet and LPIPS weights on disk (ddpm.alexnet_weights / ddpm.lpips_weights). The paper's
+# larger UNet: add --set model.size=paper. Steps are 300 epochs of each 95% training split at batch 512, checked
+# every epoch.
 source "$(dirname "$0")/common.sh"
 
 oodbench train --method ddpm --in fashion_mnist --preset paper --run-name paper --resume

@@ -14,8 +14,8 @@ oodbench eval --method llr,likelihood --in fashion_mnist --run-name paper --out 
 # reported AUROC % (paper, not verified from a readable source): Fashion-MNIST -> MNIST  likelihood ~8.9  LLR ~99.4
 # (the likelihood baseline is worse than chance; the ratio fixes it: the paper's headline)
 
-oodbench train --method llr --in cifar10 --preset paper --run-name paper --resume --set model.rescale_pixel_value=true \
-    --set train.steps=600000 --set llr.val_ood=gray:cifar10
+oodbench train --method llr --in cifar10 --preset paper --run-name paper --resume \
+    --set model.rescale_pixel_value=true --set train.steps=600000 --set llr.val_ood=gray:cifar10
 oodbench eval --method llr,likelihood --in cifar10 --run-name paper --out svhn --bootstrap 1000
 # reported AUROC % (not verified): CIFAR-10 -> SVHN  LLR ~93
 # (the often-quoted ~6.4 likelihood-ratio number for CIFAR-10 -> SVHN is for a Glow model, not PixelCNN++)
