@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     t = command("train", "train the detector of a method on an in-distribution dataset")
     t.add_argument("--method", required=True, help="a method from `oodbench methods`")
     t.add_argument("--in", dest="in_spec", default=None, help="in-distribution dataset (default: the config's)")
-    t.add_argument("--preset", default=None, help="config preset, e.g. quick (minutes on a laptop CPU)")
+    t.add_argument("--preset", default=None, help="config preset: quick (minutes on a laptop CPU), paper (the released "
+                   "code's procedure, docs/fidelity.md) or paper-improved (= the defaults)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted training from its newest checkpoint")
     common(t)
 
